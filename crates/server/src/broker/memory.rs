@@ -1,0 +1,399 @@
+//! The single-node broker: a sequencer task that owns the SQLite [`LogWriter`], takes requests
+//! from a channel, and handles everything that arrived together as one batch:
+//!
+//! 1. presence changes decide which joins and leaves are announced;
+//! 2. one transaction assigns seqs, stores events and reads joiners' history (group commit);
+//! 3. in request order: deliver stored events to the hub, register joiners (after queueing
+//!    their `joined`), unregister leavers, and answer every request.
+//!
+//! Because one task does all three steps in order, the hub sees each room's events in seq
+//! order, a joiner's membership starts exactly after its `joined.seq`, and an ack always
+//! follows the commit.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use parley_protocol::server::{json_array, ServerFrame};
+use parley_protocol::ErrorCode;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
+use crate::hub::Hub;
+use crate::presence::Presence;
+use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, Page, PageQuery, Written};
+
+/// Requests waiting for the sequencer; past this, callers wait (backpressure).
+const QUEUE_DEPTH: usize = 65_536;
+
+enum Op {
+    Join(JoinRequest, oneshot::Sender<Result<(), BrokerError>>),
+    Leave(
+        LeaveRequest,
+        Option<oneshot::Sender<Result<(), BrokerError>>>,
+    ),
+    Publish(PublishRequest, PublishReply),
+    Close(oneshot::Sender<()>),
+}
+
+/// The single-node broker.
+pub struct MemoryBroker {
+    ops: mpsc::Sender<Op>,
+    reader: Arc<LogReader>,
+}
+
+/// What the sequencer needs besides the log.
+pub struct SequencerParts {
+    /// Fan-out target.
+    pub hub: Arc<Hub>,
+    /// Who is in which room.
+    pub presence: Arc<dyn Presence>,
+    /// `presence.announce_max`.
+    pub announce_max: usize,
+    /// `store.max_batch`.
+    pub max_batch: usize,
+}
+
+impl MemoryBroker {
+    /// Starts the sequencer task on the current runtime.
+    pub fn start(writer: LogWriter, reader: LogReader, parts: SequencerParts) -> MemoryBroker {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(sequencer(rx, writer, parts));
+        MemoryBroker {
+            ops: tx,
+            reader: Arc::new(reader),
+        }
+    }
+
+    async fn submit(&self, op: Op) -> Result<(), BrokerError> {
+        self.ops.send(op).await.map_err(|_| BrokerError::Closed)
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn join(&self, request: JoinRequest) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Join(request, tx)).await?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    async fn leave(&self, request: LeaveRequest) -> Result<(), BrokerError> {
+        if request.outbound.is_none() {
+            return self.submit(Op::Leave(request, None)).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Leave(request, Some(tx))).await?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    async fn publish(
+        &self,
+        request: PublishRequest,
+        reply: PublishReply,
+    ) -> Result<(), BrokerError> {
+        self.submit(Op::Publish(request, reply)).await
+    }
+
+    async fn history(&self, room: &str, query: PageQuery) -> Result<Page, BrokerError> {
+        let reader = self.reader.clone();
+        let room = room.to_owned();
+        tokio::task::spawn_blocking(move || reader.page(&room, query))
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || reader.check())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ops.send(Op::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// What step 1 decided for one request.
+enum Plan {
+    Join {
+        announced: bool,
+        users: Option<Vec<Arc<str>>>,
+        user_count: usize,
+    },
+    Leave {
+        announced: bool,
+    },
+    Publish,
+}
+
+async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: SequencerParts) {
+    let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut ops: Vec<Op> = Vec::new();
+    while closing.is_empty() {
+        let Some(first) = rx.recv().await else { break };
+        ops.push(first);
+        while ops.len() < parts.max_batch {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Vec::with_capacity(ops.len());
+        for op in ops.drain(..) {
+            match op {
+                Op::Close(done) => closing.push(done),
+                op => batch.push(op),
+            }
+        }
+        if closing.is_empty() {
+            writer = run_batch(writer, batch, &parts).await;
+        } else {
+            // Take whatever else was queued before the close, then stop.
+            rx.close();
+            while let Ok(op) = rx.try_recv() {
+                match op {
+                    Op::Close(done) => closing.push(done),
+                    op => batch.push(op),
+                }
+            }
+            writer = run_batch(writer, batch, &parts).await;
+        }
+    }
+    drop(writer);
+    for done in closing {
+        let _ = done.send(());
+    }
+}
+
+async fn run_batch(mut writer: LogWriter, batch: Vec<Op>, parts: &SequencerParts) -> LogWriter {
+    if batch.is_empty() {
+        return writer;
+    }
+    // Step 1: presence decides announcements.
+    let mut plans = Vec::with_capacity(batch.len());
+    let mut drafts = Vec::with_capacity(batch.len() + 1);
+    for op in &batch {
+        let plan = match op {
+            Op::Join(req, _) => plan_join(req, parts, &mut drafts).await,
+            Op::Leave(req, _) => {
+                let announced = match parts.presence.remove(&req.room, &req.user).await {
+                    Ok(change) => change.transition && change.users < parts.announce_max,
+                    Err(e) => {
+                        warn!(room = %req.room, error = %e, "presence remove failed");
+                        false
+                    }
+                };
+                if announced {
+                    drafts.push(Draft::Presence {
+                        room: req.room.clone(),
+                        user: req.user.clone(),
+                        joined: false,
+                    });
+                }
+                Plan::Leave { announced }
+            }
+            Op::Publish(req, _) => {
+                drafts.push(Draft::Message {
+                    room: req.room.clone(),
+                    user: req.user.clone(),
+                    name: req.name.clone(),
+                    content: req.content.clone(),
+                    client_id: req.client_id.clone(),
+                });
+                Plan::Publish
+            }
+            Op::Close(_) => unreachable!("close is taken out of batches"),
+        };
+        plans.push(plan);
+    }
+
+    // Step 2: one transaction.
+    let (writer_back, result) = tokio::task::spawn_blocking(move || {
+        let result = writer.commit(&drafts);
+        (writer, result)
+    })
+    .await
+    .expect("the log writer does not panic");
+    writer = writer_back;
+
+    // Step 3: deliver and answer, in order.
+    match result {
+        Ok(written) => {
+            let mut written = written.into_iter();
+            for (op, plan) in batch.into_iter().zip(plans) {
+                finish(op, plan, &mut written, parts);
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "group commit failed");
+            let err = BrokerError::Unavailable("the store cannot take writes now; retry".into());
+            for (op, plan) in batch.into_iter().zip(plans) {
+                fail(op, plan, &err, parts).await;
+            }
+        }
+    }
+    writer
+}
+
+async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {
+    let (announced, user_count) = match parts.presence.add(&req.room, &req.user).await {
+        Ok(change) => (
+            change.transition && change.users <= parts.announce_max,
+            change.users,
+        ),
+        Err(e) => {
+            warn!(room = %req.room, error = %e, "presence add failed");
+            (false, 0)
+        }
+    };
+    let users = if user_count <= parts.announce_max {
+        parts.presence.users(&req.room).await.ok()
+    } else {
+        None
+    };
+    if announced {
+        drafts.push(Draft::Presence {
+            room: req.room.clone(),
+            user: req.user.clone(),
+            joined: true,
+        });
+    }
+    drafts.push(Draft::Head {
+        room: req.room.clone(),
+        window: Some(JoinWindow {
+            since: req.since.clone(),
+        }),
+    });
+    Plan::Join {
+        announced,
+        users,
+        user_count,
+    }
+}
+
+fn deliver(parts: &SequencerParts, room: &str, written: Option<Written>) {
+    if let Some(Written::Event { seq, frame }) = written {
+        parts.hub.deliver(room, seq, &Utf8Bytes::from(frame));
+    }
+}
+
+fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts: &SequencerParts) {
+    match (op, plan) {
+        (
+            Op::Join(req, reply),
+            Plan::Join {
+                announced,
+                users,
+                user_count,
+            },
+        ) => {
+            if announced {
+                deliver(parts, &req.room, written.next());
+            }
+            let Some(Written::Head { head, history }) = written.next() else {
+                unreachable!("a join has a head");
+            };
+            let history = history.unwrap_or_default();
+            let array = json_array(history.frames.iter().map(String::as_str));
+            let names: Option<Vec<&str>> = users.as_ref().map(|u| u.iter().map(|s| &**s).collect());
+            let frame = ServerFrame::Joined {
+                room: &req.room,
+                seq: head.seq,
+                epoch: &head.epoch,
+                users: names.as_deref(),
+                user_count,
+                history: &array,
+                truncated: history.truncated,
+                recovered: history.recovered,
+            }
+            .encode();
+            req.outbound.push_unbounded(Utf8Bytes::from(frame));
+            parts.hub.add(&req.room, req.conn, req.outbound.clone());
+            let _ = reply.send(Ok(()));
+        }
+        (Op::Leave(req, reply), Plan::Leave { announced }) => {
+            parts.hub.remove(&req.room, req.conn);
+            if announced {
+                deliver(parts, &req.room, written.next());
+            }
+            if let Some(outbound) = &req.outbound {
+                outbound.push(Utf8Bytes::from(
+                    ServerFrame::Left { room: &req.room }.encode(),
+                ));
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        (Op::Publish(req, reply), Plan::Publish) => {
+            let seq = match written.next() {
+                Some(Written::Event { seq, frame }) => {
+                    parts.hub.deliver(&req.room, seq, &Utf8Bytes::from(frame));
+                    seq
+                }
+                Some(Written::Duplicate { seq }) => seq,
+                _ => unreachable!("a publish is stored or a duplicate"),
+            };
+            match reply {
+                PublishReply::Connection(outbound) => {
+                    let ack = ServerFrame::Ack {
+                        id: req.client_id.as_deref(),
+                        room: &req.room,
+                        seq,
+                    };
+                    outbound.push(Utf8Bytes::from(ack.encode()));
+                }
+                PublishReply::Caller(tx) => {
+                    let _ = tx.send(Ok(seq));
+                }
+            }
+        }
+        _ => unreachable!("plans follow their requests"),
+    }
+}
+
+async fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
+    match (op, plan) {
+        (Op::Join(req, reply), _) => {
+            if let Err(e) = parts.presence.remove(&req.room, &req.user).await {
+                warn!(room = %req.room, error = %e, "presence undo failed");
+            }
+            let _ = reply.send(Err(err.clone()));
+        }
+        (Op::Leave(req, reply), _) => {
+            // The member goes regardless; only its announcement was lost.
+            parts.hub.remove(&req.room, req.conn);
+            if let Some(outbound) = &req.outbound {
+                outbound.push(Utf8Bytes::from(
+                    ServerFrame::Left { room: &req.room }.encode(),
+                ));
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        (Op::Publish(req, reply), _) => match reply {
+            PublishReply::Connection(outbound) => {
+                let frame = ServerFrame::Error {
+                    code: ErrorCode::Unavailable,
+                    message: &err.to_string(),
+                    id: req.client_id.as_deref(),
+                    retry_after_ms: None,
+                };
+                outbound.push(Utf8Bytes::from(frame.encode()));
+            }
+            PublishReply::Caller(tx) => {
+                let _ = tx.send(Err(err.clone()));
+            }
+        },
+        (Op::Close(_), _) => {}
+    }
+}

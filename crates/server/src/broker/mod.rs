@@ -1,0 +1,110 @@
+//! The broker: where a room's events are sequenced, stored and handed to the hub for fan-out.
+//!
+//! Guarantees every implementation gives:
+//! - one sequence per room, shared by messages and join/leave events, starting at 1 and
+//!   increasing by exactly 1, assigned where the event is stored;
+//! - storing an event and delivering it are one ordered step: events reach the hub in seq order
+//!   and only after they are stored, so an `ack` (sent after the store returns) means durable;
+//! - a joiner is registered with the hub exactly after its `joined.seq`: it receives every later
+//!   event live and none of the earlier ones twice;
+//! - a resend of a client id (same user, same room, within [`crate::store::sqlite::DEDUP_WINDOW`])
+//!   returns the original seq and posts nothing.
+//!
+//! [`memory::MemoryBroker`] is the single-node implementation over the SQLite log.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use crate::hub::ConnId;
+use crate::outbound::Outbound;
+use crate::store::sqlite::{Page, PageQuery};
+
+/// Why a broker call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The store cannot take the request now; nothing was stored. The client may retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The broker has shut down.
+    #[error("server shutting down")]
+    Closed,
+}
+
+/// A connection joining a room.
+pub struct JoinRequest {
+    /// The room.
+    pub room: Arc<str>,
+    /// The joiner's user id.
+    pub user: Arc<str>,
+    /// The joining connection.
+    pub conn: ConnId,
+    /// Where `joined` and then the room's live events go.
+    pub outbound: Arc<Outbound>,
+    /// `since` and `epoch` from the join frame.
+    pub since: Option<(u64, String)>,
+}
+
+/// A connection leaving a room (by request or by disconnecting).
+pub struct LeaveRequest {
+    /// The room.
+    pub room: Arc<str>,
+    /// The leaver's user id.
+    pub user: Arc<str>,
+    /// The leaving connection.
+    pub conn: ConnId,
+    /// Where to queue `left`; `None` when the connection is gone.
+    pub outbound: Option<Arc<Outbound>>,
+}
+
+/// A chat message to post.
+pub struct PublishRequest {
+    /// The room.
+    pub room: Arc<str>,
+    /// Sender's user id.
+    pub user: Arc<str>,
+    /// Sender's display name.
+    pub name: Arc<str>,
+    /// The text.
+    pub content: String,
+    /// The client's id, for the ack and de-duplication.
+    pub client_id: Option<String>,
+}
+
+/// Where the outcome of a publish goes.
+pub enum PublishReply {
+    /// Queue an `ack` or `error` frame to the sending connection.
+    Connection(Arc<Outbound>),
+    /// Hand the outcome to a waiting caller (the HTTP API).
+    Caller(oneshot::Sender<Result<u64, BrokerError>>),
+}
+
+/// Sequencing, storage, history and fan-out of room events.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Joins a room. On success `joined` is already queued to the connection, ahead of every
+    /// live event that follows it.
+    async fn join(&self, request: JoinRequest) -> Result<(), BrokerError>;
+
+    /// Leaves a room; a `leave` event is announced if this was the user's last connection there.
+    async fn leave(&self, request: LeaveRequest) -> Result<(), BrokerError>;
+
+    /// Posts a message. Returns once the request is queued; the outcome goes to `reply`.
+    async fn publish(
+        &self,
+        request: PublishRequest,
+        reply: PublishReply,
+    ) -> Result<(), BrokerError>;
+
+    /// Reads a page of a room's log.
+    async fn history(&self, room: &str, query: PageQuery) -> Result<Page, BrokerError>;
+
+    /// Whether the store answers, for `/readyz`: `Err` carries the reason.
+    async fn check(&self) -> Result<(), String>;
+
+    /// Finishes every queued write and stops. Later calls fail with [`BrokerError::Closed`].
+    async fn close(&self);
+}

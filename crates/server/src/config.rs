@@ -1,0 +1,489 @@
+//! Configuration: one struct per section, layered defaults < TOML file < `PARLEY_*` environment
+//! < flags. Every setting has a dotted name (`limits.send_rate`) that works in all three places:
+//! `[limits] send_rate = 5` in the file, `PARLEY_LIMITS__SEND_RATE=5` in the environment and
+//! `--set limits.send_rate=5` on the command line. [`SETTINGS`] documents each one for `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where to listen.
+    pub server: ServerConfig,
+    /// The durable log of a single node.
+    pub store: StoreConfig,
+    /// Who may connect.
+    pub auth: AuthConfig,
+    /// Sizes and rates that keep one client from hurting the rest.
+    pub limits: LimitsConfig,
+    /// Finding dead peers.
+    pub heartbeat: HeartbeatConfig,
+    /// What is kept and replayed.
+    pub history: HistoryConfig,
+    /// Join/leave announcements.
+    pub presence: PresenceConfig,
+    /// Browser origins allowed to open sockets; empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address. Loopback by default so a development node is never exposed by accident.
+    pub bind: SocketAddr,
+    /// How long shutdown waits for sockets to close before it stops waiting.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// How hard SQLite works to keep a commit across a power cut.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit (group commit shares one fsync between every message of a batch):
+    /// an ack survives a killed process and a power cut.
+    Full,
+    /// No fsync on commit in WAL mode: an ack survives a killed process, but a power cut may
+    /// lose the last commits.
+    Normal,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite file; created when missing.
+    pub db: PathBuf,
+    /// SQLite's `synchronous` pragma in WAL mode.
+    pub synchronous: Synchronous,
+    /// Most events one group commit writes.
+    pub max_batch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            db: PathBuf::from("./parley.db"),
+            synchronous: Synchronous::Full,
+            max_batch: 1024,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret: jwt mode.
+    pub jwt_secret: Option<String>,
+    /// PEM public key file (RSA for RS256, EC P-256 for ES256): jwt mode.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway_s: u64,
+    /// How long a connection may stay unauthenticated.
+    pub timeout_ms: u64,
+    /// Anonymous mode on a non-loopback address (development only).
+    pub allow_anonymous: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_public_key: None,
+            issuer: None,
+            audience: None,
+            leeway_s: 0,
+            timeout_ms: 5000,
+            allow_anonymous: false,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest WebSocket frame or message accepted; bigger ones close the socket with 1009.
+    pub max_frame_bytes: usize,
+    /// Largest message `content`; bigger gets `error too_large`.
+    pub max_content_bytes: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Frames an outbound queue may hold before the connection is closed with 4009.
+    pub outbound_queue_frames: usize,
+    /// Bytes an outbound queue may hold before the connection is closed with 4009.
+    pub outbound_queue_bytes: usize,
+    /// How long a closing slow consumer gets to read its close frame.
+    pub close_grace_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: 64 * 1024,
+            max_content_bytes: 4096,
+            max_rooms_per_connection: 100,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            close_grace_ms: 2000,
+        }
+    }
+}
+
+/// `[heartbeat]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// How often the server sends a WebSocket ping.
+    pub interval_ms: u64,
+    /// A peer silent (no frame, no pong) this long is dropped.
+    pub timeout_ms: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval_ms: 25_000,
+            timeout_ms: 60_000,
+        }
+    }
+}
+
+/// `[history]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Events sent in `joined` when the client gives no `since`.
+    pub on_join: usize,
+    /// Most events replayed in `joined` after `since`; past it `truncated` is true.
+    pub max_replay: usize,
+    /// Events kept per room; older ones are dropped.
+    pub max_len: u64,
+    /// Age in seconds after which events are dropped; 0 keeps them regardless of age.
+    pub ttl_s: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            on_join: 50,
+            max_replay: 1000,
+            max_len: 10_000,
+            ttl_s: 0,
+        }
+    }
+}
+
+/// `[presence]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Rooms with more people than this do not announce joins and leaves.
+    pub announce_max: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig { announce_max: 1000 }
+    }
+}
+
+/// Every setting: dotted name, default, meaning. `parley --help` prints it; a test checks that
+/// it names every field of [`Config`].
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "server.bind",
+        "127.0.0.1:3000",
+        "listen address (--bind, PARLEY_BIND)",
+    ),
+    (
+        "server.shutdown_grace_ms",
+        "5000",
+        "how long shutdown waits for sockets to close",
+    ),
+    (
+        "store.db",
+        "./parley.db",
+        "SQLite log of a single node (--db, PARLEY_DB)",
+    ),
+    (
+        "store.synchronous",
+        "full",
+        "full: an ack survives a power cut; normal: a killed process only",
+    ),
+    (
+        "store.max_batch",
+        "1024",
+        "most events written by one group commit",
+    ),
+    (
+        "auth.jwt_secret",
+        "none",
+        "HS256 secret: jwt mode (--jwt-secret, PARLEY_JWT_SECRET)",
+    ),
+    (
+        "auth.jwt_public_key",
+        "none",
+        "RS256/ES256 PEM public key file: jwt mode (--jwt-public-key)",
+    ),
+    ("auth.issuer", "none", "required `iss` claim"),
+    ("auth.audience", "none", "required `aud` claim"),
+    ("auth.leeway_s", "0", "clock skew tolerated on exp/nbf/iat"),
+    (
+        "auth.timeout_ms",
+        "5000",
+        "time allowed for the first-message `auth` frame",
+    ),
+    (
+        "auth.allow_anonymous",
+        "false",
+        "anonymous mode on a non-loopback address (--allow-anonymous)",
+    ),
+    (
+        "limits.max_frame_bytes",
+        "65536",
+        "largest frame; bigger closes with 1009",
+    ),
+    (
+        "limits.max_content_bytes",
+        "4096",
+        "largest message content; bigger gets error too_large",
+    ),
+    (
+        "limits.max_rooms_per_connection",
+        "100",
+        "rooms per connection; more gets error too_many_rooms",
+    ),
+    (
+        "limits.outbound_queue_frames",
+        "1024",
+        "queued frames per connection before close 4009",
+    ),
+    (
+        "limits.outbound_queue_bytes",
+        "1048576",
+        "queued bytes per connection before close 4009",
+    ),
+    (
+        "limits.close_grace_ms",
+        "2000",
+        "time a closed slow consumer gets to read its close frame",
+    ),
+    ("heartbeat.interval_ms", "25000", "WebSocket ping interval"),
+    (
+        "heartbeat.timeout_ms",
+        "60000",
+        "silence after which a peer is dropped",
+    ),
+    (
+        "history.on_join",
+        "50",
+        "events in `joined` without `since`",
+    ),
+    (
+        "history.max_replay",
+        "1000",
+        "most events replayed after `since`",
+    ),
+    ("history.max_len", "10000", "events kept per room"),
+    (
+        "history.ttl_s",
+        "0",
+        "age limit of kept events in seconds (0: none)",
+    ),
+    (
+        "presence.announce_max",
+        "1000",
+        "rooms with more people do not announce join/leave",
+    ),
+    (
+        "allowed_origins",
+        "[]",
+        "browser Origins allowed to connect (PARLEY_ALLOWED_ORIGINS=a,b); empty: any",
+    ),
+];
+
+/// The settings table as text, for `--help`.
+pub fn settings_help() -> String {
+    let mut out = String::from(
+        "Settings (TOML `[section] key = value`, env PARLEY_SECTION__KEY, or --set section.key=value):\n",
+    );
+    for (name, default, meaning) in SETTINGS {
+        out.push_str(&format!("  {name:<34} {default:<16} {meaning}\n"));
+    }
+    out
+}
+
+/// Values given on the command line or through the flat `PARLEY_*` variables of the
+/// "Running" table; each `Some` beats the environment and the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--config` / `PARLEY_CONFIG`.
+    pub config_file: Option<PathBuf>,
+    /// Dotted name and value pairs, already typed as TOML values.
+    pub values: Vec<(String, toml::Value)>,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer failed to parse or has an unknown or mistyped key.
+    #[error("{0}")]
+    Layer(#[from] Box<figment::Error>),
+    /// `--set` without `=`.
+    #[error("--set expects key=value, got `{0}`")]
+    BadSet(String),
+    /// The values parse but do not make sense together.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Parses `key=value` from `--set`: the value is read as TOML (numbers, booleans, arrays) and
+/// falls back to a plain string.
+pub fn parse_set(arg: &str) -> Result<(String, toml::Value), ConfigError> {
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadSet(arg.to_owned()))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    Ok((key.trim().to_owned(), value))
+}
+
+impl Config {
+    /// Layers defaults, the TOML file, `PARLEY_SECTION__KEY` variables and the overrides, then
+    /// checks the result.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &overrides.config_file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("PARLEY_")
+                .split("__")
+                .filter(|key| key.as_str().contains("__")),
+        );
+        for (key, value) in &overrides.values {
+            figment = figment.merge((key.as_str(), value.clone()));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some() {
+            return invalid("set either auth.jwt_secret or auth.jwt_public_key, not both");
+        }
+        if self.auth.jwt_secret.as_deref() == Some("") {
+            return invalid("auth.jwt_secret is empty");
+        }
+        if self.heartbeat.interval_ms == 0 || self.heartbeat.timeout_ms == 0 {
+            return invalid("heartbeat.interval_ms and heartbeat.timeout_ms must be positive");
+        }
+        if self.limits.max_frame_bytes < 1024 {
+            return invalid("limits.max_frame_bytes must be at least 1024");
+        }
+        if self.limits.outbound_queue_frames == 0 || self.limits.outbound_queue_bytes == 0 {
+            return invalid("limits.outbound_queue_* must be positive");
+        }
+        if self.history.max_len == 0 {
+            return invalid("history.max_len must be positive");
+        }
+        if self.store.max_batch == 0 {
+            return invalid("store.max_batch must be positive");
+        }
+        Ok(())
+    }
+
+    /// Whether the node authenticates with JWTs (otherwise it is in anonymous mode).
+    pub fn jwt_mode(&self) -> bool {
+        self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some()
+    }
+
+    /// Refuses anonymous mode on a non-loopback address unless the operator asked for it.
+    pub fn check_anonymous_bind(&self, bound: SocketAddr) -> Result<(), ConfigError> {
+        if self.jwt_mode() || bound.ip().is_loopback() || self.auth.allow_anonymous {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid(format!(
+            "refusing to start: no JWT key is configured, so parley would run in anonymous mode \
+             (anyone may connect as any user), and {bound} is not a loopback address. Configure \
+             --jwt-secret or --jwt-public-key, bind to 127.0.0.1, or pass --allow-anonymous if \
+             you really mean it."
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_table_names_every_field() {
+        let value = toml::Value::try_from(Config::default()).unwrap();
+        let mut names = Vec::new();
+        for (section, v) in value.as_table().unwrap() {
+            match v.as_table() {
+                Some(table) => names.extend(table.keys().map(|k| format!("{section}.{k}"))),
+                None => names.push(section.clone()),
+            }
+        }
+        // Optional settings are absent from the serialized defaults; add them by hand.
+        for name in [
+            "auth.jwt_secret",
+            "auth.jwt_public_key",
+            "auth.issuer",
+            "auth.audience",
+        ] {
+            names.push(name.to_owned());
+        }
+        for name in &names {
+            assert!(
+                SETTINGS.iter().any(|(n, _, _)| n == name),
+                "{name} is not in SETTINGS"
+            );
+        }
+        assert_eq!(
+            names.len(),
+            SETTINGS.len(),
+            "SETTINGS names something that is not a field"
+        );
+    }
+
+    #[test]
+    fn set_values_are_typed() {
+        assert_eq!(
+            parse_set("limits.send_rate=5").unwrap().1,
+            toml::Value::Integer(5)
+        );
+        assert_eq!(
+            parse_set("auth.issuer=me").unwrap().1,
+            toml::Value::String("me".into())
+        );
+        assert!(parse_set("nokey").is_err());
+    }
+}

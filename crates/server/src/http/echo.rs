@@ -1,0 +1,35 @@
+//! `GET /echo`: answers each text frame `t` with `Echo: t` and each binary frame with itself.
+//! It is upgraded with exactly the WebSocket settings of `/ws`, so diagnostics and conformance
+//! runs see what chat clients get.
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+
+use crate::App;
+
+pub(super) async fn echo(State(app): State<App>, upgrade: WebSocketUpgrade) -> Response {
+    let sessions = app.sessions.clone();
+    super::ws::configure(upgrade, &app)
+        .on_upgrade(move |socket| sessions.track_future(echo_socket(socket, app)))
+}
+
+async fn echo_socket(mut socket: WebSocket, app: App) {
+    loop {
+        let msg = tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            msg = socket.recv() => msg,
+        };
+        let reply = match msg {
+            Some(Ok(Message::Text(text))) => {
+                Message::Text(format!("Echo: {}", text.as_str()).into())
+            }
+            Some(Ok(Message::Binary(data))) => Message::Binary(data),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The chat socket routes. Everything that can be checked before the upgrade is: the room name
+//! of path routes (HTTP 400), a `?token=` (HTTP 401) and the anonymous identity. Only then is
+//! the connection upgraded and handed to a [`session`](crate::session).
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use parley_protocol::valid_room_name;
+use serde::Deserialize;
+
+use super::ApiError;
+use crate::auth::{anonymous_identity, Identity};
+use crate::session::{self, Start};
+use crate::App;
+
+/// Query parameters of the upgrade request.
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct ConnectQuery {
+    token: Option<String>,
+    user: Option<String>,
+    name: Option<String>,
+    since: Option<u64>,
+    epoch: Option<String>,
+}
+
+/// Applies the node's WebSocket settings: frame limits and deliberate buffer sizes.
+pub(super) fn configure(upgrade: WebSocketUpgrade, app: &App) -> WebSocketUpgrade {
+    let max = app.config.limits.max_frame_bytes;
+    upgrade
+        .read_buffer_size(4096)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+}
+
+pub(super) async fn root(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<ConnectQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    connect(app, peer, query, None, upgrade)
+}
+
+pub(super) async fn room(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(room): Path<String>,
+    Query(query): Query<ConnectQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    connect(app, peer, query, Some(room), upgrade)
+}
+
+pub(super) async fn room_user(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((room, user)): Path<(String, String)>,
+    Query(mut query): Query<ConnectQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !app.auth.is_anonymous() {
+        return ApiError::not_found(
+            "/ws/{room}/{user} exists only in anonymous mode; use /ws/{room} with a token",
+        )
+        .into_response();
+    }
+    query.user = Some(user);
+    connect(app, peer, query, Some(room), upgrade)
+}
+
+fn connect(
+    app: App,
+    peer: SocketAddr,
+    query: ConnectQuery,
+    room: Option<String>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let auto_join = match room {
+        Some(room) if !valid_room_name(&room) => {
+            return ApiError::bad_request(
+                "invalid room name: 1 to 64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit",
+            )
+            .into_response();
+        }
+        Some(room) => {
+            let since = match (query.since, query.epoch.clone()) {
+                (Some(since), Some(epoch)) => Some((since, epoch)),
+                (None, None) => None,
+                _ => {
+                    return ApiError::bad_request("`since` and `epoch` go together").into_response()
+                }
+            };
+            Some((room, since))
+        }
+        None => None,
+    };
+    let identity = match identify(&app, &query) {
+        Ok(identity) => identity,
+        Err(err) => return err.into_response(),
+    };
+    let sessions = app.sessions.clone();
+    configure(upgrade, &app).on_upgrade(move |socket| {
+        let start = Start {
+            identity,
+            auto_join,
+            peer,
+        };
+        sessions.track_future(session::run(socket, app, start))
+    })
+}
+
+/// The identity settled before the upgrade: a verified `?token=`, an anonymous user, or
+/// `None` when the client will authenticate with its first frame.
+fn identify(app: &App, query: &ConnectQuery) -> Result<Option<Identity>, ApiError> {
+    if app.auth.is_anonymous() {
+        return anonymous_identity(query.user.as_deref(), query.name.as_deref())
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(e.to_string()));
+    }
+    match &query.token {
+        Some(token) => app
+            .auth
+            .verify(token)
+            .map(Some)
+            .map_err(|e| ApiError::unauthorized(e.to_string())),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,160 @@
+//! parley: a real-time chat server. Clients connect once over a WebSocket, join named rooms and
+//! receive every message the moment it is posted, in order, with durable history and lossless
+//! resume after a reconnect. See `docs/protocol.md` for the wire contract and
+//! `docs/ARCHITECTURE.md` for the design.
+//!
+//! # Layout
+//! - [`config`]: settings, layered defaults < TOML < `PARLEY_*` env < flags.
+//! - [`auth`]: JWT verification (HS256/RS256/ES256), anonymous mode, token minting.
+//! - [`http`]: the routes: WebSocket upgrades (auth before upgrade), echo, health.
+//! - [`session`]: one connection's state machine.
+//! - [`outbound`]: a connection's bounded outbound queue.
+//! - [`hub`]: this node's rooms and the fan-out of pre-encoded frames.
+//! - [`broker`]: sequencing, storage and delivery of room events ([`broker::Broker`]).
+//! - [`presence`]: who is in which room, per user ([`presence::Presence`]).
+//! - [`store`]: the SQLite log.
+//!
+//! Data flows one way: socket -> session -> broker (sequence, store) -> hub -> each member's
+//! outbound queue -> their socket.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod outbound;
+pub mod presence;
+pub mod session;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::Authenticator;
+use crate::broker::memory::{MemoryBroker, SequencerParts};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::hub::{ConnId, Hub};
+use crate::presence::MemoryPresence;
+
+/// Everything a request handler or a session needs, cheap to clone.
+#[derive(Clone)]
+pub struct App(Arc<AppInner>);
+
+/// The shared state behind [`App`].
+pub struct AppInner {
+    /// The effective configuration.
+    pub config: Config,
+    /// Token verification or anonymous mode.
+    pub auth: Authenticator,
+    /// Where events are sequenced and stored.
+    pub broker: Arc<dyn Broker>,
+    /// This node's rooms and members.
+    pub hub: Arc<Hub>,
+    /// Cancelled when the server shuts down; sessions close with 1001.
+    pub shutdown: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl std::ops::Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl App {
+    /// Opens the store and starts the broker for `config`.
+    pub async fn start(config: Config) -> anyhow::Result<App> {
+        let auth = Authenticator::from_config(&config.auth)?;
+        let (writer, reader) = {
+            let path = config.store.db.clone();
+            let sync = config.store.synchronous;
+            let history = config.history.clone();
+            tokio::task::spawn_blocking(move || store::sqlite::open_log(&path, sync, &history))
+                .await??
+        };
+        let hub = Arc::new(Hub::default());
+        let broker = MemoryBroker::start(
+            writer,
+            reader,
+            SequencerParts {
+                hub: hub.clone(),
+                presence: Arc::new(MemoryPresence::default()),
+                announce_max: config.presence.announce_max,
+                max_batch: config.store.max_batch,
+            },
+        );
+        Ok(App(Arc::new(AppInner {
+            config,
+            auth,
+            broker: Arc::new(broker),
+            hub,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            next_conn: AtomicU64::new(1),
+        })))
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then shuts down gracefully: stop accepting,
+/// close every socket with 1001, finish every pending write to the log.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    config.check_anonymous_bind(addr)?;
+    let app = App::start(config).await?;
+    let mode = if app.auth.is_anonymous() {
+        "anonymous"
+    } else {
+        "jwt"
+    };
+    info!(%addr, mode, db = %app.config.store.db.display(), "parley listening");
+
+    let token = app.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        token.cancel();
+    });
+    let token = app.shutdown.clone();
+    axum::serve(
+        listener,
+        http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { token.cancelled().await })
+    .await?;
+
+    info!("shutting down: closing sockets");
+    app.sessions.close();
+    let grace = Duration::from_millis(app.config.server.shutdown_grace_ms);
+    if tokio::time::timeout(grace, app.sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = app.sessions.len(),
+            "some sockets did not close in time"
+        );
+    }
+    app.broker.close().await;
+    info!("shutdown complete");
+    Ok(())
+}

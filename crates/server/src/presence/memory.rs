@@ -1,0 +1,107 @@
+//! Single-node presence: connection counts per user per room, in memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::{Presence, PresenceChange, PresenceError};
+
+/// Presence for one process.
+#[derive(Default)]
+pub struct MemoryPresence {
+    rooms: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, u32>>>,
+}
+
+#[async_trait]
+impl Presence for MemoryPresence {
+    async fn add(&self, room: &str, user: &Arc<str>) -> Result<PresenceChange, PresenceError> {
+        let mut rooms = self.rooms.lock().expect("presence lock");
+        let users = match rooms.get_mut(room) {
+            Some(users) => users,
+            None => rooms.entry(Arc::from(room)).or_default(),
+        };
+        let count = users.entry(user.clone()).or_insert(0);
+        *count += 1;
+        Ok(PresenceChange {
+            transition: *count == 1,
+            users: users.len(),
+        })
+    }
+
+    async fn remove(&self, room: &str, user: &str) -> Result<PresenceChange, PresenceError> {
+        let mut rooms = self.rooms.lock().expect("presence lock");
+        let Some(users) = rooms.get_mut(room) else {
+            return Ok(PresenceChange {
+                transition: false,
+                users: 0,
+            });
+        };
+        let mut transition = false;
+        if let Some(count) = users.get_mut(user) {
+            *count -= 1;
+            if *count == 0 {
+                users.remove(user);
+                transition = true;
+            }
+        }
+        let left = users.len();
+        if left == 0 {
+            rooms.remove(room);
+        }
+        Ok(PresenceChange {
+            transition,
+            users: left,
+        })
+    }
+
+    async fn users(&self, room: &str) -> Result<Vec<Arc<str>>, PresenceError> {
+        let rooms = self.rooms.lock().expect("presence lock");
+        let mut users: Vec<Arc<str>> = rooms
+            .get(room)
+            .map(|u| u.keys().cloned().collect())
+            .unwrap_or_default();
+        users.sort();
+        Ok(users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_tabs_are_one_user() {
+        let p = MemoryPresence::default();
+        let alice: Arc<str> = "alice".into();
+        assert_eq!(
+            p.add("r", &alice).await.unwrap(),
+            PresenceChange {
+                transition: true,
+                users: 1
+            }
+        );
+        assert_eq!(
+            p.add("r", &alice).await.unwrap(),
+            PresenceChange {
+                transition: false,
+                users: 1
+            }
+        );
+        assert_eq!(
+            p.remove("r", "alice").await.unwrap(),
+            PresenceChange {
+                transition: false,
+                users: 1
+            }
+        );
+        assert_eq!(
+            p.remove("r", "alice").await.unwrap(),
+            PresenceChange {
+                transition: true,
+                users: 0
+            }
+        );
+        assert!(p.users("r").await.unwrap().is_empty());
+    }
+}

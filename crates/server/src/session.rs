@@ -1,0 +1,595 @@
+//! One connection, from upgrade to close: the state machine of the protocol.
+//!
+//! A single task owns the socket and `select!`s over: server shutdown, its outbound queue, the
+//! next client frame, the heartbeat timer and the auth/expiry deadline. Frames for the client
+//! (answers, acks, room events) all go through the bounded [`Outbound`] queue and are written in
+//! batches with one flush. Requests are handled one at a time, in the order they arrive.
+//!
+//! States: *unauthenticated* (only an `auth` frame is accepted, until `auth.timeout_ms`), then
+//! *authenticated* (everything else). The session ends on a client close, a dead peer, a
+//! protocol violation, a full queue (4009), an expired token (4011) or shutdown (1001); on the
+//! way out it leaves every room it joined.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use parley_protocol::client::{decode, ClientFrame};
+use parley_protocol::server::{json_array, ServerFrame};
+use parley_protocol::{valid_room_name, CloseCode, ErrorCode};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::auth::{now_unix, Identity};
+use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
+use crate::hub::ConnId;
+use crate::outbound::Outbound;
+use crate::store::sqlite::PageQuery;
+use crate::App;
+
+/// Largest history page.
+pub const MAX_PAGE: u32 = 200;
+/// History page when the request gives no limit.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// How a connection starts: what the upgrade request already settled.
+pub struct Start {
+    /// The identity from `?token=` or anonymous mode; `None` waits for an `auth` frame.
+    pub identity: Option<Identity>,
+    /// The room of `/ws/{room}`, with `since`/`epoch` from the query.
+    pub auto_join: Option<(String, Option<(u64, String)>)>,
+    /// The peer, for the log.
+    pub peer: SocketAddr,
+}
+
+/// Why a session ended: a close frame to send, or a peer already gone.
+enum End {
+    Close(CloseCode),
+    Gone(&'static str),
+}
+
+struct Session {
+    app: App,
+    conn: ConnId,
+    outbound: Arc<Outbound>,
+    identity: Option<Identity>,
+    rooms: Vec<Arc<str>>,
+    /// Next instant the auth timeout or the token expiry fires.
+    deadline: Option<Instant>,
+}
+
+/// Runs one connection to its end.
+pub async fn run(mut ws: WebSocket, app: App, start: Start) {
+    let conn = app.next_conn_id();
+    let limits = &app.config.limits;
+    let outbound = Arc::new(Outbound::new(crate::outbound::QueueBounds {
+        frames: limits.outbound_queue_frames,
+        bytes: limits.outbound_queue_bytes,
+    }));
+    let mut session = Session {
+        conn,
+        outbound,
+        identity: None,
+        rooms: Vec::new(),
+        deadline: Some(Instant::now() + Duration::from_millis(app.config.auth.timeout_ms)),
+        app,
+    };
+    let opened = Instant::now();
+    let peer = start.peer;
+    info!(conn, %peer, "connection open");
+    if let Some(identity) = start.identity {
+        session.authenticated(identity);
+    }
+    let mut auto_join = start.auto_join;
+    if session.identity.is_some() {
+        if let Some((room, since)) = auto_join.take() {
+            session.join(room, since).await;
+        }
+    }
+
+    let end = session.serve(&mut ws, &mut auto_join).await;
+    let reason = match &end {
+        End::Close(code) => code.reason(),
+        End::Gone(why) => why,
+    };
+    if let End::Close(code) = end {
+        close(&mut ws, &session, code).await;
+    }
+    session.leave_all().await;
+    info!(
+        conn,
+        %peer,
+        user = session.identity.as_ref().map(|i| &*i.user),
+        reason,
+        secs = opened.elapsed().as_secs_f32(),
+        "connection closed"
+    );
+}
+
+/// Sends the close frame (after what is queued, unless the peer is the reason it is full) and
+/// waits up to `limits.close_grace_ms` for the peer to answer it.
+async fn close(ws: &mut WebSocket, session: &Session, code: CloseCode) {
+    let grace = Duration::from_millis(session.app.config.limits.close_grace_ms);
+    let _ = tokio::time::timeout(grace, async {
+        if code != CloseCode::SlowConsumer {
+            for frame in session.outbound.drain().frames {
+                ws.feed(Message::Text(frame)).await?;
+            }
+        }
+        ws.send(Message::Close(Some(CloseFrame {
+            code: code.code(),
+            reason: Utf8Bytes::from_static(code.reason()),
+        })))
+        .await?;
+        while let Some(Ok(msg)) = ws.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<_, axum::Error>(())
+    })
+    .await;
+}
+
+impl Session {
+    async fn serve(
+        &mut self,
+        ws: &mut WebSocket,
+        auto_join: &mut Option<(String, Option<(u64, String)>)>,
+    ) -> End {
+        let heartbeat = &self.app.config.heartbeat;
+        let interval = Duration::from_millis(heartbeat.interval_ms);
+        let timeout = Duration::from_millis(heartbeat.timeout_ms);
+        let shutdown = self.app.shutdown.clone();
+        let mut last_heard = Instant::now();
+        let mut next_ping = last_heard + interval;
+        let beat = tokio::time::sleep_until(next_ping.min(last_heard + timeout));
+        tokio::pin!(beat);
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let deadline = tokio::time::sleep_until(self.deadline.unwrap_or(far));
+        tokio::pin!(deadline);
+        let outbound = self.outbound.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Close(CloseCode::GoingAway),
+                _ = outbound.ready() => {
+                    if let Err(end) = self.write_queued(ws).await {
+                        return end;
+                    }
+                }
+                msg = ws.recv() => {
+                    last_heard = Instant::now();
+                    let frame = match msg {
+                        None => return End::Gone("peer disconnected"),
+                        Some(Err(err)) => return classify(err),
+                        Some(Ok(frame)) => frame,
+                    };
+                    match frame {
+                        Message::Text(text) => {
+                            if let Some(end) = self.handle(&text).await {
+                                return end;
+                            }
+                            if self.identity.is_some() {
+                                if let Some((room, since)) = auto_join.take() {
+                                    self.join(room, since).await;
+                                }
+                            }
+                        }
+                        Message::Binary(_) => {
+                            if self.identity.is_none() {
+                                self.reply_error(ErrorCode::Unauthorized, "authenticate first", None);
+                                return End::Close(CloseCode::Unauthorized);
+                            }
+                            self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
+                        }
+                        // tungstenite queues the pong; flushing sends it.
+                        Message::Ping(_) => {
+                            if ws.flush().await.is_err() {
+                                return End::Gone("write failed");
+                            }
+                        }
+                        Message::Pong(_) => {}
+                        Message::Close(_) => {
+                            let _ = ws.flush().await;
+                            return End::Gone("client closed");
+                        }
+                    }
+                    if self.deadline.map(|d| d != deadline.deadline()).unwrap_or(false) {
+                        deadline.as_mut().reset(self.deadline.unwrap_or(far));
+                    }
+                }
+                _ = &mut beat => {
+                    let now = Instant::now();
+                    if now >= last_heard + timeout {
+                        return End::Gone("heartbeat timeout");
+                    }
+                    if now >= next_ping {
+                        if ws.send(Message::Ping(Default::default())).await.is_err() {
+                            return End::Gone("write failed");
+                        }
+                        next_ping = now + interval;
+                    }
+                    beat.as_mut().reset(next_ping.min(last_heard + timeout));
+                }
+                _ = &mut deadline, if self.deadline.is_some() => {
+                    if self.identity.is_none() {
+                        self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", None);
+                        return End::Close(CloseCode::Unauthorized);
+                    }
+                    return End::Close(CloseCode::TokenExpired);
+                }
+            }
+        }
+    }
+
+    /// Writes everything queued, flushing once per batch, until the queue is empty.
+    async fn write_queued(&mut self, ws: &mut WebSocket) -> Result<(), End> {
+        let write_timeout = Duration::from_millis(self.app.config.heartbeat.timeout_ms);
+        loop {
+            let drained = self.outbound.drain();
+            if let Some(code) = drained.closed {
+                return Err(End::Close(code));
+            }
+            if drained.frames.is_empty() {
+                return Ok(());
+            }
+            let outbound = self.outbound.clone();
+            let write = async {
+                for frame in drained.frames {
+                    ws.feed(Message::Text(frame)).await?;
+                }
+                ws.flush().await
+            };
+            tokio::select! {
+                result = write => if result.is_err() {
+                    return Err(End::Gone("write failed"));
+                },
+                // A peer that stops reading blocks the write; its queue overflowing ends it.
+                code = wait_closed(&outbound) => return Err(End::Close(code)),
+                _ = tokio::time::sleep(write_timeout) => return Err(End::Gone("write timeout")),
+            }
+        }
+    }
+
+    fn push(&self, frame: String) {
+        self.outbound.push(Utf8Bytes::from(frame));
+    }
+
+    fn reply_error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
+        self.push(
+            ServerFrame::Error {
+                code,
+                message,
+                id,
+                retry_after_ms: None,
+            }
+            .encode(),
+        );
+    }
+
+    fn authenticated(&mut self, identity: Identity) {
+        self.push(
+            ServerFrame::Authenticated {
+                user_id: &identity.user,
+                name: &identity.name,
+                heartbeat_ms: self.app.config.heartbeat.interval_ms,
+            }
+            .encode(),
+        );
+        self.deadline = identity.expires_at.map(expiry_instant);
+        self.identity = Some(identity);
+    }
+
+    /// Handles one text frame; `Some` ends the session.
+    async fn handle(&mut self, text: &str) -> Option<End> {
+        let frame = match decode(text) {
+            Ok(frame) => frame,
+            Err(err) => {
+                if self.identity.is_none() {
+                    self.reply_error(
+                        ErrorCode::Unauthorized,
+                        "the first frame must be auth",
+                        None,
+                    );
+                    return Some(End::Close(CloseCode::Unauthorized));
+                }
+                self.reply_error(ErrorCode::BadRequest, &err.message, err.id.as_deref());
+                return None;
+            }
+        };
+        let Some(identity) = self.identity.clone() else {
+            let ClientFrame::Auth { token } = frame else {
+                self.reply_error(
+                    ErrorCode::Unauthorized,
+                    "the first frame must be auth",
+                    None,
+                );
+                return Some(End::Close(CloseCode::Unauthorized));
+            };
+            return match self.app.auth.verify(&token) {
+                Ok(identity) => {
+                    self.authenticated(identity);
+                    None
+                }
+                Err(err) => {
+                    self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None);
+                    Some(End::Close(CloseCode::Unauthorized))
+                }
+            };
+        };
+        match frame {
+            ClientFrame::Auth { .. } => {
+                self.reply_error(ErrorCode::BadRequest, "already authenticated", None)
+            }
+            ClientFrame::Refresh { token } => self.refresh(&identity, &token),
+            ClientFrame::Join { room, since, epoch } => {
+                let since = match (since, epoch) {
+                    (Some(since), Some(epoch)) => Some((since, epoch)),
+                    (None, None) => None,
+                    _ => {
+                        self.reply_error(
+                            ErrorCode::BadRequest,
+                            "`since` and `epoch` go together",
+                            None,
+                        );
+                        return None;
+                    }
+                };
+                self.join(room, since).await;
+            }
+            ClientFrame::Leave { room } => self.leave(&identity, &room).await,
+            ClientFrame::Send { room, content, id } => {
+                self.send(&identity, &room, content, id).await;
+            }
+            ClientFrame::History {
+                room,
+                before,
+                after,
+                limit,
+            } => self.history(&identity, &room, before, after, limit).await,
+            ClientFrame::Typing { room } => {
+                let Some(room) = self.joined(&room) else {
+                    self.reply_error(ErrorCode::NotJoined, "join the room first", None);
+                    return None;
+                };
+                let frame = ServerFrame::Typing {
+                    room: &room,
+                    user: &identity.user,
+                }
+                .encode();
+                self.app
+                    .hub
+                    .broadcast_except(&room, self.conn, &Utf8Bytes::from(frame));
+            }
+            ClientFrame::Ping => self.push(ServerFrame::Pong.encode()),
+        }
+        None
+    }
+
+    fn refresh(&mut self, identity: &Identity, token: &str) {
+        match self.app.auth.verify(token) {
+            Ok(fresh) if fresh.user == identity.user => {
+                self.deadline = fresh.expires_at.map(expiry_instant);
+                self.identity = Some(fresh);
+            }
+            Ok(_) => self.reply_error(
+                ErrorCode::Unauthorized,
+                "the new token is for another user",
+                None,
+            ),
+            Err(err) => self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None),
+        }
+    }
+
+    fn joined(&self, room: &str) -> Option<Arc<str>> {
+        self.rooms.iter().find(|r| &***r == room).cloned()
+    }
+
+    fn check_room(&self, room: &str, id: Option<&str>) -> bool {
+        if !valid_room_name(room) {
+            self.reply_error(
+                ErrorCode::BadRequest,
+                "invalid room name: 1 to 64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit",
+                id,
+            );
+            return false;
+        }
+        true
+    }
+
+    async fn join(&mut self, room: String, since: Option<(u64, String)>) {
+        let identity = self.identity.clone().expect("join after auth");
+        if !self.check_room(&room, None) {
+            return;
+        }
+        if !identity.may_join(&room) {
+            self.reply_error(
+                ErrorCode::Forbidden,
+                "your token does not allow this room",
+                None,
+            );
+            return;
+        }
+        if self.joined(&room).is_some() {
+            self.reply_error(ErrorCode::BadRequest, "already joined", None);
+            return;
+        }
+        if self.rooms.len() >= self.app.config.limits.max_rooms_per_connection {
+            self.reply_error(
+                ErrorCode::TooManyRooms,
+                &format!(
+                    "at most {} rooms per connection",
+                    self.app.config.limits.max_rooms_per_connection
+                ),
+                None,
+            );
+            return;
+        }
+        let room: Arc<str> = room.into();
+        let request = JoinRequest {
+            room: room.clone(),
+            user: identity.user.clone(),
+            conn: self.conn,
+            outbound: self.outbound.clone(),
+            since,
+        };
+        match self.app.broker.join(request).await {
+            Ok(()) => self.rooms.push(room),
+            Err(err) => self.broker_error(err, None),
+        }
+    }
+
+    async fn leave(&mut self, identity: &Identity, room: &str) {
+        let Some(at) = self.rooms.iter().position(|r| &**r == room) else {
+            self.reply_error(ErrorCode::NotJoined, "not in this room", None);
+            return;
+        };
+        let room = self.rooms.swap_remove(at);
+        let request = LeaveRequest {
+            room,
+            user: identity.user.clone(),
+            conn: self.conn,
+            outbound: Some(self.outbound.clone()),
+        };
+        if let Err(err) = self.app.broker.leave(request).await {
+            self.broker_error(err, None);
+        }
+    }
+
+    async fn send(&mut self, identity: &Identity, room: &str, content: String, id: Option<String>) {
+        let id_ref = id.as_deref();
+        if !self.check_room(room, id_ref) {
+            return;
+        }
+        let Some(room) = self.joined(room) else {
+            self.reply_error(ErrorCode::NotJoined, "join the room first", id_ref);
+            return;
+        };
+        let max = self.app.config.limits.max_content_bytes;
+        if content.len() > max {
+            self.reply_error(
+                ErrorCode::TooLarge,
+                &format!("content is {} bytes; the limit is {max}", content.len()),
+                id_ref,
+            );
+            return;
+        }
+        if content.is_empty() {
+            self.reply_error(ErrorCode::BadRequest, "content is empty", id_ref);
+            return;
+        }
+        let request = PublishRequest {
+            room,
+            user: identity.user.clone(),
+            name: identity.name.clone(),
+            content,
+            client_id: id.clone(),
+        };
+        let reply = PublishReply::Connection(self.outbound.clone());
+        if let Err(err) = self.app.broker.publish(request, reply).await {
+            self.broker_error(err, id.as_deref());
+        }
+    }
+
+    async fn history(
+        &mut self,
+        identity: &Identity,
+        room: &str,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+    ) {
+        if !self.check_room(room, None) {
+            return;
+        }
+        if !identity.may_join(room) {
+            self.reply_error(
+                ErrorCode::Forbidden,
+                "your token does not allow this room",
+                None,
+            );
+            return;
+        }
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            self.reply_error(
+                ErrorCode::BadRequest,
+                &format!("limit must be 1 to {MAX_PAGE}"),
+                None,
+            );
+            return;
+        }
+        let query = PageQuery {
+            before,
+            after,
+            limit,
+        };
+        match self.app.broker.history(room, query).await {
+            Ok(page) => {
+                let messages = json_array(page.frames.iter().map(String::as_str));
+                self.push(
+                    ServerFrame::History {
+                        room,
+                        messages: &messages,
+                        more: page.more,
+                    }
+                    .encode(),
+                );
+            }
+            Err(err) => self.broker_error(err, None),
+        }
+    }
+
+    fn broker_error(&self, err: BrokerError, id: Option<&str>) {
+        let code = match err {
+            BrokerError::Unavailable(_) | BrokerError::Closed => ErrorCode::Unavailable,
+        };
+        self.reply_error(code, &err.to_string(), id);
+    }
+
+    async fn leave_all(&mut self) {
+        let Some(identity) = &self.identity else {
+            return;
+        };
+        for room in self.rooms.drain(..) {
+            let request = LeaveRequest {
+                room,
+                user: identity.user.clone(),
+                conn: self.conn,
+                outbound: None,
+            };
+            if let Err(err) = self.app.broker.leave(request).await {
+                debug!(conn = self.conn, error = %err, "leave on close failed");
+            }
+        }
+    }
+}
+
+async fn wait_closed(outbound: &Outbound) -> CloseCode {
+    loop {
+        if let Some(code) = outbound.closed() {
+            return code;
+        }
+        outbound.ready().await;
+    }
+}
+
+fn expiry_instant(exp_unix: u64) -> Instant {
+    let now = now_unix();
+    Instant::now() + Duration::from_secs(exp_unix.saturating_sub(now))
+}
+
+/// Maps a read error to how the session ends: oversize frames close with 1009, invalid UTF-8
+/// with 1007 (RFC 6455), anything else means the peer is gone.
+fn classify(err: axum::Error) -> End {
+    use tungstenite::Error;
+    match err.into_inner().downcast::<Error>().map(|e| *e) {
+        Ok(Error::Capacity(_)) => End::Close(CloseCode::TooBig),
+        Ok(Error::Utf8(_)) => End::Close(CloseCode::InvalidPayload),
+        Ok(Error::Protocol(_)) => End::Gone("protocol violation"),
+        _ => End::Gone("read failed"),
+    }
+}

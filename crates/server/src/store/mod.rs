@@ -1,0 +1,3 @@
+//! Durable storage of room logs.
+
+pub mod sqlite;

@@ -1,0 +1,550 @@
+//! The single-node durable log in SQLite (WAL mode). One [`LogWriter`] owns the write
+//! connection and is driven by the broker's sequencer: it assigns each room's next seq inside
+//! the transaction that stores the event, so seq order is commit order, and it writes every
+//! event that arrived together in one transaction (group commit). Readers use their own
+//! connections and never block the writer.
+//!
+//! Schema: `rooms(room, epoch, seq)` holds each room's head and the epoch of its log;
+//! `events(room, seq, ts_ms, user, client_id, frame)` holds the encoded frame of every retained
+//! event, so history is served without re-encoding.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parley_protocol::server::ServerFrame;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::config::{HistoryConfig, Synchronous};
+
+/// How long a client id keeps de-duplicating resends.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(#[from] rusqlite::Error);
+
+/// A room's head: its latest seq and the epoch of its log.
+#[derive(Debug, Clone)]
+pub struct RoomHead {
+    /// Latest seq (0 for a new room).
+    pub seq: u64,
+    /// The log's incarnation; new and random when the room's log starts.
+    pub epoch: Arc<str>,
+}
+
+/// One thing to write in a group commit.
+#[derive(Debug)]
+pub enum Draft {
+    /// A chat message; with a client id it is de-duplicated.
+    Message {
+        /// The room.
+        room: Arc<str>,
+        /// Sender's user id.
+        user: Arc<str>,
+        /// Sender's display name.
+        name: Arc<str>,
+        /// The text.
+        content: String,
+        /// The client's id.
+        client_id: Option<String>,
+    },
+    /// A `join` or `leave` system event.
+    Presence {
+        /// The room.
+        room: Arc<str>,
+        /// Who.
+        user: Arc<str>,
+        /// `true` for join, `false` for leave.
+        joined: bool,
+    },
+    /// Read the room's head (creating the room) and, for a join, the history it gets.
+    Head {
+        /// The room.
+        room: Arc<str>,
+        /// What history the joiner asked for; `None` reads only the head.
+        window: Option<JoinWindow>,
+    },
+}
+
+/// The history a `join` asks for.
+#[derive(Debug, Clone)]
+pub struct JoinWindow {
+    /// `since` and `epoch` from the join frame.
+    pub since: Option<(u64, String)>,
+}
+
+/// What a draft became.
+#[derive(Debug)]
+pub enum Written {
+    /// A stored event with its seq and encoded frame.
+    Event {
+        /// Its seq.
+        seq: u64,
+        /// Its frame, as delivered and as stored.
+        frame: String,
+    },
+    /// A resent message: the original's seq; nothing was stored.
+    Duplicate {
+        /// The original's seq.
+        seq: u64,
+    },
+    /// The room head, with the join history when asked for.
+    Head {
+        /// Head and epoch after everything before it in the batch.
+        head: RoomHead,
+        /// The history for the joiner.
+        history: Option<JoinHistory>,
+    },
+}
+
+/// The `history`, `truncated` and `recovered` fields of a `joined` frame.
+#[derive(Debug, Default)]
+pub struct JoinHistory {
+    /// Encoded frames, oldest first.
+    pub frames: Vec<String>,
+    /// More events follow the replayed ones.
+    pub truncated: bool,
+    /// With `since`: whether the history continues exactly from it.
+    pub recovered: Option<bool>,
+}
+
+/// A page of a room's log.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Encoded frames, oldest first.
+    pub frames: Vec<String>,
+    /// Further events remain in the direction of paging.
+    pub more: bool,
+}
+
+/// Which page of history.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PageQuery {
+    /// Events below this seq.
+    pub before: Option<u64>,
+    /// Events above this seq.
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rooms (
+    room TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    room TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    user TEXT,
+    client_id TEXT,
+    frame TEXT NOT NULL,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
+    WHERE client_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms);
+";
+
+fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    Ok(conn)
+}
+
+/// Opens (creating when needed) the log at `path`: the writer for the sequencer and a pool of
+/// readers for history.
+pub fn open_log(
+    path: &Path,
+    synchronous: Synchronous,
+    history: &HistoryConfig,
+) -> Result<(LogWriter, LogReader), StoreError> {
+    let conn = open(path, synchronous)?;
+    conn.execute_batch(SCHEMA)?;
+    let writer = LogWriter {
+        conn,
+        heads: HashMap::new(),
+        max_len: history.max_len,
+        ttl: Duration::from_secs(history.ttl_s),
+        last_sweep_ms: 0,
+        on_join: history.on_join,
+        max_replay: history.max_replay,
+    };
+    let reader = LogReader {
+        path: path.to_owned(),
+        synchronous,
+        pool: Mutex::new(Vec::new()),
+    };
+    Ok((writer, reader))
+}
+
+/// The write side of the log. Not shared: the sequencer moves it into a blocking thread for
+/// each commit.
+pub struct LogWriter {
+    conn: Connection,
+    heads: HashMap<Arc<str>, RoomHead>,
+    max_len: u64,
+    ttl: Duration,
+    last_sweep_ms: u64,
+    on_join: usize,
+    max_replay: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_epoch() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..8)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl LogWriter {
+    /// Writes a batch in one transaction and returns one [`Written`] per draft, in order. On
+    /// error nothing of the batch is stored and no seq is consumed.
+    pub fn commit(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
+        let result = self.commit_inner(drafts);
+        if result.is_err() {
+            // The cached heads may include seqs of the rolled-back transaction.
+            self.heads.clear();
+        }
+        result
+    }
+
+    fn commit_inner(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
+        let now = now_ms();
+        let ts =
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(now)).to_string();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(drafts.len());
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        for draft in drafts {
+            let written = match draft {
+                Draft::Message {
+                    room,
+                    user,
+                    name,
+                    content,
+                    client_id,
+                } => {
+                    if let Some(id) = client_id {
+                        let since = now.saturating_sub(DEDUP_WINDOW.as_millis() as u64);
+                        let original: Option<u64> = tx
+                            .prepare_cached(
+                                "SELECT seq FROM events WHERE room = ?1 AND user = ?2 \
+                                 AND client_id = ?3 AND ts_ms >= ?4 LIMIT 1",
+                            )?
+                            .query_row(params![&**room, &**user, id, since as i64], |r| {
+                                r.get::<_, i64>(0)
+                            })
+                            .optional()?
+                            .map(|s| s as u64);
+                        if let Some(seq) = original {
+                            out.push(Written::Duplicate { seq });
+                            continue;
+                        }
+                    }
+                    let head = head_of(&tx, &mut self.heads, room)?;
+                    head.seq += 1;
+                    let seq = head.seq;
+                    let frame = ServerFrame::Message {
+                        room,
+                        seq,
+                        user,
+                        name,
+                        content,
+                        ts: &ts,
+                        id: client_id.as_deref(),
+                    }
+                    .encode();
+                    insert(
+                        &tx,
+                        room,
+                        seq,
+                        now,
+                        Some(user),
+                        client_id.as_deref(),
+                        &frame,
+                    )?;
+                    note(&mut touched, room);
+                    Written::Event { seq, frame }
+                }
+                Draft::Presence { room, user, joined } => {
+                    let head = head_of(&tx, &mut self.heads, room)?;
+                    head.seq += 1;
+                    let seq = head.seq;
+                    let (event, verb) = if *joined {
+                        ("join", "joined")
+                    } else {
+                        ("leave", "left")
+                    };
+                    let content = format!("{user} {verb} the room");
+                    let frame = ServerFrame::System {
+                        room,
+                        seq,
+                        event,
+                        user,
+                        content: &content,
+                        ts: &ts,
+                    }
+                    .encode();
+                    insert(&tx, room, seq, now, Some(user), None, &frame)?;
+                    note(&mut touched, room);
+                    Written::Event { seq, frame }
+                }
+                Draft::Head { room, window } => {
+                    let head = head_of(&tx, &mut self.heads, room)?.clone();
+                    let history = match window {
+                        Some(window) => Some(join_history(
+                            &tx,
+                            room,
+                            &head,
+                            window,
+                            (self.on_join, self.max_replay),
+                        )?),
+                        None => None,
+                    };
+                    Written::Head { head, history }
+                }
+            };
+            out.push(written);
+        }
+        for room in &touched {
+            let seq = self.heads[room].seq;
+            tx.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
+                .execute(params![&**room, seq as i64])?;
+            if seq > self.max_len {
+                tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
+                    .execute(params![&**room, (seq - self.max_len) as i64])?;
+            }
+        }
+        if !self.ttl.is_zero() && now >= self.last_sweep_ms + 1000 {
+            let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
+            tx.prepare_cached("DELETE FROM events WHERE ts_ms < ?1")?
+                .execute(params![cutoff as i64])?;
+            self.last_sweep_ms = now;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// The history for a joiner: after `since` when it continues the retained log in the same
+/// epoch (at most `max_replay`), otherwise the latest `on_join` events.
+fn join_history(
+    tx: &Connection,
+    room: &str,
+    head: &RoomHead,
+    window: &JoinWindow,
+    (on_join, max_replay): (usize, usize),
+) -> Result<JoinHistory, StoreError> {
+    if let Some((since, epoch)) = &window.since {
+        let oldest: Option<i64> = tx
+            .prepare_cached("SELECT MIN(seq) FROM events WHERE room = ?1")?
+            .query_row(params![room], |r| r.get(0))?;
+        let continuous = match oldest {
+            Some(oldest) => *since + 1 >= oldest as u64,
+            None => *since == head.seq,
+        };
+        if epoch.as_str() == &*head.epoch && *since <= head.seq && continuous {
+            let limit = max_replay;
+            let frames = select_frames(
+                tx,
+                "SELECT frame FROM events WHERE room = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                params![room, *since as i64, (limit + 1) as i64],
+            )?;
+            let truncated = frames.len() > limit;
+            let mut frames = frames;
+            frames.truncate(limit);
+            return Ok(JoinHistory {
+                frames,
+                truncated,
+                recovered: Some(true),
+            });
+        }
+    }
+    let mut frames = select_frames(
+        tx,
+        "SELECT frame FROM events WHERE room = ?1 ORDER BY seq DESC LIMIT ?2",
+        params![room, on_join as i64],
+    )?;
+    frames.reverse();
+    Ok(JoinHistory {
+        frames,
+        truncated: false,
+        recovered: window.since.as_ref().map(|_| false),
+    })
+}
+
+fn note(touched: &mut Vec<Arc<str>>, room: &Arc<str>) {
+    if !touched.iter().any(|r| r == room) {
+        touched.push(room.clone());
+    }
+}
+
+fn head_of<'a>(
+    tx: &Connection,
+    heads: &'a mut HashMap<Arc<str>, RoomHead>,
+    room: &Arc<str>,
+) -> Result<&'a mut RoomHead, StoreError> {
+    if !heads.contains_key(room) {
+        let found = tx
+            .prepare_cached("SELECT epoch, seq FROM rooms WHERE room = ?1")?
+            .query_row(params![&**room], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()?;
+        let head = match found {
+            Some((epoch, seq)) => RoomHead {
+                seq: seq as u64,
+                epoch: epoch.into(),
+            },
+            None => {
+                let epoch = new_epoch();
+                tx.prepare_cached("INSERT INTO rooms (room, epoch, seq) VALUES (?1, ?2, 0)")?
+                    .execute(params![&**room, &epoch])?;
+                RoomHead {
+                    seq: 0,
+                    epoch: epoch.into(),
+                }
+            }
+        };
+        heads.insert(room.clone(), head);
+    }
+    Ok(heads.get_mut(room).expect("just inserted"))
+}
+
+fn insert(
+    tx: &Connection,
+    room: &str,
+    seq: u64,
+    ts_ms: u64,
+    user: Option<&str>,
+    client_id: Option<&str>,
+    frame: &str,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO events (room, seq, ts_ms, user, client_id, frame) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        room,
+        seq as i64,
+        ts_ms as i64,
+        user,
+        client_id,
+        frame
+    ])?;
+    Ok(())
+}
+
+fn select_frames(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The read side of the log: a small pool of connections used from blocking threads.
+pub struct LogReader {
+    path: PathBuf,
+    synchronous: Synchronous,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl LogReader {
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.pool.lock().expect("reader pool").pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open(&self.path, self.synchronous)?,
+        };
+        let result = f(&conn);
+        let mut pool = self.pool.lock().expect("reader pool");
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        result
+    }
+
+    /// One page of a room's log, oldest first. A room with no events gives an empty page.
+    pub fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
+        let limit = query.limit as usize;
+        let take = (limit + 1) as i64;
+        self.with_conn(|conn| {
+            let (mut frames, descending) = match (query.before, query.after) {
+                (before, Some(after)) => (
+                    select_frames(
+                        conn,
+                        "SELECT frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
+                         ORDER BY seq LIMIT ?4",
+                        params![
+                            room,
+                            after as i64,
+                            before.unwrap_or(i64::MAX as u64) as i64,
+                            take
+                        ],
+                    )?,
+                    false,
+                ),
+                (Some(before), None) => (
+                    select_frames(
+                        conn,
+                        "SELECT frame FROM events WHERE room = ?1 AND seq < ?2 \
+                         ORDER BY seq DESC LIMIT ?3",
+                        params![room, before as i64, take],
+                    )?,
+                    true,
+                ),
+                (None, None) => (
+                    select_frames(
+                        conn,
+                        "SELECT frame FROM events WHERE room = ?1 ORDER BY seq DESC LIMIT ?2",
+                        params![room, take],
+                    )?,
+                    true,
+                ),
+            };
+            let more = frames.len() > limit;
+            frames.truncate(limit);
+            if descending {
+                frames.reverse();
+            }
+            Ok(Page { frames, more })
+        })
+    }
+
+    /// Whether the database answers.
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM rooms WHERE 0", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+}
