@@ -4,11 +4,19 @@
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 
 use crate::App;
 
-pub(super) async fn echo(State(app): State<App>, upgrade: WebSocketUpgrade) -> Response {
+pub(super) async fn echo(
+    State(app): State<App>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Err(err) = super::ws::check_origin(&app, &headers) {
+        return err.into_response();
+    }
     let sessions = app.sessions.clone();
     super::ws::configure(upgrade, &app)
         .on_upgrade(move |socket| sessions.track_future(echo_socket(socket, app)))

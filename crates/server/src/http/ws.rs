@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use parley_protocol::valid_room_name;
 use serde::Deserialize;
@@ -35,13 +36,32 @@ pub(super) fn configure(upgrade: WebSocketUpgrade, app: &App) -> WebSocketUpgrad
         .max_frame_size(max)
 }
 
+/// Refuses a browser whose `Origin` is not in `allowed_origins` (HTTP 403). An empty list
+/// allows any origin; a request without `Origin` is not from a browser and is allowed.
+pub(super) fn check_origin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let allowed = &app.config.allowed_origins;
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let origin = origin.to_str().unwrap_or("");
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!("origin `{origin}` is not allowed")))
+    }
+}
+
 pub(super) async fn root(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<ConnectQuery>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    connect(app, peer, query, None, upgrade)
+    connect(app, peer, query, None, &headers, upgrade)
 }
 
 pub(super) async fn room(
@@ -49,9 +69,10 @@ pub(super) async fn room(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
     Query(query): Query<ConnectQuery>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    connect(app, peer, query, Some(room), upgrade)
+    connect(app, peer, query, Some(room), &headers, upgrade)
 }
 
 pub(super) async fn room_user(
@@ -59,6 +80,7 @@ pub(super) async fn room_user(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((room, user)): Path<(String, String)>,
     Query(mut query): Query<ConnectQuery>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if !app.auth.is_anonymous() {
@@ -68,7 +90,7 @@ pub(super) async fn room_user(
         .into_response();
     }
     query.user = Some(user);
-    connect(app, peer, query, Some(room), upgrade)
+    connect(app, peer, query, Some(room), &headers, upgrade)
 }
 
 fn connect(
@@ -76,8 +98,12 @@ fn connect(
     peer: SocketAddr,
     query: ConnectQuery,
     room: Option<String>,
+    headers: &HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    if let Err(err) = check_origin(&app, headers) {
+        return err.into_response();
+    }
     let auto_join = match room {
         Some(room) if !valid_room_name(&room) => {
             return ApiError::bad_request(
