@@ -121,7 +121,16 @@ impl Authenticator {
         let mut validation = Validation::new(alg);
         validation.leeway = config.leeway_s;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss`/`aud` only when the token carries them; a configured one
+        // must also be present.
+        let mut required = vec!["exp", "sub"];
+        if config.issuer.is_some() {
+            required.push("iss");
+        }
+        if config.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_aud = config.audience.is_some();
         if let Some(aud) = &config.audience {
             validation.set_audience(&[aud]);

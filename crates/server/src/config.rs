@@ -135,6 +135,24 @@ pub struct LimitsConfig {
     pub outbound_queue_bytes: usize,
     /// How long a closing slow consumer gets to read its close frame.
     pub close_grace_ms: u64,
+    /// Sends per second per connection (token bucket refill rate).
+    pub send_rate: f64,
+    /// Sends a connection may make at once (token bucket size).
+    pub send_burst: u32,
+    /// Typing notices per second per connection; past it they are dropped silently.
+    pub typing_rate: f64,
+    /// Typing notices a connection may make at once.
+    pub typing_burst: u32,
+    /// Refusals within `abuse_window_ms` that close a connection with 4008.
+    pub abuse_refusals: u32,
+    /// The window for `abuse_refusals`.
+    pub abuse_window_ms: u64,
+    /// Open WebSocket connections per node; past it upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Open WebSocket connections per client IP; past it upgrades get HTTP 429.
+    pub max_connections_per_ip: usize,
+    /// Proxies whose last `X-Forwarded-For` entry is taken as the client IP.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for LimitsConfig {
@@ -146,6 +164,15 @@ impl Default for LimitsConfig {
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 1024 * 1024,
             close_grace_ms: 2000,
+            send_rate: 10.0,
+            send_burst: 20,
+            typing_rate: 20.0,
+            typing_burst: 40,
+            abuse_refusals: 50,
+            abuse_window_ms: 10_000,
+            max_connections: 100_000,
+            max_connections_per_ip: 100,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -289,6 +316,51 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "2000",
         "time a closed slow consumer gets to read its close frame",
     ),
+    (
+        "limits.send_rate",
+        "10",
+        "sends per second per connection; past it error rate_limited",
+    ),
+    (
+        "limits.send_burst",
+        "20",
+        "sends a connection may make at once",
+    ),
+    (
+        "limits.typing_rate",
+        "20",
+        "typing notices per second per connection; past it dropped",
+    ),
+    (
+        "limits.typing_burst",
+        "40",
+        "typing notices a connection may make at once",
+    ),
+    (
+        "limits.abuse_refusals",
+        "50",
+        "refusals within abuse_window_ms that close with 4008",
+    ),
+    (
+        "limits.abuse_window_ms",
+        "10000",
+        "the window for abuse_refusals",
+    ),
+    (
+        "limits.max_connections",
+        "100000",
+        "WebSocket connections per node; past it HTTP 503",
+    ),
+    (
+        "limits.max_connections_per_ip",
+        "100",
+        "WebSocket connections per client IP; past it HTTP 429",
+    ),
+    (
+        "limits.trusted_proxies",
+        "[]",
+        "proxy IPs whose last X-Forwarded-For entry is the client IP",
+    ),
     ("heartbeat.interval_ms", "25000", "WebSocket ping interval"),
     (
         "heartbeat.timeout_ms",
@@ -409,6 +481,9 @@ impl Config {
         }
         if self.limits.outbound_queue_frames == 0 || self.limits.outbound_queue_bytes == 0 {
             return invalid("limits.outbound_queue_* must be positive");
+        }
+        if !(self.limits.send_rate > 0.0 && self.limits.typing_rate > 0.0) {
+            return invalid("limits.send_rate and limits.typing_rate must be positive");
         }
         if self.history.max_len == 0 {
             return invalid("history.max_len must be positive");

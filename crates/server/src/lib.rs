@@ -9,6 +9,7 @@
 //! - [`http`]: the routes: WebSocket upgrades (auth before upgrade), echo, health.
 //! - [`session`]: one connection's state machine.
 //! - [`outbound`]: a connection's bounded outbound queue.
+//! - [`limits`]: token buckets, the abuse counter, connection caps.
 //! - [`hub`]: this node's rooms and the fan-out of pre-encoded frames.
 //! - [`broker`]: sequencing, storage and delivery of room events ([`broker::Broker`]).
 //! - [`presence`]: who is in which room, per user ([`presence::Presence`]).
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod outbound;
 pub mod presence;
 pub mod session;

@@ -7,10 +7,13 @@ use async_trait::async_trait;
 
 use super::{Presence, PresenceChange, PresenceError};
 
+/// Connections per user in one room.
+type RoomUsers = HashMap<Arc<str>, u32>;
+
 /// Presence for one process.
 #[derive(Default)]
 pub struct MemoryPresence {
-    rooms: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, u32>>>,
+    rooms: Mutex<HashMap<Arc<str>, RoomUsers>>,
 }
 
 #[async_trait]

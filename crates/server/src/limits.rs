@@ -1,0 +1,184 @@
+//! Limits that keep one client from hurting the rest: per-connection token buckets for `send`
+//! and `typing` (governor's GCRA), the abuse counter that ends a connection which keeps being
+//! refused, and the per-IP and per-node connection caps checked before an upgrade.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{Quota, RateLimiter};
+use tokio::time::Instant;
+
+/// A token bucket: `rate` tokens a second, bursts of `burst`.
+pub struct Bucket {
+    limiter: RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>,
+}
+
+impl Bucket {
+    /// A full bucket. `rate` must be positive; `burst` is at least 1.
+    pub fn new(rate: f64, burst: u32) -> Bucket {
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let burst = NonZeroU32::new(burst.max(1)).expect("burst >= 1");
+        let quota = Quota::with_period(period)
+            .expect("positive period")
+            .allow_burst(burst);
+        Bucket {
+            limiter: RateLimiter::direct(quota),
+        }
+    }
+
+    /// Takes a token, or says how long until one is available. A refusal takes nothing.
+    pub fn take(&self) -> Result<(), Duration> {
+        self.limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+/// Counts refusals in a sliding window; the `max`-th within `window` means abuse.
+pub struct AbuseCounter {
+    max: usize,
+    window: Duration,
+    /// Refusal times, allocated only for a connection that has been refused.
+    recent: Option<VecDeque<Instant>>,
+}
+
+impl AbuseCounter {
+    /// A counter that trips at `max` refusals within `window`.
+    pub fn new(max: u32, window: Duration) -> AbuseCounter {
+        AbuseCounter {
+            max: max.max(1) as usize,
+            window,
+            recent: None,
+        }
+    }
+
+    /// Records a refusal; true when this one reaches the limit.
+    pub fn refuse(&mut self) -> bool {
+        let now = Instant::now();
+        let recent = self.recent.get_or_insert_with(VecDeque::new);
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            recent.pop_front();
+        }
+        recent.push_back(now);
+        recent.len() >= self.max
+    }
+}
+
+/// Why a connection was refused before its upgrade.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CapRefusal {
+    /// `limits.max_connections_per_ip` reached (HTTP 429).
+    PerIp,
+    /// `limits.max_connections` reached (HTTP 503).
+    Node,
+}
+
+/// Open WebSocket connections, per client IP and for the whole node.
+pub struct ConnectionCaps {
+    per_ip: usize,
+    total: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Holds one connection's place; dropping it frees the place.
+pub struct ConnectionSlot {
+    caps: Arc<ConnectionCaps>,
+    ip: IpAddr,
+}
+
+impl ConnectionCaps {
+    /// Caps of `per_ip` connections per address and `total` per node.
+    pub fn new(per_ip: usize, total: usize) -> Arc<ConnectionCaps> {
+        Arc::new(ConnectionCaps {
+            per_ip,
+            total,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Takes a place for a connection from `ip`, or refuses.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, CapRefusal> {
+        let mut open = self.open.lock().expect("caps lock");
+        if open.0 >= self.total {
+            return Err(CapRefusal::Node);
+        }
+        let count = open.1.entry(ip).or_insert(0);
+        if *count >= self.per_ip {
+            return Err(CapRefusal::PerIp);
+        }
+        *count += 1;
+        open.0 += 1;
+        Ok(ConnectionSlot {
+            caps: self.clone(),
+            ip,
+        })
+    }
+
+    /// Open connections on this node.
+    pub fn open(&self) -> usize {
+        self.open.lock().expect("caps lock").0
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.caps.open.lock().expect("caps lock");
+        open.0 -= 1;
+        if let Some(count) = open.1.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refuses_past_the_burst_with_a_wait() {
+        let bucket = Bucket::new(1.0, 3);
+        for _ in 0..3 {
+            assert!(bucket.take().is_ok());
+        }
+        let wait = bucket.take().unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn caps_count_per_ip_and_per_node() {
+        let caps = ConnectionCaps::new(2, 3);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let s1 = caps.acquire(a).unwrap();
+        let _s2 = caps.acquire(a).unwrap();
+        assert_eq!(caps.acquire(a).err(), Some(CapRefusal::PerIp));
+        let _s3 = caps.acquire(b).unwrap();
+        assert_eq!(caps.acquire(b).err(), Some(CapRefusal::Node));
+        drop(s1);
+        assert!(caps.acquire(a).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abuse_trips_within_the_window_only() {
+        let mut counter = AbuseCounter::new(3, Duration::from_secs(10));
+        assert!(!counter.refuse());
+        assert!(!counter.refuse());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!counter.refuse());
+        assert!(!counter.refuse());
+        assert!(counter.refuse());
+    }
+}
