@@ -50,7 +50,9 @@ pub(super) fn check_origin(app: &App, headers: &HeaderMap) -> Result<(), ApiErro
     if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
         Ok(())
     } else {
-        Err(ApiError::forbidden(format!("origin `{origin}` is not allowed")))
+        Err(ApiError::forbidden(format!(
+            "origin `{origin}` is not allowed"
+        )))
     }
 }
 

@@ -60,7 +60,10 @@ impl Builder {
                 dir.path().join("parley.db")
             }
         };
-        let mut values = vec![("store.db".to_owned(), toml::Value::from(db.display().to_string()))];
+        let mut values = vec![(
+            "store.db".to_owned(),
+            toml::Value::from(db.display().to_string()),
+        )];
         values.extend(self.values.iter().cloned());
         Config::load(&Overrides {
             config_file: None,
@@ -127,7 +130,9 @@ impl TestServer {
 
     /// Connects a client to `path` (e.g. `/ws?user=alice`), failing the test on refusal.
     pub async fn connect(&self, path: &str) -> Client {
-        Client::connect(&self.ws_url(path)).await.expect("websocket connect")
+        Client::connect(&self.ws_url(path))
+            .await
+            .expect("websocket connect")
     }
 
     /// Connects anonymously as `user` and reads the `authenticated` frame.
@@ -320,7 +325,13 @@ impl Client {
 
 /// An HS256 token for `sub` expiring in `ttl_s` seconds, with extra claims merged in.
 pub fn token(sub: &str, ttl_s: i64, extra: Value) -> String {
-    sign(Algorithm::HS256, &EncodingKey::from_secret(SECRET.as_bytes()), sub, ttl_s, extra)
+    sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        sub,
+        ttl_s,
+        extra,
+    )
 }
 
 /// Signs claims for `sub` with any key and algorithm.
@@ -338,7 +349,9 @@ pub fn sign(alg: Algorithm, key: &EncodingKey, sub: &str, ttl_s: i64, extra: Val
 
 /// A test fixture file under tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// Plain HTTP GET returning status and body.
