@@ -452,9 +452,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(
+            // Filter before splitting: figment applies each step to the key the previous one
+            // produced, and after `split` no key contains `__` any more.
             Env::prefixed("PARLEY_")
-                .split("__")
-                .filter(|key| key.as_str().contains("__")),
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
         );
         for (key, value) in &overrides.values {
             figment = figment.merge((key.as_str(), value.clone()));

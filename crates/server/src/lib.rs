@@ -65,6 +65,8 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// Every session task, so shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// Open WebSocket connections per IP and per node.
+    pub caps: Arc<limits::ConnectionCaps>,
     next_conn: AtomicU64,
 }
 
@@ -97,7 +99,12 @@ impl App {
                 max_batch: config.store.max_batch,
             },
         );
+        let caps = limits::ConnectionCaps::new(
+            config.limits.max_connections_per_ip,
+            config.limits.max_connections,
+        );
         Ok(App(Arc::new(AppInner {
+            caps,
             config,
             auth,
             broker: Arc::new(broker),
@@ -137,6 +144,11 @@ pub async fn run(
         token.cancel();
     });
     let token = app.shutdown.clone();
+    // TCP_NODELAY: a small frame (an ack, a pong) written right after a large one must not wait
+    // for the peer's delayed ACK (Nagle), which stalls it by ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(
         listener,
         http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),

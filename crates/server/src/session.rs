@@ -25,6 +25,7 @@ use tracing::{debug, info};
 use crate::auth::{now_unix, Identity};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
 use crate::hub::ConnId;
+use crate::limits::{AbuseCounter, Bucket};
 use crate::outbound::Outbound;
 use crate::store::sqlite::PageQuery;
 use crate::App;
@@ -58,6 +59,12 @@ struct Session {
     rooms: Vec<Arc<str>>,
     /// Next instant the auth timeout or the token expiry fires.
     deadline: Option<Instant>,
+    /// `limits.send_rate` / `limits.send_burst`.
+    sends: Bucket,
+    /// `limits.typing_rate` / `limits.typing_burst`.
+    typing: Bucket,
+    /// Rate-limit refusals; too many in the window close with 4008.
+    abuse: AbuseCounter,
 }
 
 /// Runs one connection to its end.
@@ -71,6 +78,12 @@ pub async fn run(mut ws: WebSocket, app: App, start: Start) {
     let mut session = Session {
         conn,
         outbound,
+        sends: Bucket::new(limits.send_rate, limits.send_burst),
+        typing: Bucket::new(limits.typing_rate, limits.typing_burst),
+        abuse: AbuseCounter::new(
+            limits.abuse_refusals,
+            Duration::from_millis(limits.abuse_window_ms),
+        ),
         identity: None,
         rooms: Vec::new(),
         deadline: Some(Instant::now() + Duration::from_millis(app.config.auth.timeout_ms)),
@@ -342,7 +355,7 @@ impl Session {
             }
             ClientFrame::Leave { room } => self.leave(&identity, &room).await,
             ClientFrame::Send { room, content, id } => {
-                self.send(&identity, &room, content, id).await;
+                return self.send(&identity, &room, content, id).await;
             }
             ClientFrame::History {
                 room,
@@ -355,6 +368,10 @@ impl Session {
                     self.reply_error(ErrorCode::NotJoined, "join the room first", None);
                     return None;
                 };
+                // Typing is ephemeral: past its bucket it is dropped without a word.
+                if self.typing.take().is_err() {
+                    return None;
+                }
                 let frame = ServerFrame::Typing {
                     room: &room,
                     user: &identity.user,
@@ -459,14 +476,21 @@ impl Session {
         }
     }
 
-    async fn send(&mut self, identity: &Identity, room: &str, content: String, id: Option<String>) {
+    /// Posts a message; `Some` ends the session (rate-limit abuse).
+    async fn send(
+        &mut self,
+        identity: &Identity,
+        room: &str,
+        content: String,
+        id: Option<String>,
+    ) -> Option<End> {
         let id_ref = id.as_deref();
         if !self.check_room(room, id_ref) {
-            return;
+            return None;
         }
         let Some(room) = self.joined(room) else {
             self.reply_error(ErrorCode::NotJoined, "join the room first", id_ref);
-            return;
+            return None;
         };
         let max = self.app.config.limits.max_content_bytes;
         if content.len() > max {
@@ -475,11 +499,28 @@ impl Session {
                 &format!("content is {} bytes; the limit is {max}", content.len()),
                 id_ref,
             );
-            return;
+            return None;
         }
         if content.is_empty() {
             self.reply_error(ErrorCode::BadRequest, "content is empty", id_ref);
-            return;
+            return None;
+        }
+        if let Err(wait) = self.sends.take() {
+            // Rounded up, so a client that waits exactly this long finds a token.
+            let retry_after_ms = wait.as_micros().div_ceil(1000).max(1) as u64;
+            self.push(
+                ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    message: "too many messages; retry later",
+                    id: id_ref,
+                    retry_after_ms: Some(retry_after_ms),
+                }
+                .encode(),
+            );
+            if self.abuse.refuse() {
+                return Some(End::Close(CloseCode::RateLimitAbuse));
+            }
+            return None;
         }
         let request = PublishRequest {
             room,
@@ -492,6 +533,7 @@ impl Session {
         if let Err(err) = self.app.broker.publish(request, reply).await {
             self.broker_error(err, id.as_deref());
         }
+        None
     }
 
     async fn history(

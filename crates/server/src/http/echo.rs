@@ -3,7 +3,9 @@
 //! runs see what chat clients get.
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
@@ -11,15 +13,21 @@ use crate::App;
 
 pub(super) async fn echo(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if let Err(err) = super::ws::check_origin(&app, &headers) {
-        return err.into_response();
-    }
+    let slot = match super::ws::admit(&app, peer, &headers) {
+        Ok(slot) => slot,
+        Err(err) => return err.into_response(),
+    };
     let sessions = app.sessions.clone();
-    super::ws::configure(upgrade, &app)
-        .on_upgrade(move |socket| sessions.track_future(echo_socket(socket, app)))
+    super::ws::configure(upgrade, &app).on_upgrade(move |socket| {
+        sessions.track_future(async move {
+            echo_socket(socket, app).await;
+            drop(slot);
+        })
+    })
 }
 
 async fn echo_socket(mut socket: WebSocket, app: App) {

@@ -41,6 +41,24 @@ impl ApiError {
         }
     }
 
+    /// 429 `too_many_connections`: the client IP has too many sockets open.
+    pub fn too_many_connections(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "too_many_connections",
+            message: message.into(),
+        }
+    }
+
+    /// 503 `unavailable`: the node cannot take this request now.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: message.into(),
+        }
+    }
+
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError {

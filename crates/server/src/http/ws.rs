@@ -2,7 +2,7 @@
 //! of path routes (HTTP 400), a `?token=` (HTTP 401) and the anonymous identity. Only then is
 //! the connection upgraded and handed to a [`session`](crate::session).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::auth::{anonymous_identity, Identity};
+use crate::limits::{CapRefusal, ConnectionSlot};
 use crate::session::{self, Start};
 use crate::App;
 
@@ -38,7 +39,7 @@ pub(super) fn configure(upgrade: WebSocketUpgrade, app: &App) -> WebSocketUpgrad
 
 /// Refuses a browser whose `Origin` is not in `allowed_origins` (HTTP 403). An empty list
 /// allows any origin; a request without `Origin` is not from a browser and is allowed.
-pub(super) fn check_origin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+fn check_origin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let allowed = &app.config.allowed_origins;
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
@@ -54,6 +55,43 @@ pub(super) fn check_origin(app: &App, headers: &HeaderMap) -> Result<(), ApiErro
             "origin `{origin}` is not allowed"
         )))
     }
+}
+
+/// The client's IP: the socket peer, or the last `X-Forwarded-For` entry when the peer is a
+/// trusted proxy.
+fn client_ip(app: &App, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    let peer_ip = peer.ip();
+    if !app.config.limits.trusted_proxies.contains(&peer_ip) {
+        return peer_ip;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .last()
+        .and_then(|ip| ip.trim().parse().ok())
+        .unwrap_or(peer_ip)
+}
+
+/// Everything checked before any WebSocket upgrade (`/ws...` and `/echo`): the `Origin`, then a
+/// place under the per-node and per-IP connection caps, held until the socket closes.
+pub(super) fn admit(
+    app: &App,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<ConnectionSlot, ApiError> {
+    check_origin(app, headers)?;
+    let ip = client_ip(app, peer, headers);
+    app.caps.acquire(ip).map_err(|refusal| match refusal {
+        CapRefusal::PerIp => ApiError::too_many_connections(format!(
+            "at most {} connections per client address",
+            app.config.limits.max_connections_per_ip
+        )),
+        CapRefusal::Node => {
+            ApiError::unavailable("this node is at its connection limit; try another")
+        }
+    })
 }
 
 pub(super) async fn root(
@@ -103,9 +141,10 @@ fn connect(
     headers: &HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if let Err(err) = check_origin(&app, headers) {
-        return err.into_response();
-    }
+    let slot = match admit(&app, peer, headers) {
+        Ok(slot) => slot,
+        Err(err) => return err.into_response(),
+    };
     let auto_join = match room {
         Some(room) if !valid_room_name(&room) => {
             return ApiError::bad_request(
@@ -136,7 +175,10 @@ fn connect(
             auto_join,
             peer,
         };
-        sessions.track_future(session::run(socket, app, start))
+        sessions.track_future(async move {
+            session::run(socket, app, start).await;
+            drop(slot);
+        })
     })
 }
 
