@@ -1,19 +1,32 @@
 //! `GET /echo`: answers each text frame `t` with `Echo: t` and each binary frame with itself.
 //! It is upgraded with exactly the WebSocket settings of `/ws`, so diagnostics and conformance
 //! runs see what chat clients get.
+//!
+//! `GET /echo?raw=1` (or `?raw=true`) is the exact-echo mode for conformance suites such as
+//! Autobahn's fuzzingclient: text frames come back unchanged, without the `Echo: ` prefix.
+//! Any other value of `raw`, or none, keeps the default.
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use futures_util::SinkExt;
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 
 use crate::App;
+
+/// Query parameters of the echo upgrade.
+#[derive(Debug, Deserialize)]
+pub(super) struct EchoQuery {
+    raw: Option<String>,
+}
 
 pub(super) async fn echo(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<EchoQuery>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
@@ -21,27 +34,34 @@ pub(super) async fn echo(
         Ok(slot) => slot,
         Err(err) => return err.into_response(),
     };
+    let raw = matches!(query.raw.as_deref(), Some("1" | "true"));
     let sessions = app.sessions.clone();
     super::ws::configure(upgrade, &app).on_upgrade(move |socket| {
         sessions.track_future(async move {
-            echo_socket(socket, app).await;
+            echo_socket(socket, app, raw).await;
             drop(slot);
         })
     })
 }
 
-async fn echo_socket(mut socket: WebSocket, app: App) {
+async fn echo_socket(mut socket: WebSocket, app: App, raw: bool) {
     loop {
         let msg = tokio::select! {
             _ = app.shutdown.cancelled() => break,
             msg = socket.recv() => msg,
         };
         let reply = match msg {
+            Some(Ok(Message::Text(text))) if raw => Message::Text(text),
             Some(Ok(Message::Text(text))) => {
                 Message::Text(format!("Echo: {}", text.as_str()).into())
             }
             Some(Ok(Message::Binary(data))) => Message::Binary(data),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            // tungstenite queues the reply to a close frame; flushing sends it (RFC 6455 5.5.1).
+            Some(Ok(Message::Close(_))) => {
+                let _ = socket.flush().await;
+                break;
+            }
+            None | Some(Err(_)) => break,
             Some(Ok(_)) => continue,
         };
         if socket.send(reply).await.is_err() {
