@@ -10,6 +10,7 @@
 //! protocol violation, a full queue (4009), an expired token (4011) or shutdown (1001); on the
 //! way out it leaves every room it joined.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,13 +201,13 @@ impl Session {
                         }
                         // tungstenite queues the pong; flushing sends it.
                         Message::Ping(_) => {
-                            if ws.flush().await.is_err() {
+                            if !wrote(timeout, ws.flush()).await {
                                 return End::Gone("write failed");
                             }
                         }
                         Message::Pong(_) => {}
                         Message::Close(_) => {
-                            let _ = ws.flush().await;
+                            wrote(timeout, ws.flush()).await;
                             return End::Gone("client closed");
                         }
                     }
@@ -220,7 +221,7 @@ impl Session {
                         return End::Gone("heartbeat timeout");
                     }
                     if now >= next_ping {
-                        if ws.send(Message::Ping(Default::default())).await.is_err() {
+                        if !wrote(timeout, ws.send(Message::Ping(Default::default()))).await {
                             return End::Gone("write failed");
                         }
                         next_ping = now + interval;
@@ -292,7 +293,7 @@ impl Session {
             }
             .encode(),
         );
-        self.deadline = identity.expires_at.map(expiry_instant);
+        self.deadline = self.expiry(&identity);
         self.identity = Some(identity);
     }
 
@@ -389,7 +390,7 @@ impl Session {
     fn refresh(&mut self, identity: &Identity, token: &str) {
         match self.app.auth.verify(token) {
             Ok(fresh) if fresh.user == identity.user => {
-                self.deadline = fresh.expires_at.map(expiry_instant);
+                self.deadline = self.expiry(&fresh);
                 self.identity = Some(fresh);
             }
             Ok(_) => self.reply_error(
@@ -399,6 +400,15 @@ impl Session {
             ),
             Err(err) => self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None),
         }
+    }
+
+    /// When the connection's token stops being valid: `exp` plus the `auth.leeway_s` that
+    /// verification tolerates (a token accepted within the leeway is not closed at once).
+    fn expiry(&self, identity: &Identity) -> Option<Instant> {
+        let leeway = self.app.config.auth.leeway_s;
+        identity
+            .expires_at
+            .map(|exp| expiry_instant(exp.saturating_add(leeway)))
     }
 
     fn joined(&self, room: &str) -> Option<Arc<str>> {
@@ -610,6 +620,13 @@ impl Session {
     }
 }
 
+/// Whether a write outside the outbound queue (a pong, a heartbeat ping, a close reply) went
+/// through within `limit`. Like [`Session::write_queued`] it is bounded: a peer that stops
+/// reading must not block the session (and its rooms, and shutdown) forever.
+async fn wrote(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
 async fn wait_closed(outbound: &Outbound) -> CloseCode {
     loop {
         if let Some(code) = outbound.closed() {
@@ -620,8 +637,11 @@ async fn wait_closed(outbound: &Outbound) -> CloseCode {
 }
 
 fn expiry_instant(exp_unix: u64) -> Instant {
-    let now = now_unix();
-    Instant::now() + Duration::from_secs(exp_unix.saturating_sub(now))
+    let now = Instant::now();
+    let left = Duration::from_secs(exp_unix.saturating_sub(now_unix()));
+    // An `exp` beyond what an `Instant` can hold (u64::MAX) never fires rather than panic.
+    now.checked_add(left)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// Maps a read error to how the session ends: oversize frames close with 1009, invalid UTF-8

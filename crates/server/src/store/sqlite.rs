@@ -363,7 +363,8 @@ fn join_history(
             .prepare_cached("SELECT MIN(seq) FROM events WHERE room = ?1")?
             .query_row(params![room], |r| r.get(0))?;
         let continuous = match oldest {
-            Some(oldest) => *since + 1 >= oldest as u64,
+            // `since` comes from the client: u64::MAX must not overflow.
+            Some(oldest) => since.saturating_add(1) >= oldest as u64,
             None => *since == head.seq,
         };
         if epoch.as_str() == &*head.epoch && *since <= head.seq && continuous {
@@ -458,6 +459,12 @@ fn insert(
     Ok(())
 }
 
+/// A seq bound from a client as an SQLite integer: seqs never pass `i64::MAX`, so a larger
+/// bound means the same as `i64::MAX` (a plain cast would turn it negative).
+fn sql_seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 fn select_frames(
     conn: &Connection,
     sql: &str,
@@ -504,12 +511,7 @@ impl LogReader {
                         conn,
                         "SELECT frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
                          ORDER BY seq LIMIT ?4",
-                        params![
-                            room,
-                            after as i64,
-                            before.unwrap_or(i64::MAX as u64) as i64,
-                            take
-                        ],
+                        params![room, sql_seq(after), before.map_or(i64::MAX, sql_seq), take],
                     )?,
                     false,
                 ),
@@ -518,7 +520,7 @@ impl LogReader {
                         conn,
                         "SELECT frame FROM events WHERE room = ?1 AND seq < ?2 \
                          ORDER BY seq DESC LIMIT ?3",
-                        params![room, before as i64, take],
+                        params![room, sql_seq(before), take],
                     )?,
                     true,
                 ),
