@@ -263,6 +263,7 @@ impl Session {
                 },
                 // A peer that stops reading blocks the write; its queue overflowing ends it.
                 code = wait_closed(&outbound) => return Err(End::Close(code)),
+                _ = self.app.shutdown.cancelled() => return Err(End::Close(CloseCode::GoingAway)),
                 _ = tokio::time::sleep(write_timeout) => return Err(End::Gone("write timeout")),
             }
         }
@@ -647,11 +648,20 @@ fn expiry_instant(exp_unix: u64) -> Instant {
 /// Maps a read error to how the session ends: oversize frames close with 1009, invalid UTF-8
 /// with 1007 (RFC 6455), anything else means the peer is gone.
 fn classify(err: axum::Error) -> End {
+    match close_code_for(err) {
+        Ok(code) => End::Close(code),
+        Err(why) => End::Gone(why),
+    }
+}
+
+/// The close code a read error calls for, or why there is no one to send it to. Shared with
+/// `/echo`, so both sockets answer bad frames alike.
+pub(crate) fn close_code_for(err: axum::Error) -> Result<CloseCode, &'static str> {
     use tungstenite::Error;
     match err.into_inner().downcast::<Error>().map(|e| *e) {
-        Ok(Error::Capacity(_)) => End::Close(CloseCode::TooBig),
-        Ok(Error::Utf8(_)) => End::Close(CloseCode::InvalidPayload),
-        Ok(Error::Protocol(_)) => End::Gone("protocol violation"),
-        _ => End::Gone("read failed"),
+        Ok(Error::Capacity(_)) => Ok(CloseCode::TooBig),
+        Ok(Error::Utf8(_)) => Ok(CloseCode::InvalidPayload),
+        Ok(Error::Protocol(_)) => Err("protocol violation"),
+        _ => Err("read failed"),
     }
 }

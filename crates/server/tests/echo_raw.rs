@@ -102,3 +102,38 @@ async fn echo_answers_the_closing_handshake() {
     }
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_closes_like_the_chat_socket() {
+    // An oversize frame: 1009, as on /ws.
+    let server = TestServer::builder()
+        .set("limits.max_frame_bytes", 2048)
+        .start()
+        .await;
+    let mut client = Client::connect(&server.ws_url("/echo")).await.unwrap();
+    client.send_text(&"z".repeat(3000)).await;
+    assert_eq!(client.expect_close().await, 1009);
+
+    // Shutdown: 1001, as on /ws.
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("/echo"))
+        .await
+        .unwrap();
+    ws.send(Message::text("still here")).await.unwrap();
+    let echoed = tokio::time::timeout(FRAME_TIMEOUT, ws.next())
+        .await
+        .unwrap();
+    assert_eq!(echoed.unwrap().unwrap(), Message::text("Echo: still here"));
+    let closing = tokio::spawn(server.shutdown());
+    let close = loop {
+        match tokio::time::timeout(FRAME_TIMEOUT, ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1001));
+    closing.await.unwrap().unwrap();
+}

@@ -6,15 +6,20 @@
 //! Autobahn's fuzzingclient: text frames come back unchanged, without the `Echo: ` prefix.
 //! Any other value of `raw`, or none, keeps the default.
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use futures_util::SinkExt;
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use futures_util::SinkExt;
+use parley_protocol::CloseCode;
+use tokio::time::timeout;
 
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use crate::session::close_code_for;
 use crate::App;
 
 /// Query parameters of the echo upgrade.
@@ -45,9 +50,11 @@ pub(super) async fn echo(
 }
 
 async fn echo_socket(mut socket: WebSocket, app: App, raw: bool) {
-    loop {
+    let limits = &app.config.limits;
+    let write_limit = Duration::from_millis(app.config.heartbeat.timeout_ms);
+    let close_code = loop {
         let msg = tokio::select! {
-            _ = app.shutdown.cancelled() => break,
+            _ = app.shutdown.cancelled() => break Some(CloseCode::GoingAway),
             msg = socket.recv() => msg,
         };
         let reply = match msg {
@@ -58,14 +65,27 @@ async fn echo_socket(mut socket: WebSocket, app: App, raw: bool) {
             Some(Ok(Message::Binary(data))) => Message::Binary(data),
             // tungstenite queues the reply to a close frame; flushing sends it (RFC 6455 5.5.1).
             Some(Ok(Message::Close(_))) => {
-                let _ = socket.flush().await;
-                break;
+                let _ = timeout(write_limit, socket.flush()).await;
+                break None;
             }
-            None | Some(Err(_)) => break,
+            Some(Err(err)) => break close_code_for(err).ok(),
+            None => break None,
             Some(Ok(_)) => continue,
         };
-        if socket.send(reply).await.is_err() {
-            break;
+        // Bounded like the chat socket's writes: a peer that stops reading is dropped.
+        if !matches!(timeout(write_limit, socket.send(reply)).await, Ok(Ok(()))) {
+            break None;
         }
+    };
+    if let Some(code) = close_code {
+        let close = Message::Close(Some(CloseFrame {
+            code: code.code(),
+            reason: Utf8Bytes::from_static(code.reason()),
+        }));
+        let _ = timeout(
+            Duration::from_millis(limits.close_grace_ms),
+            socket.send(close),
+        )
+        .await;
     }
 }
