@@ -92,6 +92,13 @@ pub struct DecodeError {
 /// missing or unknown `type`, a missing or mistyped field, or an over-long `id`.
 pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
     match serde_json::from_str::<ClientFrame>(text) {
+        // serde's internally tagged enums also take a sequence with the tag first
+        // (`["ping"]`, `["send","room","hi"]`); a frame is an object. Leading characters of
+        // valid JSON are JSON whitespace, which `trim_start` covers.
+        Ok(_) if !text.trim_start().starts_with('{') => Err(DecodeError {
+            message: "a frame must be a JSON object".to_owned(),
+            id: None,
+        }),
         Ok(frame) => {
             if let Some(id) = frame.id() {
                 if id.chars().count() > MAX_CLIENT_ID || id.is_empty() {
@@ -182,5 +189,28 @@ mod tests {
             "i".repeat(65)
         );
         assert!(decode(&long).unwrap_err().message.starts_with("id must be"));
+    }
+
+    #[test]
+    fn refuses_arrays_with_the_tag_first() {
+        // Found while fuzzing: serde accepted these as `ping`, `join` and `send` frames.
+        for text in [
+            r#"["ping"]"#,
+            r#" ["join","g",5,"e"]"#,
+            r#"["send","g","hi","c1"]"#,
+        ] {
+            assert_eq!(
+                decode(text).unwrap_err(),
+                DecodeError {
+                    message: "a frame must be a JSON object".into(),
+                    id: None
+                },
+                "{text}"
+            );
+        }
+        assert_eq!(
+            decode(" \n\t{\"type\":\"ping\"}").unwrap(),
+            ClientFrame::Ping
+        );
     }
 }

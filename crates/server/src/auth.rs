@@ -236,14 +236,54 @@ pub fn anonymous_identity(user: Option<&str>, name: Option<&str>) -> Result<Iden
     })
 }
 
-/// Signs an HS256 token for `parley token` and the tests.
-pub fn mint_hs256(secret: &str, claims: &Claims) -> String {
+/// Signs an HS256 token for `parley token`, `POST /api/tokens` and the tests. Generic over the
+/// claims so the API can add `iss`/`aud` when the node requires them.
+pub fn mint_hs256(secret: &str, claims: &impl Serialize) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 signing cannot fail")
+}
+
+/// The claims of a token minted by the node: parley's, plus `iss`/`aud` when the node requires
+/// them, so the node accepts what it mints.
+#[derive(Serialize)]
+struct MintedClaims<'a> {
+    #[serde(flatten)]
+    claims: Claims,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+}
+
+/// Mints the HS256 token this node would accept for `sub`, valid `ttl_s` seconds from now
+/// (for `parley token` and `POST /api/tokens`). Returns the token and its `exp`.
+pub fn mint_for_node(
+    config: &AuthConfig,
+    secret: &str,
+    sub: String,
+    name: Option<String>,
+    ttl_s: u64,
+    rooms: Option<Vec<String>>,
+) -> (String, u64) {
+    let now = now_unix();
+    let exp = now.saturating_add(ttl_s);
+    let claims = MintedClaims {
+        claims: Claims {
+            sub,
+            exp,
+            nbf: None,
+            iat: Some(now),
+            name,
+            rooms,
+        },
+        iss: config.issuer.as_deref(),
+        aud: config.audience.as_deref(),
+    };
+    (mint_hs256(secret, &claims), exp)
 }
 
 /// Seconds since the Unix epoch.

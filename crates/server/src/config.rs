@@ -28,6 +28,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Join/leave announcements.
     pub presence: PresenceConfig,
+    /// The server-side HTTP API under `/api`.
+    pub api: ApiConfig,
     /// Browser origins allowed to open sockets; empty allows any.
     pub allowed_origins: Vec<String>,
 }
@@ -235,6 +237,15 @@ impl Default for PresenceConfig {
     }
 }
 
+/// `[api]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The bearer key of `/api`. Without one the API is off (every `/api` route answers 404),
+    /// so a node never exposes posting as any user by accident.
+    pub key: Option<String>,
+}
+
 /// Every setting: dotted name, default, meaning. `parley --help` prints it; a test checks that
 /// it names every field of [`Config`].
 pub const SETTINGS: &[(&str, &str, &str)] = &[
@@ -389,6 +400,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "rooms with more people do not announce join/leave",
     ),
     (
+        "api.key",
+        "none",
+        "bearer key of the HTTP API; none: /api answers 404 (--api-key, PARLEY_API_KEY)",
+    ),
+    (
         "allowed_origins",
         "[]",
         "browser Origins allowed to connect (PARLEY_ALLOWED_ORIGINS=a,b); empty: any",
@@ -490,6 +506,9 @@ impl Config {
         if self.history.max_len == 0 {
             return invalid("history.max_len must be positive");
         }
+        if self.api.key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return invalid("api.key is empty; leave it unset to turn the HTTP API off");
+        }
         if self.store.max_batch == 0 {
             return invalid("store.max_batch must be positive");
         }
@@ -535,6 +554,7 @@ mod tests {
             "auth.jwt_public_key",
             "auth.issuer",
             "auth.audience",
+            "api.key",
         ] {
             names.push(name.to_owned());
         }

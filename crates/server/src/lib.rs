@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`config`]: settings, layered defaults < TOML < `PARLEY_*` env < flags.
 //! - [`auth`]: JWT verification (HS256/RS256/ES256), anonymous mode, token minting.
-//! - [`http`]: the routes: WebSocket upgrades (auth before upgrade), echo, health.
+//! - [`http`]: the routes: WebSocket upgrades (auth before upgrade), echo, health, the HTTP
+//!   API under `/api`, `/metrics`.
 //! - [`session`]: one connection's state machine.
 //! - [`outbound`]: a connection's bounded outbound queue.
 //! - [`limits`]: token buckets, the abuse counter, connection caps.
@@ -14,6 +15,7 @@
 //! - [`broker`]: sequencing, storage and delivery of room events ([`broker::Broker`]).
 //! - [`presence`]: who is in which room, per user ([`presence::Presence`]).
 //! - [`store`]: the SQLite log.
+//! - [`metrics`]: the node's Prometheus metrics, one registry per [`App`].
 //!
 //! Data flows one way: socket -> session -> broker (sequence, store) -> hub -> each member's
 //! outbound queue -> their socket.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod outbound;
 pub mod presence;
 pub mod session;
@@ -45,7 +48,8 @@ use crate::broker::memory::{MemoryBroker, SequencerParts};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{ConnId, Hub};
-use crate::presence::MemoryPresence;
+use crate::metrics::Metrics;
+use crate::presence::{MemoryPresence, Presence};
 
 /// Everything a request handler or a session needs, cheap to clone.
 #[derive(Clone)]
@@ -67,6 +71,10 @@ pub struct AppInner {
     pub sessions: TaskTracker,
     /// Open WebSocket connections per IP and per node.
     pub caps: Arc<limits::ConnectionCaps>,
+    /// Who is in which room, per user: the HTTP API reads it (the sequencer writes it).
+    pub presence: Arc<dyn Presence>,
+    /// This node's Prometheus metrics; its own registry, so servers in one process do not mix.
+    pub metrics: Arc<Metrics>,
     next_conn: AtomicU64,
 }
 
@@ -89,14 +97,17 @@ impl App {
                 .await??
         };
         let hub = Arc::new(Hub::default());
+        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::default());
+        let metrics = Arc::new(Metrics::new());
         let broker = MemoryBroker::start(
             writer,
             reader,
             SequencerParts {
                 hub: hub.clone(),
-                presence: Arc::new(MemoryPresence::default()),
+                presence: presence.clone(),
                 announce_max: config.presence.announce_max,
                 max_batch: config.store.max_batch,
+                metrics: metrics.clone(),
             },
         );
         let caps = limits::ConnectionCaps::new(
@@ -109,6 +120,8 @@ impl App {
             auth,
             broker: Arc::new(broker),
             hub,
+            presence,
+            metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             next_conn: AtomicU64::new(1),

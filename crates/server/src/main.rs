@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use parley::auth::{mint_hs256, now_unix, Claims};
+use parley::auth::mint_for_node;
 use parley::config::{parse_set, settings_help, Config, Overrides};
 use tracing_subscriber::EnvFilter;
 
@@ -35,6 +35,9 @@ struct Options {
     /// RS256/ES256 PEM public key file: enables jwt mode.
     #[arg(long, env = "PARLEY_JWT_PUBLIC_KEY", global = true)]
     jwt_public_key: Option<PathBuf>,
+    /// Bearer key of the HTTP API under /api; without it the API answers 404.
+    #[arg(long, env = "PARLEY_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
     /// Allow anonymous mode on a non-loopback address.
     #[arg(long, env = "PARLEY_ALLOW_ANONYMOUS", global = true, value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     allow_anonymous: Option<bool>,
@@ -91,6 +94,9 @@ impl Options {
         if let Some(key) = &self.jwt_public_key {
             put("auth.jwt_public_key", key.display().to_string().into());
         }
+        if let Some(key) = &self.api_key {
+            put("api.key", key.clone().into());
+        }
         if let Some(allow) = self.allow_anonymous {
             put("auth.allow_anonymous", allow.into());
         }
@@ -124,17 +130,9 @@ fn main() -> anyhow::Result<()> {
             let secret = config.auth.jwt_secret.as_deref().context(
                 "parley token needs the HS256 secret: --jwt-secret or PARLEY_JWT_SECRET",
             )?;
-            let now = now_unix();
             let ttl: Duration = ttl.into();
-            let claims = Claims {
-                sub,
-                exp: now + ttl.as_secs(),
-                nbf: None,
-                iat: Some(now),
-                name,
-                rooms,
-            };
-            println!("{}", mint_hs256(secret, &claims));
+            let (token, _) = mint_for_node(&config.auth, secret, sub, name, ttl.as_secs(), rooms);
+            println!("{token}");
             Ok(())
         }
         Some(Command::Serve) | None => serve(config),

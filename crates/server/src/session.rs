@@ -27,6 +27,7 @@ use crate::auth::{now_unix, Identity};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
 use crate::hub::ConnId;
 use crate::limits::{AbuseCounter, Bucket};
+use crate::metrics::AuthFailure;
 use crate::outbound::Outbound;
 use crate::store::sqlite::PageQuery;
 use crate::App;
@@ -91,6 +92,7 @@ pub async fn run(mut ws: WebSocket, app: App, start: Start) {
         app,
     };
     let opened = Instant::now();
+    let _open = session.app.metrics.connection_opened();
     let peer = start.peer;
     info!(conn, %peer, "connection open");
     if let Some(identity) = start.identity {
@@ -109,6 +111,9 @@ pub async fn run(mut ws: WebSocket, app: App, start: Start) {
         End::Gone(why) => why,
     };
     if let End::Close(code) = end {
+        if code == CloseCode::SlowConsumer {
+            session.app.metrics.slow_consumer_closes.inc();
+        }
         close(&mut ws, &session, code).await;
     }
     session.leave_all().await;
@@ -194,6 +199,7 @@ impl Session {
                         }
                         Message::Binary(_) => {
                             if self.identity.is_none() {
+                                self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
                                 self.reply_error(ErrorCode::Unauthorized, "authenticate first", None);
                                 return End::Close(CloseCode::Unauthorized);
                             }
@@ -218,6 +224,7 @@ impl Session {
                 _ = &mut beat => {
                     let now = Instant::now();
                     if now >= last_heard + timeout {
+                        self.app.metrics.heartbeat_timeouts.inc();
                         return End::Gone("heartbeat timeout");
                     }
                     if now >= next_ping {
@@ -230,6 +237,7 @@ impl Session {
                 }
                 _ = &mut deadline, if self.deadline.is_some() => {
                     if self.identity.is_none() {
+                        self.app.metrics.auth_failure(AuthFailure::Timeout);
                         self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", None);
                         return End::Close(CloseCode::Unauthorized);
                     }
@@ -304,6 +312,7 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => {
                 if self.identity.is_none() {
+                    self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
                     self.reply_error(
                         ErrorCode::Unauthorized,
                         "the first frame must be auth",
@@ -317,6 +326,7 @@ impl Session {
         };
         let Some(identity) = self.identity.clone() else {
             let ClientFrame::Auth { token } = frame else {
+                self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
                 self.reply_error(
                     ErrorCode::Unauthorized,
                     "the first frame must be auth",
@@ -330,6 +340,7 @@ impl Session {
                     None
                 }
                 Err(err) => {
+                    self.app.metrics.auth_failure(&err);
                     self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None);
                     Some(End::Close(CloseCode::Unauthorized))
                 }
@@ -366,6 +377,9 @@ impl Session {
                 limit,
             } => self.history(&identity, &room, before, after, limit).await,
             ClientFrame::Typing { room } => {
+                if !self.check_room(&room, None) {
+                    return None;
+                }
                 let Some(room) = self.joined(&room) else {
                     self.reply_error(ErrorCode::NotJoined, "join the room first", None);
                     return None;
@@ -394,12 +408,18 @@ impl Session {
                 self.deadline = self.expiry(&fresh);
                 self.identity = Some(fresh);
             }
-            Ok(_) => self.reply_error(
-                ErrorCode::Unauthorized,
-                "the new token is for another user",
-                None,
-            ),
-            Err(err) => self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None),
+            Ok(_) => {
+                self.app.metrics.auth_failure(AuthFailure::WrongUser);
+                self.reply_error(
+                    ErrorCode::Unauthorized,
+                    "the new token is for another user",
+                    None,
+                )
+            }
+            Err(err) => {
+                self.app.metrics.auth_failure(&err);
+                self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None)
+            }
         }
     }
 
@@ -471,6 +491,9 @@ impl Session {
     }
 
     async fn leave(&mut self, identity: &Identity, room: &str) {
+        if !self.check_room(room, None) {
+            return;
+        }
         let Some(at) = self.rooms.iter().position(|r| &**r == room) else {
             self.reply_error(ErrorCode::NotJoined, "not in this room", None);
             return;
@@ -495,6 +518,7 @@ impl Session {
         content: String,
         id: Option<String>,
     ) -> Option<End> {
+        let received = std::time::Instant::now();
         let id_ref = id.as_deref();
         if !self.check_room(room, id_ref) {
             return None;
@@ -517,6 +541,7 @@ impl Session {
             return None;
         }
         if let Err(wait) = self.sends.take() {
+            self.app.metrics.rate_limited.inc();
             // Rounded up, so a client that waits exactly this long finds a token.
             let retry_after_ms = wait.as_micros().div_ceil(1000).max(1) as u64;
             self.push(
@@ -539,7 +564,9 @@ impl Session {
             name: identity.name.clone(),
             content,
             client_id: id.clone(),
+            received,
         };
+        self.app.metrics.messages_in.inc();
         let reply = PublishReply::Connection(self.outbound.clone());
         if let Err(err) = self.app.broker.publish(request, reply).await {
             self.broker_error(err, id.as_deref());

@@ -932,3 +932,39 @@ async fn binary_token_subcommand_mints_an_accepted_token() {
     assert_refused(&server, minted, "minted token, other secret").await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_token_subcommand_honours_issuer_and_audience() {
+    const CLI_SECRET: &str = "cli-secret-for-the-iss-test";
+    let output = tokio::time::timeout(
+        PROCESS_TIMEOUT,
+        parley()
+            .args([
+                "token",
+                "--jwt-secret",
+                CLI_SECRET,
+                "--set",
+                "auth.issuer=chat-backend",
+                "--set",
+                "auth.audience=parley",
+                "--sub",
+                "carol",
+            ])
+            .output(),
+    )
+    .await
+    .expect("parley token should exit")
+    .unwrap();
+    assert!(output.status.success(), "{:?}", output.status);
+    let minted = String::from_utf8(output.stdout).unwrap();
+    // A node that requires that issuer and audience accepts what it minted.
+    let server = TestServer::builder()
+        .set("auth.jwt_secret", CLI_SECRET)
+        .set("auth.issuer", "chat-backend")
+        .set("auth.audience", "parley")
+        .start()
+        .await;
+    let (_, frame) = connect_with_token(&server, minted.trim()).await;
+    assert_eq!(frame["user_id"], "carol", "{frame}");
+    server.shutdown().await.unwrap();
+}

@@ -427,3 +427,18 @@ async fn a_member_that_stops_reading_is_closed_4009_and_others_get_everything() 
     poster.close().await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_with_a_bad_room_name_is_bad_request() {
+    let server = TestServer::start().await;
+    let mut alice = server.user("alice").await;
+    for frame in [
+        json!({"type": "join", "room": "-bad"}),
+        json!({"type": "leave", "room": "-bad"}),
+        json!({"type": "typing", "room": "-bad"}),
+        json!({"type": "history", "room": "-bad"}),
+        json!({"type": "send", "room": "-bad", "content": "x", "id": "b1"}),
+    ] {
+        expect_bad_request(&mut alice, &frame.to_string(), frame["id"].as_str()).await;
+    }
+}

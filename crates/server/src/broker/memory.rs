@@ -21,8 +21,11 @@ use tracing::{error, warn};
 
 use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::presence::Presence;
-use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, Page, PageQuery, Written};
+use crate::store::sqlite::{
+    Draft, JoinWindow, LogReader, LogWriter, Page, PageQuery, StoredRoom, Written,
+};
 
 /// Requests waiting for the sequencer; past this, callers wait (backpressure).
 const QUEUE_DEPTH: usize = 65_536;
@@ -53,6 +56,9 @@ pub struct SequencerParts {
     pub announce_max: usize,
     /// `store.max_batch`.
     pub max_batch: usize,
+    /// Commit time, fan-out count, memberships and send-to-ack latency are measured here,
+    /// where they happen, once per batch or event.
+    pub metrics: Arc<Metrics>,
 }
 
 impl MemoryBroker {
@@ -100,6 +106,14 @@ impl Broker for MemoryBroker {
         let reader = self.reader.clone();
         let room = room.to_owned();
         tokio::task::spawn_blocking(move || reader.page(&room, query))
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
+    async fn rooms(&self) -> Result<Vec<StoredRoom>, BrokerError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || reader.rooms())
             .await
             .map_err(|e| BrokerError::Unavailable(e.to_string()))?
             .map_err(|e| BrokerError::Unavailable(e.to_string()))
@@ -216,8 +230,11 @@ async fn run_batch(mut writer: LogWriter, batch: Vec<Op>, parts: &SequencerParts
     }
 
     // Step 2: one transaction.
+    let metrics = parts.metrics.clone();
     let (writer_back, result) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let result = writer.commit(&drafts);
+        Metrics::observe(&metrics.store_commit, started.elapsed());
         (writer, result)
     })
     .await
@@ -281,7 +298,8 @@ async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<D
 
 fn deliver(parts: &SequencerParts, room: &str, written: Option<Written>) {
     if let Some(Written::Event { seq, frame }) = written {
-        parts.hub.deliver(room, seq, &Utf8Bytes::from(frame));
+        let members = parts.hub.deliver(room, seq, &Utf8Bytes::from(frame));
+        parts.metrics.messages_out.inc_by(members as u64);
     }
 }
 
@@ -317,10 +335,12 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
             .encode();
             req.outbound.push_unbounded(Utf8Bytes::from(frame));
             parts.hub.add(&req.room, req.conn, req.outbound.clone());
+            parts.metrics.memberships.inc();
             let _ = reply.send(Ok(()));
         }
         (Op::Leave(req, reply), Plan::Leave { announced }) => {
             parts.hub.remove(&req.room, req.conn);
+            parts.metrics.memberships.dec();
             if announced {
                 deliver(parts, &req.room, written.next());
             }
@@ -336,12 +356,13 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
         (Op::Publish(req, reply), Plan::Publish) => {
             let seq = match written.next() {
                 Some(Written::Event { seq, frame }) => {
-                    parts.hub.deliver(&req.room, seq, &Utf8Bytes::from(frame));
+                    deliver(parts, &req.room, Some(Written::Event { seq, frame }));
                     seq
                 }
                 Some(Written::Duplicate { seq }) => seq,
                 _ => unreachable!("a publish is stored or a duplicate"),
             };
+            Metrics::observe(&parts.metrics.send_latency, req.received.elapsed());
             match reply {
                 PublishReply::Connection(outbound) => {
                     let ack = ServerFrame::Ack {
@@ -371,6 +392,7 @@ async fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
         (Op::Leave(req, reply), _) => {
             // The member goes regardless; only its announcement was lost.
             parts.hub.remove(&req.room, req.conn);
+            parts.metrics.memberships.dec();
             if let Some(outbound) = &req.outbound {
                 outbound.push(Utf8Bytes::from(
                     ServerFrame::Left { room: &req.room }.encode(),

@@ -15,13 +15,14 @@
 pub mod memory;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use crate::hub::ConnId;
 use crate::outbound::Outbound;
-use crate::store::sqlite::{Page, PageQuery};
+use crate::store::sqlite::{Page, PageQuery, StoredRoom};
 
 /// Why a broker call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -72,6 +73,8 @@ pub struct PublishRequest {
     pub content: String,
     /// The client's id, for the ack and de-duplication.
     pub client_id: Option<String>,
+    /// When the message was accepted, for the send-to-ack latency metric.
+    pub received: Instant,
 }
 
 /// Where the outcome of a publish goes.
@@ -101,6 +104,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Reads a page of a room's log.
     async fn history(&self, room: &str, query: PageQuery) -> Result<Page, BrokerError>;
+
+    /// Every room the log knows with its latest seq, sorted by name (the HTTP API's list).
+    async fn rooms(&self) -> Result<Vec<StoredRoom>, BrokerError>;
 
     /// Whether the store answers, for `/readyz`: `Err` carries the reason.
     async fn check(&self) -> Result<(), String>;

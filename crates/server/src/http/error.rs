@@ -59,6 +59,24 @@ impl ApiError {
         }
     }
 
+    /// 413 `too_large`: a message's content (or the whole body) is over the limit.
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "too_large",
+            message: message.into(),
+        }
+    }
+
+    /// 405 `method_not_allowed`: the path exists, the method does not.
+    pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: message.into(),
+        }
+    }
+
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError {

@@ -1,8 +1,11 @@
-//! HTTP routes: the WebSocket upgrades, the echo socket, health checks and the embedded page.
+//! HTTP routes: the WebSocket upgrades, the echo socket, health checks, metrics, the HTTP API
+//! and the embedded page.
 
+mod api;
 mod echo;
 mod error;
 mod health;
+mod metrics;
 mod web;
 mod ws;
 
@@ -17,11 +20,15 @@ use crate::App;
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/", get(web::index))
+        .route("/app.js", get(web::app_js))
+        .route("/app.css", get(web::app_css))
         .route("/ws", get(ws::root))
         .route("/ws/{room}", get(ws::room))
         .route("/ws/{room}/{user}", get(ws::room_user))
         .route("/echo", get(echo::echo))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
+        .nest("/api", api::router(&app))
         .with_state(app)
 }

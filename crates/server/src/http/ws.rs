@@ -191,11 +191,10 @@ fn identify(app: &App, query: &ConnectQuery) -> Result<Option<Identity>, ApiErro
             .map_err(|e| ApiError::bad_request(e.to_string()));
     }
     match &query.token {
-        Some(token) => app
-            .auth
-            .verify(token)
-            .map(Some)
-            .map_err(|e| ApiError::unauthorized(e.to_string())),
+        Some(token) => app.auth.verify(token).map(Some).map_err(|e| {
+            app.metrics.auth_failure(&e);
+            ApiError::unauthorized(e.to_string())
+        }),
         None => Ok(None),
     }
 }

@@ -67,6 +67,17 @@ impl Presence for MemoryPresence {
         users.sort();
         Ok(users)
     }
+
+    async fn rooms(&self) -> Result<Vec<(Arc<str>, usize)>, PresenceError> {
+        let rooms = self.rooms.lock().expect("presence lock");
+        let mut counts: Vec<(Arc<str>, usize)> = rooms
+            .iter()
+            .map(|(room, users)| (room.clone(), users.len()))
+            .collect();
+        drop(rooms);
+        counts.sort();
+        Ok(counts)
+    }
 }
 
 #[cfg(test)]
@@ -106,5 +117,20 @@ mod tests {
             }
         );
         assert!(p.users("r").await.unwrap().is_empty());
+        assert!(p.rooms().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rooms_count_people() {
+        let p = MemoryPresence::default();
+        let (alice, bob): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
+        p.add("b", &alice).await.unwrap();
+        p.add("b", &alice).await.unwrap();
+        p.add("b", &bob).await.unwrap();
+        p.add("a", &bob).await.unwrap();
+        assert_eq!(
+            p.rooms().await.unwrap(),
+            vec![("a".into(), 1), ("b".into(), 2)]
+        );
     }
 }

@@ -36,4 +36,6 @@ pub trait Presence: Send + Sync + 'static {
     async fn remove(&self, room: &str, user: &str) -> Result<PresenceChange, PresenceError>;
     /// The people in `room`, sorted.
     async fn users(&self, room: &str) -> Result<Vec<Arc<str>>, PresenceError>;
+    /// Every room with people in it and how many (people, not connections), sorted by room.
+    async fn rooms(&self) -> Result<Vec<(Arc<str>, usize)>, PresenceError>;
 }

@@ -120,6 +120,15 @@ pub struct Page {
     pub more: bool,
 }
 
+/// A room the log knows, with its head, for the HTTP API's room list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRoom {
+    /// The room.
+    pub room: String,
+    /// Its latest seq; 0 when it has had members but never an event.
+    pub seq: u64,
+}
+
 /// Which page of history.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PageQuery {
@@ -539,6 +548,21 @@ impl LogReader {
                 frames.reverse();
             }
             Ok(Page { frames, more })
+        })
+    }
+
+    /// Every room the log knows (it has had an event or a member), sorted by name. Reads the
+    /// small `rooms` table only, never `events`.
+    pub fn rooms(&self) -> Result<Vec<StoredRoom>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT room, seq FROM rooms ORDER BY room")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredRoom {
+                    room: r.get(0)?,
+                    seq: r.get::<_, i64>(1)?.max(0) as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 

@@ -1,0 +1,165 @@
+//! `parley-bench`: the load tool for parley.
+//!
+//! Four runs, each a library entry point the binary and the smoke test share:
+//! - [`connections::run`]: N authenticated connections in rooms of M, held idle; connect rate,
+//!   failures, the server's RSS per connection, idle CPU, and how soon after the last join the
+//!   server is idle again (the join storm, with M = N).
+//! - [`fanout::run`]: N members of one room, K publishers at R messages/s of S bytes;
+//!   deliveries/s, latency percentiles, loss and duplicates, server CPU per delivery.
+//! - [`chat::run`]: many rooms of a few to a few hundred members at human rates, with leaves,
+//!   rejoins and reconnects with `since`/`epoch`.
+//! - [`soak::run`]: a crowd with 10% misbehaving clients (floods, stalled readers, garbage,
+//!   abrupt disconnects); well-behaved clients must lose nothing.
+//!
+//! Every run spreads sockets over `--source-ips` and `--url`s, bounds connect concurrency, and
+//! reads the server's /proc entries given `--server-pid`.
+
+pub mod chat;
+pub mod connections;
+pub mod driver;
+pub mod fanout;
+pub mod member;
+pub mod net;
+pub mod procfs;
+pub mod soak;
+pub mod track;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+/// Options every subcommand takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Server WebSocket URL, e.g. ws://127.0.0.1:3000/ws; repeat for cluster nodes (clients
+    /// take them round robin).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:3000/ws")]
+    pub urls: Vec<String>,
+    /// Source addresses for client sockets: an IPv4 range `127.0.0.1-127.0.0.200` or a comma
+    /// list; by default the OS picks. Spreading over many addresses keeps each under the
+    /// server's per-IP cap.
+    #[arg(long)]
+    pub source_ips: Option<String>,
+    /// HS256 secret: connect with a JWT minted per user; without it, anonymous `?user=`.
+    #[arg(long, env = "PARLEY_BENCH_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Server process id for RSS and CPU figures from /proc (repeat: one per node; summed).
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+    /// Connects (TCP + upgrade + auth + join) in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Prefix of user and room names (runs against one server should differ).
+    #[arg(long, default_value = "bench")]
+    pub prefix: String,
+    /// Print one JSON object on stdout instead of the human summary (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// parley-bench: load tool for parley servers and clusters.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    /// The run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The runs.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open N connections in rooms of M and hold them: connect rate, RSS/connection, idle CPU.
+    Connections(connections::Options),
+    /// One room, N members, publishers at R msg/s: deliveries/s, latency, loss, CPU/delivery.
+    Fanout(fanout::Options),
+    /// A realistic mix of rooms, human-rate senders, leaves/rejoins and reconnects.
+    Chat(chat::Options),
+    /// A crowd with misbehaving clients; exits non-zero if a well-behaved client lost anything.
+    Soak(soak::Options),
+}
+
+impl Command {
+    /// The options every subcommand shares.
+    pub fn common(&self) -> &Common {
+        match self {
+            Command::Connections(o) => &o.common,
+            Command::Fanout(o) => &o.common,
+            Command::Chat(o) => &o.common,
+            Command::Soak(o) => &o.common,
+        }
+    }
+}
+
+/// The result of any run.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    /// From `connections`.
+    Connections(connections::Report),
+    /// From `fanout`.
+    Fanout(fanout::Report),
+    /// From `chat`.
+    Chat(chat::Report),
+    /// From `soak`.
+    Soak(soak::Report),
+}
+
+impl Report {
+    /// A human summary.
+    pub fn human(&self) -> String {
+        match self {
+            Report::Connections(r) => r.human(),
+            Report::Fanout(r) => r.human(),
+            Report::Chat(r) => r.human(),
+            Report::Soak(r) => r.human(),
+        }
+    }
+
+    /// Whether the run met its hard requirement (soak: no loss for well-behaved clients).
+    pub fn ok(&self) -> bool {
+        match self {
+            Report::Soak(r) => r.ok,
+            _ => true,
+        }
+    }
+}
+
+/// Runs the command.
+pub async fn run(command: &Command) -> anyhow::Result<Report> {
+    Ok(match command {
+        Command::Connections(o) => Report::Connections(connections::run(o).await?),
+        Command::Fanout(o) => Report::Fanout(fanout::run(o).await?),
+        Command::Chat(o) => Report::Chat(chat::run(o).await?),
+        Command::Soak(o) => Report::Soak(soak::run(o).await?),
+    })
+}
+
+/// Formats the bench's own CPU for the human summaries.
+pub(crate) fn bench_line(cpu: &Option<procfs::CpuFigures>) -> String {
+    match cpu {
+        None => String::new(),
+        Some(c) => format!(
+            "bench CPU: user {:.2} s, system {:.2} s ({:.0}% of a core)",
+            c.user_s, c.system_s, c.percent_of_core
+        ),
+    }
+}
+
+/// Formats optional server CPU figures for the human summaries.
+pub(crate) fn cpu_line(cpu: &Option<procfs::CpuFigures>) -> String {
+    match cpu {
+        None => "server CPU: (give --server-pid)".to_owned(),
+        Some(c) => format!(
+            "server CPU: user {:.2} s, system {:.2} s over {:.1} s ({:.0}% of a core); per delivery: user {} µs, system {} µs",
+            c.user_s,
+            c.system_s,
+            c.wall_s,
+            c.percent_of_core,
+            c.user_us_per_delivery.map_or("-".into(), |v| format!("{v:.3}")),
+            c.system_us_per_delivery.map_or("-".into(), |v| format!("{v:.3}")),
+        ),
+    }
+}
