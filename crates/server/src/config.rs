@@ -30,6 +30,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// The server-side HTTP API under `/api`.
     pub api: ApiConfig,
+    /// Cluster mode: the Redis servers shared by every node.
+    pub redis: RedisConfig,
     /// Browser origins allowed to open sockets; empty allows any.
     pub allowed_origins: Vec<String>,
 }
@@ -229,12 +231,27 @@ impl Default for HistoryConfig {
 pub struct PresenceConfig {
     /// Rooms with more people than this do not announce joins and leaves.
     pub announce_max: usize,
+    /// Cluster mode: a node that stops refreshing its heartbeat this long is dead, and its
+    /// users' presence is removed (their leaves announced by a surviving node).
+    pub ttl_ms: u64,
 }
 
 impl Default for PresenceConfig {
     fn default() -> Self {
-        PresenceConfig { announce_max: 1000 }
+        PresenceConfig {
+            announce_max: 1000,
+            ttl_ms: 30_000,
+        }
     }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URLs; empty: single-node mode (SQLite). Several shard rooms by a stable hash of
+    /// the room name, so every node must list the same URLs in the same order.
+    pub urls: Vec<String>,
 }
 
 /// `[api]`
@@ -400,6 +417,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "rooms with more people do not announce join/leave",
     ),
     (
+        "presence.ttl_ms",
+        "30000",
+        "cluster: a node silent this long is dead; its users leave",
+    ),
+    (
+        "redis.urls",
+        "[]",
+        "cluster mode: Redis URLs, sharded by room (--redis, PARLEY_REDIS_URL=a,b)",
+    ),
+    (
         "api.key",
         "none",
         "bearer key of the HTTP API; none: /api answers 404 (--api-key, PARLEY_API_KEY)",
@@ -508,6 +535,12 @@ impl Config {
         }
         if self.api.key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             return invalid("api.key is empty; leave it unset to turn the HTTP API off");
+        }
+        if self.presence.ttl_ms < 1000 {
+            return invalid("presence.ttl_ms must be at least 1000");
+        }
+        if self.redis.urls.iter().any(|u| u.trim().is_empty()) {
+            return invalid("redis.urls has an empty URL");
         }
         if self.store.max_batch == 0 {
             return invalid("store.max_batch must be positive");

@@ -9,6 +9,7 @@
 //! - [`http`]: the routes: WebSocket upgrades (auth before upgrade), echo, health, the HTTP
 //!   API under `/api`, `/metrics`.
 //! - [`session`]: one connection's state machine.
+//! - [`socket`]: a WebSocket connection that writes its own frames (no write buffer).
 //! - [`outbound`]: a connection's bounded outbound queue.
 //! - [`limits`]: token buckets, the abuse counter, connection caps.
 //! - [`hub`]: this node's rooms and the fan-out of pre-encoded frames.
@@ -22,6 +23,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod presence;
 pub mod session;
+pub mod socket;
 pub mod store;
 
 use std::future::Future;
@@ -88,6 +91,9 @@ impl std::ops::Deref for App {
 impl App {
     /// Opens the store and starts the broker for `config`.
     pub async fn start(config: Config) -> anyhow::Result<App> {
+        if !config.redis.urls.is_empty() {
+            return Self::start_cluster(config);
+        }
         let auth = Authenticator::from_config(&config.auth)?;
         let (writer, reader) = {
             let path = config.store.db.clone();
@@ -107,6 +113,44 @@ impl App {
                 presence: presence.clone(),
                 announce_max: config.presence.announce_max,
                 max_batch: config.store.max_batch,
+                metrics: metrics.clone(),
+            },
+        );
+        let caps = limits::ConnectionCaps::new(
+            config.limits.max_connections_per_ip,
+            config.limits.max_connections,
+        );
+        Ok(App(Arc::new(AppInner {
+            caps,
+            config,
+            auth,
+            broker: Arc::new(broker),
+            hub,
+            presence,
+            metrics,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            next_conn: AtomicU64::new(1),
+        })))
+    }
+
+    /// Cluster mode: sequencing, history and presence in Redis (`redis.urls`); no SQLite.
+    fn start_cluster(config: Config) -> anyhow::Result<App> {
+        let auth = Authenticator::from_config(&config.auth)?;
+        let shards = Arc::new(cluster::Shards::open(&config.redis.urls)?);
+        let node = cluster::node_id();
+        let hub = Arc::new(Hub::default());
+        let presence: Arc<dyn Presence> =
+            Arc::new(presence::RedisPresence::new(shards.clone(), node.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let broker = broker::redis::RedisBroker::start(
+            shards,
+            broker::redis::RedisParts {
+                hub: hub.clone(),
+                announce_max: config.presence.announce_max,
+                history: config.history.clone(),
+                node,
+                presence_ttl: Duration::from_millis(config.presence.ttl_ms),
                 metrics: metrics.clone(),
             },
         );
@@ -149,7 +193,11 @@ pub async fn run(
     } else {
         "jwt"
     };
-    info!(%addr, mode, db = %app.config.store.db.display(), "parley listening");
+    if app.config.redis.urls.is_empty() {
+        info!(%addr, mode, db = %app.config.store.db.display(), "parley listening");
+    } else {
+        info!(%addr, mode, redis_shards = app.config.redis.urls.len(), "parley listening (cluster)");
+    }
 
     let token = app.shutdown.clone();
     tokio::spawn(async move {

@@ -35,6 +35,15 @@ struct Options {
     /// RS256/ES256 PEM public key file: enables jwt mode.
     #[arg(long, env = "PARLEY_JWT_PUBLIC_KEY", global = true)]
     jwt_public_key: Option<PathBuf>,
+    /// Cluster mode: Redis URL(s), comma-separated; several shard rooms across servers.
+    #[arg(
+        long = "redis",
+        env = "PARLEY_REDIS_URL",
+        global = true,
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    redis: Option<Vec<String>>,
     /// Bearer key of the HTTP API under /api; without it the API answers 404.
     #[arg(long, env = "PARLEY_API_KEY", global = true, hide_env_values = true)]
     api_key: Option<String>,
@@ -93,6 +102,13 @@ impl Options {
         }
         if let Some(key) = &self.jwt_public_key {
             put("auth.jwt_public_key", key.display().to_string().into());
+        }
+        if let Some(urls) = &self.redis {
+            let list = urls
+                .iter()
+                .map(|u| toml::Value::String(u.trim().to_owned()))
+                .collect();
+            put("redis.urls", toml::Value::Array(list));
         }
         if let Some(key) = &self.api_key {
             put("api.key", key.clone().into());

@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use axum::extract::ws::Utf8Bytes;
 use parley_protocol::client::{decode, ClientFrame};
 use parley_protocol::server::{json_array, ServerFrame};
 use parley_protocol::{valid_room_name, CloseCode, ErrorCode};
@@ -29,6 +28,7 @@ use crate::hub::ConnId;
 use crate::limits::{AbuseCounter, Bucket};
 use crate::metrics::AuthFailure;
 use crate::outbound::Outbound;
+use crate::socket::{Message, Opcode, Socket};
 use crate::store::sqlite::PageQuery;
 use crate::App;
 
@@ -50,6 +50,9 @@ pub struct Start {
 /// Why a session ended: a close frame to send, or a peer already gone.
 enum End {
     Close(CloseCode),
+    /// Closed for this reason, but the peer did not take even the frames before the close
+    /// frame within the grace, so the connection was dropped without it.
+    Dropped(CloseCode),
     Gone(&'static str),
 }
 
@@ -70,7 +73,7 @@ struct Session {
 }
 
 /// Runs one connection to its end.
-pub async fn run(mut ws: WebSocket, app: App, start: Start) {
+pub async fn run(mut ws: Socket, app: App, start: Start) {
     let conn = app.next_conn_id();
     let limits = &app.config.limits;
     let outbound = Arc::new(Outbound::new(crate::outbound::QueueBounds {
@@ -101,22 +104,29 @@ pub async fn run(mut ws: WebSocket, app: App, start: Start) {
     let mut auto_join = start.auto_join;
     if session.identity.is_some() {
         if let Some((room, since)) = auto_join.take() {
-            session.join(room, since).await;
+            let joining = Box::pin(session.join(room, since));
+            joining.await;
         }
     }
 
-    let end = session.serve(&mut ws, &mut auto_join).await;
+    // Big futures are boxed in a statement of their own and awaited in the next: a temporary
+    // in the statement that awaits would keep its space in this future for the connection's
+    // whole life, even after it was moved into the box.
+    let serving = Box::pin(session.serve(&mut ws, &mut auto_join));
+    let end = serving.await;
     let reason = match &end {
-        End::Close(code) => code.reason(),
+        End::Close(code) | End::Dropped(code) => code.reason(),
         End::Gone(why) => why,
     };
-    if let End::Close(code) = end {
-        if code == CloseCode::SlowConsumer {
-            session.app.metrics.slow_consumer_closes.inc();
-        }
-        close(&mut ws, &session, code).await;
+    if let End::Close(CloseCode::SlowConsumer) | End::Dropped(CloseCode::SlowConsumer) = end {
+        session.app.metrics.slow_consumer_closes.inc();
     }
-    session.leave_all().await;
+    if let End::Close(code) = end {
+        let closing = Box::pin(close(ws, &session, code));
+        closing.await;
+    }
+    let leaving = Box::pin(session.leave_all());
+    leaving.await;
     info!(
         conn,
         %peer,
@@ -127,35 +137,29 @@ pub async fn run(mut ws: WebSocket, app: App, start: Start) {
     );
 }
 
-/// Sends the close frame (after what is queued, unless the peer is the reason it is full) and
-/// waits up to `limits.close_grace_ms` for the peer to answer it.
-async fn close(ws: &mut WebSocket, session: &Session, code: CloseCode) {
+/// Sends the close frame (after what is queued, unless the peer is the reason it is full),
+/// then ends the connection politely ([`Socket::finish`]); each step gets at most
+/// `limits.close_grace_ms`.
+async fn close(mut ws: Socket, session: &Session, code: CloseCode) {
     let grace = Duration::from_millis(session.app.config.limits.close_grace_ms);
-    let _ = tokio::time::timeout(grace, async {
+    let sent = tokio::time::timeout(grace, async {
         if code != CloseCode::SlowConsumer {
-            for frame in session.outbound.drain().frames {
-                ws.feed(Message::Text(frame)).await?;
-            }
+            let frames = session.outbound.drain().frames;
+            ws.send_all(Opcode::Text, frames.iter().map(|f| f.as_str().as_bytes()))
+                .await?;
         }
-        ws.send(Message::Close(Some(CloseFrame {
-            code: code.code(),
-            reason: Utf8Bytes::from_static(code.reason()),
-        })))
-        .await?;
-        while let Some(Ok(msg)) = ws.recv().await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-        }
-        Ok::<_, axum::Error>(())
+        ws.send_close(code.code(), code.reason()).await
     })
     .await;
+    if matches!(sent, Ok(Ok(()))) {
+        ws.finish(grace).await;
+    }
 }
 
 impl Session {
     async fn serve(
         &mut self,
-        ws: &mut WebSocket,
+        ws: &mut Socket,
         auto_join: &mut Option<(String, Option<(u64, String)>)>,
     ) -> End {
         let heartbeat = &self.app.config.heartbeat;
@@ -170,12 +174,20 @@ impl Session {
         let deadline = tokio::time::sleep_until(self.deadline.unwrap_or(far));
         tokio::pin!(deadline);
         let outbound = self.outbound.clone();
+        // Both waits are made once and polled in place: re-creating them on every turn would
+        // register and unregister a waiter per frame.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let ready = outbound.ready();
+        tokio::pin!(ready);
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return End::Close(CloseCode::GoingAway),
-                _ = outbound.ready() => {
-                    if let Err(end) = self.write_queued(ws).await {
+                _ = &mut cancelled => return End::Close(CloseCode::GoingAway),
+                _ = &mut ready => {
+                    ready.set(outbound.ready());
+                    let writing = Box::pin(self.write_queued(ws));
+                    if let Err(end) = writing.await {
                         return end;
                     }
                 }
@@ -188,12 +200,16 @@ impl Session {
                     };
                     match frame {
                         Message::Text(text) => {
-                            if let Some(end) = self.handle(&text).await {
+                            // Boxed: request handling is the biggest state of this future,
+                            // and an idle connection should not carry it.
+                            let handling = Box::pin(self.handle(&text));
+                            if let Some(end) = handling.await {
                                 return end;
                             }
                             if self.identity.is_some() {
                                 if let Some((room, since)) = auto_join.take() {
-                                    self.join(room, since).await;
+                                    let joining = Box::pin(self.join(room, since));
+                                    joining.await;
                                 }
                             }
                         }
@@ -205,15 +221,17 @@ impl Session {
                             }
                             self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
                         }
-                        // tungstenite queues the pong; flushing sends it.
-                        Message::Ping(_) => {
-                            if !wrote(timeout, ws.flush()).await {
+                        Message::Ping(data) => {
+                            if !wrote(timeout, ws.send(Opcode::Pong, &data)).await {
                                 return End::Gone("write failed");
                             }
                         }
-                        Message::Pong(_) => {}
-                        Message::Close(_) => {
-                            wrote(timeout, ws.flush()).await;
+                        Message::Pong(_) | Message::Frame(_) => {}
+                        // Answer the closing handshake with the client's own code (RFC 6455 5.5.1).
+                        Message::Close(frame) => {
+                            let code = frame.map_or(CloseCode::Normal.code(), |f| u16::from(f.code));
+                            let code = if code == 1005 { CloseCode::Normal.code() } else { code };
+                            wrote(timeout, ws.send_close(code, "")).await;
                             return End::Gone("client closed");
                         }
                     }
@@ -228,7 +246,7 @@ impl Session {
                         return End::Gone("heartbeat timeout");
                     }
                     if now >= next_ping {
-                        if !wrote(timeout, ws.send(Message::Ping(Default::default()))).await {
+                        if !wrote(timeout, ws.send(Opcode::Ping, &[])).await {
                             return End::Gone("write failed");
                         }
                         next_ping = now + interval;
@@ -248,7 +266,7 @@ impl Session {
     }
 
     /// Writes everything queued, flushing once per batch, until the queue is empty.
-    async fn write_queued(&mut self, ws: &mut WebSocket) -> Result<(), End> {
+    async fn write_queued(&mut self, ws: &mut Socket) -> Result<(), End> {
         let write_timeout = Duration::from_millis(self.app.config.heartbeat.timeout_ms);
         loop {
             let drained = self.outbound.drain();
@@ -259,21 +277,26 @@ impl Session {
                 return Ok(());
             }
             let outbound = self.outbound.clone();
-            let write = async {
-                for frame in drained.frames {
-                    ws.feed(Message::Text(frame)).await?;
-                }
-                ws.flush().await
-            };
-            tokio::select! {
-                result = write => if result.is_err() {
-                    return Err(End::Gone("write failed"));
+            let frames = drained.frames;
+            let write = ws.send_all(Opcode::Text, frames.iter().map(|f| f.as_str().as_bytes()));
+            tokio::pin!(write);
+            let ending = tokio::select! {
+                result = &mut write => match result {
+                    Ok(()) => continue,
+                    Err(_) => return Err(End::Gone("write failed")),
                 },
                 // A peer that stops reading blocks the write; its queue overflowing ends it.
-                code = wait_closed(&outbound) => return Err(End::Close(code)),
-                _ = self.app.shutdown.cancelled() => return Err(End::Close(CloseCode::GoingAway)),
+                code = wait_closed(&outbound) => code,
+                _ = self.app.shutdown.cancelled() => CloseCode::GoingAway,
                 _ = tokio::time::sleep(write_timeout) => return Err(End::Gone("write timeout")),
-            }
+            };
+            // A frame may be half written: finish the batch (the peer gets the close grace to
+            // read it) so the close frame that follows is not cut into a frame's payload.
+            let grace = Duration::from_millis(self.app.config.limits.close_grace_ms);
+            return match tokio::time::timeout(grace, &mut write).await {
+                Ok(Ok(())) => Err(End::Close(ending)),
+                _ => Err(End::Dropped(ending)),
+            };
         }
     }
 
@@ -393,9 +416,10 @@ impl Session {
                     user: &identity.user,
                 }
                 .encode();
-                self.app
-                    .hub
-                    .broadcast_except(&room, self.conn, &Utf8Bytes::from(frame));
+                let frame = Utf8Bytes::from(frame);
+                self.app.hub.broadcast_except(&room, self.conn, &frame);
+                // In a cluster, members on other nodes see it too.
+                self.app.broker.typing(&room, &frame);
             }
             ClientFrame::Ping => self.push(ServerFrame::Pong.encode()),
         }
@@ -651,7 +675,7 @@ impl Session {
 /// Whether a write outside the outbound queue (a pong, a heartbeat ping, a close reply) went
 /// through within `limit`. Like [`Session::write_queued`] it is bounded: a peer that stops
 /// reading must not block the session (and its rooms, and shutdown) forever.
-async fn wrote(limit: Duration, write: impl Future<Output = Result<(), axum::Error>>) -> bool {
+async fn wrote<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) -> bool {
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
@@ -674,7 +698,7 @@ fn expiry_instant(exp_unix: u64) -> Instant {
 
 /// Maps a read error to how the session ends: oversize frames close with 1009, invalid UTF-8
 /// with 1007 (RFC 6455), anything else means the peer is gone.
-fn classify(err: axum::Error) -> End {
+fn classify(err: tungstenite::Error) -> End {
     match close_code_for(err) {
         Ok(code) => End::Close(code),
         Err(why) => End::Gone(why),
@@ -683,12 +707,12 @@ fn classify(err: axum::Error) -> End {
 
 /// The close code a read error calls for, or why there is no one to send it to. Shared with
 /// `/echo`, so both sockets answer bad frames alike.
-pub(crate) fn close_code_for(err: axum::Error) -> Result<CloseCode, &'static str> {
+pub(crate) fn close_code_for(err: tungstenite::Error) -> Result<CloseCode, &'static str> {
     use tungstenite::Error;
-    match err.into_inner().downcast::<Error>().map(|e| *e) {
-        Ok(Error::Capacity(_)) => Ok(CloseCode::TooBig),
-        Ok(Error::Utf8(_)) => Ok(CloseCode::InvalidPayload),
-        Ok(Error::Protocol(_)) => Err("protocol violation"),
+    match err {
+        Error::Capacity(_) => Ok(CloseCode::TooBig),
+        Error::Utf8(_) => Ok(CloseCode::InvalidPayload),
+        Error::Protocol(_) => Err("protocol violation"),
         _ => Err("read failed"),
     }
 }

@@ -33,9 +33,6 @@ use tokio_tungstenite::tungstenite::Message;
 const ROOMS: usize = 3;
 /// `limits.max_frame_bytes` for this server.
 const MAX_FRAME: usize = 16 * 1024;
-/// Whether a reset instead of close 1009 after an oversize frame is tolerated (a known server
-/// bug; set to false once `an_oversize_frame_close_reaches_a_busy_client` passes).
-const OVERSIZE_RESET_IS_KNOWN: bool = true;
 /// `limits.max_content_bytes` for this server (the default).
 const MAX_CONTENT: usize = 4096;
 
@@ -695,15 +692,10 @@ async fn run_case(server: &TestServer, ops: Vec<Op>, end: End) -> Result<(), Tes
         }
         End::Oversize => {
             client.send_text(&"x".repeat(MAX_FRAME + 1)).await;
-            // Known bug (see `an_oversize_frame_close_reaches_a_busy_client` below): the server
-            // drops the socket with the rest of the oversize frame unread, the kernel answers
-            // with a reset and the client can lose the 1009 close (and frames before it). Any
-            // other close code still fails.
-            match until_close(&mut client, &mut seen).await {
-                Ok(code) => check!(code == 1009, "oversize frame closed with {code}"),
-                Err(_) if OVERSIZE_RESET_IS_KNOWN => {}
-                Err(err) => return Err(err),
-            }
+            // The 1009 close must arrive even with the oversize frame's rest unread (see
+            // `an_oversize_frame_close_reaches_a_busy_client`).
+            let code = until_close(&mut client, &mut seen).await?;
+            check!(code == 1009, "oversize frame closed with {code}");
             true
         }
         End::BadUtf8 => {
@@ -782,7 +774,6 @@ async fn run_case(server: &TestServer, ops: Vec<Op>, end: End) -> Result<(), Tes
 /// and the client gets `ECONNRESET` before it reads the close (often before the pongs queued
 /// ahead of it). Found by `arbitrary_frames_never_break_a_session`; see docs/FUZZING.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: the 1009 close is lost to a TCP reset; see docs/FUZZING.md"]
 async fn an_oversize_frame_close_reaches_a_busy_client() {
     let server = TestServer::builder()
         .jwt()

@@ -168,7 +168,10 @@ async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: Seq
             }
         }
         if closing.is_empty() {
-            writer = run_batch(writer, batch, &parts).await;
+            match run_batch(writer, batch, &parts).await {
+                Some(back) => writer = back,
+                None => return,
+            }
         } else {
             // Take whatever else was queued before the close, then stop.
             rx.close();
@@ -178,7 +181,10 @@ async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: Seq
                     op => batch.push(op),
                 }
             }
-            writer = run_batch(writer, batch, &parts).await;
+            match run_batch(writer, batch, &parts).await {
+                Some(back) => writer = back,
+                None => return,
+            }
         }
     }
     drop(writer);
@@ -187,9 +193,15 @@ async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: Seq
     }
 }
 
-async fn run_batch(mut writer: LogWriter, batch: Vec<Op>, parts: &SequencerParts) -> LogWriter {
+/// Runs one batch; `None` when the blocking commit task was lost (the runtime is shutting
+/// down), which ends the sequencer: callers then get [`BrokerError::Closed`].
+async fn run_batch(
+    mut writer: LogWriter,
+    batch: Vec<Op>,
+    parts: &SequencerParts,
+) -> Option<LogWriter> {
     if batch.is_empty() {
-        return writer;
+        return Some(writer);
     }
     // Step 1: presence decides announcements.
     let mut plans = Vec::with_capacity(batch.len());
@@ -238,7 +250,8 @@ async fn run_batch(mut writer: LogWriter, batch: Vec<Op>, parts: &SequencerParts
         (writer, result)
     })
     .await
-    .expect("the log writer does not panic");
+    .map_err(|e| error!(error = %e, "the log writer task was lost"))
+    .ok()?;
     writer = writer_back;
 
     // Step 3: deliver and answer, in order.
@@ -257,7 +270,7 @@ async fn run_batch(mut writer: LogWriter, batch: Vec<Op>, parts: &SequencerParts
             }
         }
     }
-    writer
+    Some(writer)
 }
 
 async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {

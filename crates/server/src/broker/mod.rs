@@ -10,9 +10,11 @@
 //! - a resend of a client id (same user, same room, within [`crate::store::sqlite::DEDUP_WINDOW`])
 //!   returns the original seq and posts nothing.
 //!
-//! [`memory::MemoryBroker`] is the single-node implementation over the SQLite log.
+//! [`memory::MemoryBroker`] is the single-node implementation over the SQLite log;
+//! [`redis::RedisBroker`] the cluster one over Redis.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,6 +112,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the store answers, for `/readyz`: `Err` carries the reason.
     async fn check(&self) -> Result<(), String>;
+
+    /// Relays an ephemeral frame (typing) to the room's members on other nodes; the local
+    /// ones already have it. Best effort: nothing is stored or sequenced.
+    fn typing(&self, _room: &str, _frame: &axum::extract::ws::Utf8Bytes) {}
+
+    /// The name of [`Broker::check`] in `/readyz`'s `checks`: `store`, or `redis` in a cluster.
+    fn check_name(&self) -> &'static str {
+        "store"
+    }
 
     /// Finishes every queued write and stops. Later calls fail with [`BrokerError::Closed`].
     async fn close(&self);

@@ -9,8 +9,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use futures_util::SinkExt;
 use parley_protocol::CloseCode;
 use tokio::time::timeout;
 
@@ -19,7 +17,9 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::upgrade::Upgrade;
 use crate::session::close_code_for;
+use crate::socket::{Message, Opcode, Socket};
 use crate::App;
 
 /// Query parameters of the echo upgrade.
@@ -33,59 +33,67 @@ pub(super) async fn echo(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<EchoQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let slot = match super::ws::admit(&app, peer, &headers) {
         Ok(slot) => slot,
         Err(err) => return err.into_response(),
     };
     let raw = matches!(query.raw.as_deref(), Some("1" | "true"));
-    let sessions = app.sessions.clone();
-    super::ws::configure(upgrade, &app).on_upgrade(move |socket| {
-        sessions.track_future(async move {
-            echo_socket(socket, app, raw).await;
-            drop(slot);
-        })
+    upgrade.on_upgrade(&app.clone(), move |socket| async move {
+        echo_socket(socket, app, raw).await;
+        drop(slot);
     })
 }
 
-async fn echo_socket(mut socket: WebSocket, app: App, raw: bool) {
+async fn echo_socket(mut socket: Socket, app: App, raw: bool) {
     let limits = &app.config.limits;
+    let grace = Duration::from_millis(limits.close_grace_ms);
     let write_limit = Duration::from_millis(app.config.heartbeat.timeout_ms);
     let close_code = loop {
         let msg = tokio::select! {
             _ = app.shutdown.cancelled() => break Some(CloseCode::GoingAway),
             msg = socket.recv() => msg,
         };
-        let reply = match msg {
-            Some(Ok(Message::Text(text))) if raw => Message::Text(text),
-            Some(Ok(Message::Text(text))) => {
-                Message::Text(format!("Echo: {}", text.as_str()).into())
+        let written = match msg {
+            Some(Ok(Message::Text(text))) if raw => {
+                timeout(write_limit, socket.send(Opcode::Text, text.as_bytes())).await
             }
-            Some(Ok(Message::Binary(data))) => Message::Binary(data),
-            // tungstenite queues the reply to a close frame; flushing sends it (RFC 6455 5.5.1).
-            Some(Ok(Message::Close(_))) => {
-                let _ = timeout(write_limit, socket.flush()).await;
-                break None;
+            Some(Ok(Message::Text(text))) => {
+                let reply = format!("Echo: {}", text.as_str());
+                timeout(write_limit, socket.send(Opcode::Text, reply.as_bytes())).await
+            }
+            Some(Ok(Message::Binary(data))) => {
+                timeout(write_limit, socket.send(Opcode::Binary, &data)).await
+            }
+            Some(Ok(Message::Ping(data))) => {
+                timeout(write_limit, socket.send(Opcode::Pong, &data)).await
+            }
+            // Answer the closing handshake with the client's code (RFC 6455 5.5.1).
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map_or(CloseCode::Normal.code(), |f| u16::from(f.code));
+                let code = if code == 1005 {
+                    CloseCode::Normal.code()
+                } else {
+                    code
+                };
+                let _ = timeout(write_limit, socket.send_close(code, "")).await;
+                socket.finish(grace).await;
+                return;
             }
             Some(Err(err)) => break close_code_for(err).ok(),
             None => break None,
             Some(Ok(_)) => continue,
         };
         // Bounded like the chat socket's writes: a peer that stops reading is dropped.
-        if !matches!(timeout(write_limit, socket.send(reply)).await, Ok(Ok(()))) {
+        if !matches!(written, Ok(Ok(()))) {
             break None;
         }
     };
     if let Some(code) = close_code {
-        let close = Message::Close(Some(CloseFrame {
-            code: code.code(),
-            reason: Utf8Bytes::from_static(code.reason()),
-        }));
-        let _ = timeout(
-            Duration::from_millis(limits.close_grace_ms),
-            socket.send(close),
-        )
-        .await;
+        let sent = timeout(grace, socket.send_close(code.code(), code.reason())).await;
+        if matches!(sent, Ok(Ok(()))) {
+            socket.finish(grace).await;
+        }
     }
 }

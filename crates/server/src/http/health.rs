@@ -13,14 +13,15 @@ pub(super) async fn healthz() -> impl IntoResponse {
 }
 
 pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
+    let name = app.broker.check_name();
     match app.broker.check().await {
         Ok(()) => (
             StatusCode::OK,
-            Json(json!({ "status": "ready", "checks": { "store": "ok" } })),
+            Json(json!({ "status": "ready", "checks": { name: "ok" } })),
         ),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unready", "checks": { "store": reason } })),
+            Json(json!({ "status": "unready", "checks": { name: reason } })),
         ),
     }
 }

@@ -6,6 +6,7 @@ mod echo;
 mod error;
 mod health;
 mod metrics;
+mod upgrade;
 mod web;
 mod ws;
 

@@ -4,13 +4,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use parley_protocol::valid_room_name;
 use serde::Deserialize;
 
+use super::upgrade::Upgrade;
 use super::ApiError;
 use crate::auth::{anonymous_identity, Identity};
 use crate::limits::{CapRefusal, ConnectionSlot};
@@ -25,16 +25,6 @@ pub(super) struct ConnectQuery {
     name: Option<String>,
     since: Option<u64>,
     epoch: Option<String>,
-}
-
-/// Applies the node's WebSocket settings: frame limits and deliberate buffer sizes.
-pub(super) fn configure(upgrade: WebSocketUpgrade, app: &App) -> WebSocketUpgrade {
-    let max = app.config.limits.max_frame_bytes;
-    upgrade
-        .read_buffer_size(4096)
-        .write_buffer_size(16 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
 }
 
 /// Refuses a browser whose `Origin` is not in `allowed_origins` (HTTP 403). An empty list
@@ -99,7 +89,7 @@ pub(super) async fn root(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<ConnectQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     connect(app, peer, query, None, &headers, upgrade)
 }
@@ -110,7 +100,7 @@ pub(super) async fn room(
     Path(room): Path<String>,
     Query(query): Query<ConnectQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     connect(app, peer, query, Some(room), &headers, upgrade)
 }
@@ -121,7 +111,7 @@ pub(super) async fn room_user(
     Path((room, user)): Path<(String, String)>,
     Query(mut query): Query<ConnectQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     if !app.auth.is_anonymous() {
         return ApiError::not_found(
@@ -139,7 +129,7 @@ fn connect(
     query: ConnectQuery,
     room: Option<String>,
     headers: &HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let slot = match admit(&app, peer, headers) {
         Ok(slot) => slot,
@@ -168,17 +158,14 @@ fn connect(
         Ok(identity) => identity,
         Err(err) => return err.into_response(),
     };
-    let sessions = app.sessions.clone();
-    configure(upgrade, &app).on_upgrade(move |socket| {
-        let start = Start {
-            identity,
-            auto_join,
-            peer,
-        };
-        sessions.track_future(async move {
-            session::run(socket, app, start).await;
-            drop(slot);
-        })
+    let start = Start {
+        identity,
+        auto_join,
+        peer,
+    };
+    upgrade.on_upgrade(&app.clone(), move |socket| async move {
+        session::run(socket, app, start).await;
+        drop(slot);
     })
 }
 

@@ -6,7 +6,9 @@
 //! `transition` is true exactly once per appearance and once per disappearance.
 
 mod memory;
+mod redis;
 
+pub use self::redis::RedisPresence;
 pub use memory::MemoryPresence;
 
 use std::sync::Arc;

@@ -1,0 +1,749 @@
+//! Cluster mode: two or more parley nodes over one `redis-server` (started by the test on a
+//! free port) behave as one server: one sequence per room, delivery and order across nodes,
+//! presence per user across nodes, de-duplication across nodes, hand-off with `since`/`epoch`,
+//! and Redis faults.
+
+mod common;
+mod redis_server;
+
+use std::time::Duration;
+
+use common::{http_get, Client, TestServer};
+use redis_server::RedisServer;
+use serde_json::{json, Value};
+
+async fn node(redis: &RedisServer) -> TestServer {
+    node_on(&[redis]).await
+}
+
+async fn node_on(redis: &[&RedisServer]) -> TestServer {
+    let urls = redis.iter().map(|r| toml::Value::from(r.url())).collect();
+    TestServer::builder()
+        .set("redis.urls", toml::Value::Array(urls))
+        .set("limits.send_rate", 1000)
+        .set("limits.send_burst", 1000)
+        .start()
+        .await
+}
+
+/// Reads frames until `n` chat messages have arrived; returns them, skipping other frames.
+async fn messages(client: &mut Client, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = client.recv().await;
+        if frame["type"] == "message" {
+            out.push(frame);
+        }
+    }
+    out
+}
+
+/// Posts a marker and returns every frame that arrived before its ack and own copy, checking
+/// that nothing unexpected (a system event) came first.
+async fn frames_until_marker(client: &mut Client, room: &str, marker: &str) -> Vec<Value> {
+    client
+        .send(json!({"type": "send", "room": room, "content": marker, "id": marker}))
+        .await;
+    let mut before = Vec::new();
+    let (mut acked, mut seen) = (false, false);
+    while !(acked && seen) {
+        let frame = client.recv().await;
+        if frame["type"] == "ack" && frame["id"] == marker {
+            acked = true;
+        } else if frame["type"] == "message" && frame["id"] == marker {
+            seen = true;
+        } else {
+            before.push(frame);
+        }
+    }
+    before
+}
+
+async fn send_many(c: &mut Client, who: &str, n: usize) {
+    for i in 0..n {
+        c.send(json!({"type": "send", "room": "r", "content": format!("{who} {i}"), "id": format!("{who}-{i}")}))
+            .await;
+    }
+}
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect()
+}
+
+async fn wait_ready(server: &TestServer, ready: bool) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = http_get(&server.http_url("/readyz")).await;
+        if (status == 200) == ready || tokio::time::Instant::now() > deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn cross_node_delivery_keeps_one_order() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let mut bob = b.user("bob").await;
+    let mut carol = b.user("carol").await;
+    let mut dave = a.user("dave").await;
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        c.join("r").await;
+    }
+    // Let the join events pass: everyone reads up to a marker message.
+    alice
+        .send(json!({"type": "send", "room": "r", "content": "marker", "id": "m-a"}))
+        .await;
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        loop {
+            let f = c.recv().await;
+            if f["type"] == "message" && f["id"] == "m-a" {
+                break;
+            }
+        }
+    }
+    const N: usize = 40;
+    tokio::join!(
+        send_many(&mut alice, "alice", N),
+        send_many(&mut bob, "bob", N)
+    );
+    let mut seen = Vec::new();
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        seen.push(messages(c, 2 * N).await);
+    }
+    let first = seqs(&seen[0]);
+    assert_eq!(first.len(), 2 * N, "every message arrives");
+    for w in first.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "contiguous: {first:?}");
+    }
+    for other in &seen[1..] {
+        assert_eq!(seqs(other), first, "every member sees the same sequence");
+        assert_eq!(other, &seen[0], "byte-identical frames");
+    }
+    // One sender's messages keep their order.
+    for who in ["alice", "bob"] {
+        let mine: Vec<String> = seen[0]
+            .iter()
+            .filter(|f| f["user"] == who)
+            .map(|f| f["content"].as_str().unwrap().to_owned())
+            .collect();
+        let want: Vec<String> = (0..N).map(|i| format!("{who} {i}")).collect();
+        assert_eq!(mine, want);
+    }
+    // History from either node is the same log.
+    for server in [&a, &b] {
+        let mut c = server.user("eve").await;
+        c.send(json!({"type": "history", "room": "r", "limit": 200}))
+            .await;
+        let page = c.skip_until("history").await;
+        let logged: Vec<Value> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["type"] == "message" && !f["id"].as_str().unwrap_or("").starts_with("m-"))
+            .cloned()
+            .collect();
+        assert_eq!(logged, seen[0], "history equals what was delivered");
+    }
+}
+
+#[tokio::test]
+async fn presence_is_per_user_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    assert_eq!(joined["users"], json!(["alice"]));
+
+    let mut bob_b = b.user("bob").await;
+    let joined = bob_b.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob"]));
+    let event = alice.recv_type("system").await;
+    assert_eq!(
+        (&event["event"], &event["user"]),
+        (&json!("join"), &json!("bob"))
+    );
+
+    // A second tab on the other node: no second join.
+    let mut bob_a = a.user("bob").await;
+    let joined = bob_a.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob"]));
+    assert_eq!(joined["user_count"], 2);
+    let before = frames_until_marker(&mut alice, "r", "m1").await;
+    assert!(before.is_empty(), "no join for a second tab: {before:?}");
+
+    // Closing one tab: no leave.
+    bob_b.close().await;
+    let before = frames_until_marker(&mut alice, "r", "m2").await;
+    assert!(
+        before.is_empty(),
+        "no leave while a tab remains: {before:?}"
+    );
+
+    // Closing the last: one leave, seen on both nodes.
+    bob_a.close().await;
+    let event = alice.recv_type("system").await;
+    assert_eq!(
+        (&event["event"], &event["user"]),
+        (&json!("leave"), &json!("bob"))
+    );
+    let mut carol = b.user("carol").await;
+    let joined = carol.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "carol"]));
+    let history = joined["history"].as_array().unwrap();
+    let events: Vec<(String, String)> = history
+        .iter()
+        .filter(|f| f["type"] == "system")
+        .map(|f| {
+            (
+                f["event"].as_str().unwrap().to_owned(),
+                f["user"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("join", "alice"),
+            ("join", "bob"),
+            ("leave", "bob"),
+            ("join", "carol")
+        ]
+        .map(|(e, u)| (e.to_owned(), u.to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn resends_are_deduplicated_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut tab_a = a.user("alice").await;
+    tab_a.join("r").await;
+    let mut tab_b = b.user("alice").await;
+    tab_b.join("r").await;
+    let (ack1, _) = tab_a.post("r", "hello", "c-1").await;
+    let (ack2, _) = tab_b.post("r", "hello", "c-1").await;
+    assert_eq!(ack1["seq"], ack2["seq"], "the original's seq comes back");
+    // Another user's id is theirs.
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    let (ack3, _) = bob.post("r", "hello", "c-1").await;
+    assert_ne!(ack3["seq"], ack1["seq"]);
+    let mut c = a.user("eve").await;
+    c.send(json!({"type": "history", "room": "r"})).await;
+    let page = c.skip_until("history").await;
+    let hellos = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["content"] == "hello")
+        .count();
+    assert_eq!(hellos, 2, "alice's resend posted nothing: {page}");
+}
+
+#[tokio::test]
+async fn handoff_to_another_node_recovers_exactly() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+    for i in 0..3 {
+        bob.post("r", &format!("before {i}"), &format!("b{i}"))
+            .await;
+    }
+    let got = messages(&mut alice, 3).await;
+    let last = got[2]["seq"].as_u64().unwrap();
+
+    // Alice's node goes away (1001); she reconnects to the other node.
+    let shutdown = tokio::spawn(a.shutdown());
+    assert_eq!(alice.expect_close().await, 1001);
+    shutdown.await.unwrap().unwrap();
+    for i in 0..2 {
+        bob.post("r", &format!("after {i}"), &format!("a{i}")).await;
+    }
+    let mut alice = b.user("alice").await;
+    alice
+        .send(json!({"type": "join", "room": "r", "since": last, "epoch": epoch}))
+        .await;
+    let joined = alice.recv_type("joined").await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["epoch"], epoch.as_str());
+    let history = joined["history"].as_array().unwrap();
+    let got = seqs(history);
+    let head = joined["seq"].as_u64().unwrap();
+    assert_eq!(
+        got,
+        (last + 1..=head).collect::<Vec<_>>(),
+        "exactly what she missed"
+    );
+    let contents: Vec<&str> = history
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, ["after 0", "after 1"]);
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_means_a_new_epoch() {
+    let mut redis = RedisServer::start();
+    let a = node(&redis).await;
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let (ack, _) = alice.post("r", "one", "c1").await;
+    let last = ack["seq"].as_u64().unwrap();
+
+    redis.restart();
+    // The node cannot vouch for the room's stream any more: its members resume.
+    assert_eq!(alice.expect_close().await, 4009);
+    wait_ready(&a, true).await;
+    let mut alice = a.user("alice").await;
+    alice
+        .send(json!({"type": "join", "room": "r", "since": last, "epoch": epoch}))
+        .await;
+    let joined = alice.recv_type("joined").await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_ne!(joined["epoch"], epoch.as_str(), "a new log has a new epoch");
+    let (ack, _) = alice.post("r", "two", "c2").await;
+    assert!(ack["seq"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn redis_down_answers_unavailable_then_recovers() {
+    let mut redis = RedisServer::start();
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    let (status, _) = wait_ready(&a, true).await;
+    assert_eq!(status, 200);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+
+    redis.kill();
+    alice
+        .send(json!({"type": "send", "room": "r", "content": "lost?", "id": "x1"}))
+        .await;
+    let mut frame = alice.recv().await;
+    while frame["type"] == "message" {
+        frame = alice.recv().await;
+    }
+    assert_eq!(frame["type"], "error", "{frame}");
+    assert_eq!(frame["code"], "unavailable");
+    assert_eq!(frame["id"], "x1");
+    let (status, body) = wait_ready(&a, false).await;
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "unready");
+    assert!(body["checks"]["redis"].is_string(), "{body}");
+    // Joins and history are refused too, and the socket stays open.
+    let mut carol = a.user("carol").await;
+    carol.send(json!({"type": "join", "room": "q"})).await;
+    assert_eq!(carol.recv_type("error").await["code"], "unavailable");
+    carol.send(json!({"type": "history", "room": "r"})).await;
+    assert_eq!(carol.recv_type("error").await["code"], "unavailable");
+
+    redis.restart();
+    let (status, body) = wait_ready(&a, true).await;
+    assert_eq!(status, 200, "{body}");
+    // Redis came back empty: members are told to resume, and they can.
+    assert_eq!(alice.expect_close().await, 4009);
+    assert_eq!(bob.expect_close().await, 4009);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+    let (ack, _) = bob.post("r", "back", "y1").await;
+    let got = messages(&mut alice, 1).await;
+    assert_eq!(got[0]["seq"], ack["seq"]);
+    assert_eq!(got[0]["content"], "back");
+}
+
+#[tokio::test]
+async fn two_shards_hold_different_rooms() {
+    let (r1, r2) = (RedisServer::start(), RedisServer::start());
+    let a = node_on(&[&r1, &r2]).await;
+    let b = node_on(&[&r1, &r2]).await;
+    let mut alice = a.user("alice").await;
+    let mut bob = b.user("bob").await;
+    let rooms: Vec<String> = (0..8).map(|i| format!("room{i}")).collect();
+    for room in &rooms {
+        alice.join(room).await;
+        bob.join(room).await;
+        alice.recv_type("system").await;
+    }
+    for room in &rooms {
+        let (ack, _) = bob.post(room, "hi", &format!("id-{room}")).await;
+        let got = messages(&mut alice, 1).await;
+        assert_eq!(got[0]["room"], room.as_str());
+        assert_eq!(got[0]["seq"], ack["seq"]);
+    }
+    // Both servers hold some rooms (a stable hash spreads 8 rooms over 2 shards).
+    let used = [&r1, &r2]
+        .iter()
+        .filter(|r| keys(r, "parley:{room*}:seq") > 0)
+        .count();
+    assert_eq!(used, 2, "rooms spread over both shards");
+}
+
+/// How many keys match `pattern` on a server (KEYS, fine for a test's handful).
+fn keys(redis: &RedisServer, pattern: &str) -> usize {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--raw", "KEYS", pattern])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count()
+}
+
+#[tokio::test]
+async fn a_dropped_pubsub_connection_loses_nothing() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+    const N: usize = 60;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            bob.post("r", &format!("m{i}"), &format!("id{i}")).await;
+            if i == N / 3 || i == 2 * N / 3 {
+                // Redis drops every subscriber connection, as it does past
+                // `client-output-buffer-limit pubsub`: what was published meanwhile is lost
+                // from pub/sub but not from the stream.
+                // Both nodes' subscribers are (back) in place before each kill.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while cli(&redis, &["CLIENT", "LIST"]).matches("flags=P").count() < 2 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "subscribers reconnect"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let killed = cli(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+                assert_eq!(killed.trim(), "2");
+            }
+        }
+        (bob, redis)
+    });
+    let got = messages(&mut alice, N).await;
+    let (_bob, _redis) = sender.await.unwrap();
+    let got = seqs(&got);
+    for w in got.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "no gap, no duplicate: {got:?}");
+    }
+}
+
+fn cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A parley node in its own process, so it can be killed with SIGKILL.
+struct ChildNode {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl ChildNode {
+    async fn start(redis: &RedisServer, ttl_ms: u64) -> ChildNode {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args([
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--redis",
+                &redis.url(),
+            ])
+            .args(["--set", &format!("presence.ttl_ms={ttl_ms}")])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start parley");
+        let node = ChildNode { port, child };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "child node ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    async fn user(&self, user: &str) -> Client {
+        let mut c = Client::connect(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port))
+            .await
+            .unwrap();
+        c.recv_type("authenticated").await;
+        c
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_node_users_leave_once() {
+    let redis = RedisServer::start();
+    let ttl = 1500;
+    let survivor = |r: &RedisServer| {
+        let url = r.url();
+        async move {
+            TestServer::builder()
+                .set("redis.urls", toml::Value::Array(vec![url.into()]))
+                .set("presence.ttl_ms", ttl as i64)
+                .start()
+                .await
+        }
+    };
+    let (a, b) = (survivor(&redis).await, survivor(&redis).await);
+    let doomed = ChildNode::start(&redis, ttl).await;
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut carol = b.user("carol").await;
+    carol.join("r").await;
+    alice.recv_type("system").await;
+    let mut bob = doomed.user("bob").await;
+    bob.join("r").await;
+    let mut bob2 = doomed.user("bob").await;
+    bob2.join("r").await;
+    assert_eq!(alice.recv_type("system").await["user"], "bob");
+    assert_eq!(carol.recv_type("system").await["user"], "bob");
+
+    // SIGKILL: no leave is sent by the node itself.
+    let started = std::time::Instant::now();
+    drop(doomed);
+    let leave = alice.recv_type("system").await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("leave"), &json!("bob"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(3 * ttl),
+        "expired in time"
+    );
+    let mut eve = a.user("eve").await;
+    let joined = eve.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "carol", "eve"]));
+    // Announced once: both survivors saw exactly one leave.
+    let before = frames_until_marker(&mut alice, "r", "after").await;
+    let events: Vec<&Value> = before.iter().map(|f| &f["event"]).collect();
+    assert_eq!(events, [&json!("join")], "only eve's join: {before:?}");
+    let c = carol.skip_until("system").await;
+    assert_eq!((&c["event"], &c["user"]), (&json!("leave"), &json!("bob")));
+    let c = carol.recv().await;
+    assert_eq!(
+        (&c["event"], &c["user"]),
+        (&json!("join"), &json!("eve")),
+        "{c}"
+    );
+}
+
+/// The same requests get the same answers (seqs, `more`, `truncated`, `recovered`) from a
+/// single node and from a cluster node: the brokers conform to one contract.
+#[tokio::test]
+async fn history_rules_match_the_single_node() {
+    let redis = RedisServer::start();
+    let settings = |b: common::Builder| {
+        b.set("limits.send_rate", 1000)
+            .set("limits.send_burst", 1000)
+            .set("history.max_replay", 5)
+            .set("history.on_join", 4)
+            .set("history.max_len", 30)
+    };
+    let single = settings(TestServer::builder()).start().await;
+    let clustered = settings(TestServer::builder())
+        .set("redis.urls", toml::Value::Array(vec![redis.url().into()]))
+        .start()
+        .await;
+    let mut answers = Vec::new();
+    for server in [&single, &clustered] {
+        let mut alice = server.user("alice").await;
+        let joined = alice.join("r").await;
+        let epoch = joined["epoch"].as_str().unwrap().to_owned();
+        for i in 0..40 {
+            alice.post("r", &format!("m{i}"), &format!("c{i}")).await;
+        }
+        let mut got = Vec::new();
+        let queries = [
+            json!({}),
+            json!({"limit": 7}),
+            json!({"before": 20, "limit": 5}),
+            json!({"before": 3}),
+            json!({"before": 0}),
+            json!({"after": 35}),
+            json!({"after": 5, "limit": 3}),
+            json!({"after": 18446744073709551615u64}),
+            json!({"before": 18446744073709551615u64, "limit": 2}),
+            json!({"after": 10, "before": 16}),
+            json!({"after": 10, "before": 30, "limit": 4}),
+        ];
+        for q in queries {
+            let mut req = json!({"type": "history", "room": "r"});
+            req.as_object_mut()
+                .unwrap()
+                .extend(q.as_object().unwrap().clone());
+            alice.send(req).await;
+            let page = alice.skip_until("history").await;
+            got.push(json!({"q": q, "seqs": seqs(page["messages"].as_array().unwrap()), "more": page["more"]}));
+        }
+        for since in [0u64, 15, 36, 41, 500] {
+            let mut c = server.user("bob").await;
+            c.send(json!({"type": "join", "room": "r", "since": since, "epoch": epoch}))
+                .await;
+            let j = c.recv_type("joined").await;
+            got.push(json!({"since": since, "seq": j["seq"], "seqs": seqs(j["history"].as_array().unwrap()),
+                "truncated": j["truncated"], "recovered": j["recovered"], "users": j["users"]}));
+            c.close().await;
+        }
+        answers.push(got);
+    }
+    for (one, cluster) in answers[0].iter().zip(&answers[1]) {
+        assert_eq!(one, cluster, "single node vs cluster");
+    }
+}
+
+#[tokio::test]
+async fn typing_reaches_other_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+    bob.send(json!({"type": "typing", "room": "r"})).await;
+    let t = alice.recv_type("typing").await;
+    assert_eq!(t["user"], "bob");
+    // Not echoed to the typist.
+    let before = frames_until_marker(&mut bob, "r", "m").await;
+    assert!(before.is_empty(), "{before:?}");
+}
+
+#[tokio::test]
+async fn redis_killed_mid_traffic_loses_no_acked_message() {
+    let mut redis = RedisServer::start_persistent();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    let bob_joined = alice.recv_type("system").await;
+
+    // Bob sends one message at a time; Redis is SIGKILLed and restarted (with its
+    // append-only file) in the middle.
+    let sender = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut refused = 0;
+        for i in 0..60 {
+            if i == 20 {
+                redis.kill();
+            }
+            if i == 30 {
+                redis.restart();
+            }
+            let id = format!("b{i}");
+            bob.send(json!({"type": "send", "room": "r", "content": format!("m{i}"), "id": id}))
+                .await;
+            loop {
+                match bob.next_event().await {
+                    common::Event::Frame(f) if f["type"] == "ack" && f["id"] == id => {
+                        acked.push(f["seq"].as_u64().unwrap());
+                        break;
+                    }
+                    common::Event::Frame(f) if f["type"] == "error" && f["id"] == id => {
+                        assert_eq!(f["code"], "unavailable");
+                        refused += 1;
+                        break;
+                    }
+                    common::Event::Frame(_) => {}
+                    other => panic!("bob's connection ended: {other:?}"),
+                }
+            }
+            if (20..30).contains(&i) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        (acked, refused, redis)
+    });
+
+    // Alice either gets every event in order, or is told (4009) to resume, and then resumes.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last = bob_joined["seq"].as_u64().unwrap();
+    let mut alice = Some(alice);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (acked, refused, _redis) = loop {
+        let client = alice.as_mut().unwrap();
+        match tokio::time::timeout(Duration::from_millis(500), client.next_event()).await {
+            Ok(common::Event::Frame(f)) if f["type"] == "message" => {
+                let seq = f["seq"].as_u64().unwrap();
+                assert_eq!(seq, last + 1, "no gap, no duplicate");
+                last = seq;
+                seen.push(seq);
+            }
+            Ok(common::Event::Frame(f)) if f["type"] == "system" => {
+                last = f["seq"].as_u64().unwrap();
+            }
+            Ok(common::Event::Frame(_)) => {}
+            Ok(common::Event::Close(4009)) => {
+                let mut c = a.user("alice").await;
+                c.send(json!({"type": "join", "room": "r", "since": last, "epoch": epoch}))
+                    .await;
+                let j = c.recv_type("joined").await;
+                assert_eq!(j["recovered"], true, "the log survived: {j}");
+                for f in j["history"].as_array().unwrap() {
+                    let seq = f["seq"].as_u64().unwrap();
+                    assert_eq!(seq, last + 1);
+                    last = seq;
+                    if f["type"] == "message" {
+                        seen.push(seq);
+                    }
+                }
+                alice = Some(c);
+            }
+            Ok(other) => panic!("alice: {other:?}"),
+            Err(_) if sender.is_finished() => break sender.await.unwrap(),
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "traffic ends"),
+        }
+    };
+    assert!(refused > 0, "sends while Redis was down were refused");
+    assert!(
+        acked.len() >= 40,
+        "sends before and after went through: {}",
+        acked.len()
+    );
+    for seq in &acked {
+        assert!(seen.contains(seq), "acked seq {seq} reached alice");
+    }
+}
