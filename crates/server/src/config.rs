@@ -208,6 +208,9 @@ pub struct HistoryConfig {
     pub on_join: usize,
     /// Most events replayed in `joined` after `since`; past it `truncated` is true.
     pub max_replay: usize,
+    /// Most bytes of events replayed in `joined` after `since` (at least one event); past it
+    /// `truncated` is true. Bounds what one rejoin costs the log and the joiner's socket.
+    pub max_replay_bytes: usize,
     /// Events kept per room; older ones are dropped.
     pub max_len: u64,
     /// Age in seconds after which events are dropped; 0 keeps them regardless of age.
@@ -219,6 +222,7 @@ impl Default for HistoryConfig {
         HistoryConfig {
             on_join: 50,
             max_replay: 1000,
+            max_replay_bytes: 256 * 1024,
             max_len: 10_000,
             ttl_s: 0,
         }
@@ -404,6 +408,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "history.max_replay",
         "1000",
         "most events replayed after `since`",
+    ),
+    (
+        "history.max_replay_bytes",
+        "262144",
+        "most bytes of events replayed after `since`",
     ),
     ("history.max_len", "10000", "events kept per room"),
     (

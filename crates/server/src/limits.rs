@@ -34,7 +34,7 @@ impl Bucket {
     pub fn take(&self) -> Result<(), Duration> {
         self.limiter
             .check()
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 }
 

@@ -549,3 +549,42 @@ async fn messages_survive_a_graceful_restart() {
     server.shutdown().await.unwrap();
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_replay_bytes_truncates_a_replay_of_big_messages() {
+    // Each message frame is a little over 1,000 bytes; a 3,500-byte budget replays three.
+    let server = TestServer::builder()
+        .set("history.max_replay_bytes", 3500)
+        .set("limits.send_rate", 1000.0)
+        .set("limits.send_burst", 1000)
+        .start()
+        .await;
+    let mut alice = server.user("alice").await;
+    let joined = alice.join("big").await;
+    let (since, epoch) = (seq(&joined), joined["epoch"].as_str().unwrap().to_owned());
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let (ack, _) = post_ok(
+            &mut alice,
+            "big",
+            &format!("{i:03}{}", "b".repeat(1000)),
+            &format!("b{i}"),
+        )
+        .await;
+        acked.push(seq(&ack));
+    }
+    let mut bob = server.user("bob").await;
+    let rejoined = join_since(&mut bob, "big", since, &epoch).await;
+    assert_eq!(rejoined["recovered"], true, "{rejoined}");
+    assert_eq!(rejoined["truncated"], true, "{}", rejoined["truncated"]);
+    let replayed = seqs(list(&rejoined, "history"));
+    assert_eq!(replayed, acked[..3].to_vec());
+    // Paging forward with `after` completes the rest, in order.
+    let page = history(
+        &mut bob,
+        json!({"room": "big", "after": acked[2], "limit": 200}),
+    )
+    .await;
+    let rest = seqs(list(&page, "messages"));
+    assert_eq!(rest[..7].to_vec(), acked[3..].to_vec());
+}

@@ -26,6 +26,22 @@ use crate::hub::ConnId;
 use crate::outbound::Outbound;
 use crate::store::sqlite::{Page, PageQuery, StoredRoom};
 
+/// Cuts a `since` replay to at most `max_bytes` of frames (keeping at least one, oldest first).
+/// Returns whether anything was cut, i.e. whether `truncated` must be set.
+pub fn cap_replay(frames: &mut Vec<String>, max_bytes: usize) -> bool {
+    let mut total = 0usize;
+    let keep = frames
+        .iter()
+        .position(|f| {
+            total += f.len();
+            total > max_bytes
+        })
+        .map_or(frames.len(), |at| at.max(1));
+    let cut = keep < frames.len();
+    frames.truncate(keep);
+    cut
+}
+
 /// Why a broker call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -124,4 +140,23 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Finishes every queued write and stops. Later calls fail with [`BrokerError::Closed`].
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cap_replay;
+
+    #[test]
+    fn replays_are_capped_by_bytes_keeping_at_least_one() {
+        let frame = |n: usize| "x".repeat(n);
+        let mut frames = vec![frame(10), frame(10), frame(10)];
+        assert!(cap_replay(&mut frames, 25));
+        assert_eq!(frames.len(), 2);
+        let mut frames = vec![frame(100), frame(1)];
+        assert!(cap_replay(&mut frames, 10));
+        assert_eq!(frames.len(), 1, "one frame always goes, however big");
+        let mut frames = vec![frame(5), frame(5)];
+        assert!(!cap_replay(&mut frames, 10));
+        assert_eq!(frames.len(), 2);
+    }
 }

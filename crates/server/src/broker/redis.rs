@@ -996,8 +996,11 @@ impl RoomActor {
             .arg(cluster::new_epoch())
             .arg(parts.presence_ttl.as_millis() as u64)
             .0;
-        let (head, epoch, _announced, people, users, history, truncated, recovered): JoinReply =
+        let (head, epoch, _announced, people, users, mut history, truncated, recovered): JoinReply =
             eval_one(&self.inner, &req.room, args).await?;
+        let truncated = (recovered == 1
+            && super::cap_replay(&mut history, self.inner.parts.history.max_replay_bytes))
+            || truncated == 1;
         // Bring the present members to `head` so the joiner starts exactly after it.
         if self.members.is_empty() || epoch != self.epoch {
             if !self.members.is_empty() {
@@ -1023,7 +1026,7 @@ impl RoomActor {
             users: names.as_deref(),
             user_count: people,
             history: &array,
-            truncated: truncated == 1,
+            truncated,
             recovered: match recovered {
                 -1 => None,
                 r => Some(r == 1),
