@@ -118,9 +118,6 @@ pub async fn run(mut ws: Socket, app: App, start: Start) {
         End::Close(code) | End::Dropped(code) => code.reason(),
         End::Gone(why) => why,
     };
-    if let End::Close(CloseCode::SlowConsumer) | End::Dropped(CloseCode::SlowConsumer) = end {
-        session.app.metrics.slow_consumer_closes.inc();
-    }
     if let End::Close(code) = end {
         let closing = Box::pin(close(ws, &session, code));
         closing.await;
@@ -271,6 +268,7 @@ impl Session {
         loop {
             let drained = self.outbound.drain();
             if let Some(code) = drained.closed {
+                self.count_cut_off(code);
                 return Err(End::Close(code));
             }
             if drained.frames.is_empty() {
@@ -290,6 +288,7 @@ impl Session {
                 _ = self.app.shutdown.cancelled() => CloseCode::GoingAway,
                 _ = tokio::time::sleep(write_timeout) => return Err(End::Gone("write timeout")),
             };
+            self.count_cut_off(ending);
             // A frame may be half written: finish the batch (the peer gets the close grace to
             // read it) so the close frame that follows is not cut into a frame's payload.
             let grace = Duration::from_millis(self.app.config.limits.close_grace_ms);
@@ -297,6 +296,14 @@ impl Session {
                 Ok(Ok(())) => Err(End::Close(ending)),
                 _ => Err(End::Dropped(ending)),
             };
+        }
+    }
+
+    /// Counts a slow consumer when it is cut off, not when its close is done (which can take
+    /// the close grace).
+    fn count_cut_off(&self, code: CloseCode) {
+        if code == CloseCode::SlowConsumer {
+            self.app.metrics.slow_consumer_closes.inc();
         }
     }
 
