@@ -116,22 +116,14 @@ impl App {
                 metrics: metrics.clone(),
             },
         );
-        let caps = limits::ConnectionCaps::new(
-            config.limits.max_connections_per_ip,
-            config.limits.max_connections,
-        );
-        Ok(App(Arc::new(AppInner {
-            caps,
+        Ok(App::assemble(
             config,
             auth,
-            broker: Arc::new(broker),
+            Arc::new(broker),
             hub,
             presence,
             metrics,
-            shutdown: CancellationToken::new(),
-            sessions: TaskTracker::new(),
-            next_conn: AtomicU64::new(1),
-        })))
+        ))
     }
 
     /// Cluster mode: sequencing, history and presence in Redis (`redis.urls`); no SQLite.
@@ -154,22 +146,41 @@ impl App {
                 metrics: metrics.clone(),
             },
         );
+        Ok(App::assemble(
+            config,
+            auth,
+            Arc::new(broker),
+            hub,
+            presence,
+            metrics,
+        ))
+    }
+
+    /// The shared state around a started broker, the same in both modes.
+    fn assemble(
+        config: Config,
+        auth: Authenticator,
+        broker: Arc<dyn Broker>,
+        hub: Arc<Hub>,
+        presence: Arc<dyn Presence>,
+        metrics: Arc<Metrics>,
+    ) -> App {
         let caps = limits::ConnectionCaps::new(
             config.limits.max_connections_per_ip,
             config.limits.max_connections,
         );
-        Ok(App(Arc::new(AppInner {
+        App(Arc::new(AppInner {
             caps,
             config,
             auth,
-            broker: Arc::new(broker),
+            broker,
             hub,
             presence,
             metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
-        })))
+        }))
     }
 
     /// A fresh connection id.

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Client, TestServer};
 use serde_json::{json, Value};
 
@@ -28,34 +26,14 @@ fn seqs(frames: &[Value]) -> Vec<u64> {
     frames.iter().map(seq).collect()
 }
 
-/// Posts a message and waits for its ack, returning the ack and the frames that arrived
-/// meanwhile. A `rate_limited` refusal is retried after `retry_after_ms` with the same id;
-/// any other error fails the test.
-async fn post_ok(client: &mut Client, room: &str, content: &str, id: &str) -> (Value, Vec<Value>) {
-    let request = json!({"type": "send", "room": room, "content": content, "id": id});
-    client.send(request.clone()).await;
-    let mut others = Vec::new();
-    loop {
-        let frame = client.recv().await;
-        match frame["type"].as_str() {
-            Some("ack") if frame["id"] == id => return (frame, others),
-            Some("error") if frame["id"] == id && frame["code"] == "rate_limited" => {
-                let wait = frame["retry_after_ms"].as_u64().unwrap_or(100).min(2000);
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                client.send(request.clone()).await;
-            }
-            Some("error") => panic!("send {id} to {room} failed: {frame}"),
-            _ => others.push(frame),
-        }
-    }
-}
-
 /// Posts `n` messages `{prefix}-{i}` and returns their acked seqs, which must be consecutive.
 async fn post_many(client: &mut Client, room: &str, prefix: &str, n: usize) -> Vec<u64> {
     let mut out = Vec::new();
     for i in 0..n {
         let id = format!("{prefix}-{i}");
-        let (ack, _) = post_ok(client, room, &format!("{prefix} message {i}"), &id).await;
+        let (ack, _) = client
+            .post(room, &format!("{prefix} message {i}"), &id)
+            .await;
         out.push(seq(&ack));
     }
     if let (Some(first), Some(last)) = (out.first(), out.last()) {
@@ -97,7 +75,7 @@ async fn reconnect_with_since_recovers_exactly_what_was_missed() {
     let mut bob = server.user("bob").await;
     bob.join("resume").await;
     assert_eq!(seq(&alice.recv_type("system").await), 2);
-    let (ack, _) = post_ok(&mut alice, "resume", "before the break", "a-0").await;
+    let (ack, _) = alice.post("resume", "before the break", "a-0").await;
     let last_seen = seq(&ack);
     assert_eq!(last_seen, 3);
     assert_eq!(seq(&bob.recv_type("message").await), 3);
@@ -107,13 +85,9 @@ async fn reconnect_with_since_recovers_exactly_what_was_missed() {
     let mut live = vec![bob.recv_type("system").await];
     assert_eq!(live[0]["event"], "leave");
     for i in 0..6 {
-        let (_, mut frames) = post_ok(
-            &mut bob,
-            "resume",
-            &format!("missed {i}"),
-            &format!("b-{i}"),
-        )
-        .await;
+        let (_, mut frames) = bob
+            .post("resume", &format!("missed {i}"), &format!("b-{i}"))
+            .await;
         live.append(&mut frames);
     }
 
@@ -146,7 +120,7 @@ async fn reconnect_with_since_recovers_exactly_what_was_missed() {
     assert_eq!(recovered, &live[..], "the history is what bob saw live");
 
     // Live delivery continues right after joined.seq.
-    let (ack, _) = post_ok(&mut bob, "resume", "welcome back", "b-back").await;
+    let (ack, _) = bob.post("resume", "welcome back", "b-back").await;
     assert_eq!(seq(&ack), head + 1);
     let msg = alice.recv_type("message").await;
     assert_eq!(seq(&msg), head + 1, "{msg}");
@@ -466,7 +440,7 @@ async fn retention_keeps_the_latest_max_len_events() {
     assert_eq!(page["more"], false, "{page}");
 
     // Numbering continues; the window moves.
-    let (ack, _) = post_ok(&mut alice, "kept", "twelve", "a-x").await;
+    let (ack, _) = alice.post("kept", "twelve", "a-x").await;
     assert_eq!(seq(&ack), 12);
     let page = history(&mut bob, json!({"room": "kept"})).await;
     assert_eq!(
@@ -492,13 +466,9 @@ async fn messages_survive_a_graceful_restart() {
     let epoch = joined["epoch"].as_str().expect("epoch").to_owned();
     let mut before = Vec::new();
     for i in 0..5 {
-        let (ack, mut frames) = post_ok(
-            &mut alice,
-            "durable",
-            &format!("kept {i}"),
-            &format!("k-{i}"),
-        )
-        .await;
+        let (ack, mut frames) = alice
+            .post("durable", &format!("kept {i}"), &format!("k-{i}"))
+            .await;
         assert_eq!(seq(&ack), i + 2);
         before.append(&mut frames);
     }
@@ -537,14 +507,14 @@ async fn messages_survive_a_graceful_restart() {
     );
 
     // The acked de-duplication ids and the numbering carry over too.
-    let (ack, extra) = post_ok(&mut alice, "durable", "kept 4 (retry)", "k-4").await;
+    let (ack, extra) = alice.post("durable", "kept 4 (retry)", "k-4").await;
     assert_eq!(
         seq(&ack),
         6,
         "a resend after the restart is still a duplicate"
     );
     assert!(extra.is_empty(), "{extra:?}");
-    let (ack, _) = post_ok(&mut alice, "durable", "after restart", "k-new").await;
+    let (ack, _) = alice.post("durable", "after restart", "k-new").await;
     assert_eq!(seq(&ack), head + 1);
     server.shutdown().await.unwrap();
     drop(dir);
@@ -564,13 +534,13 @@ async fn max_replay_bytes_truncates_a_replay_of_big_messages() {
     let (since, epoch) = (seq(&joined), joined["epoch"].as_str().unwrap().to_owned());
     let mut acked = Vec::new();
     for i in 0..10 {
-        let (ack, _) = post_ok(
-            &mut alice,
-            "big",
-            &format!("{i:03}{}", "b".repeat(1000)),
-            &format!("b{i}"),
-        )
-        .await;
+        let (ack, _) = alice
+            .post(
+                "big",
+                &format!("{i:03}{}", "b".repeat(1000)),
+                &format!("b{i}"),
+            )
+            .await;
         acked.push(seq(&ack));
     }
     let mut bob = server.user("bob").await;

@@ -33,28 +33,6 @@ async fn expect_pong_next(client: &mut Client, what: &str) {
     );
 }
 
-/// Posts a message and waits for its ack, returning the ack and the frames that arrived
-/// meanwhile. A `rate_limited` refusal is retried after `retry_after_ms` with the same id (it
-/// is not posted and does not count for de-duplication); any other error fails the test.
-async fn post_ok(client: &mut Client, room: &str, content: &str, id: &str) -> (Value, Vec<Value>) {
-    let request = json!({"type": "send", "room": room, "content": content, "id": id});
-    client.send(request.clone()).await;
-    let mut others = Vec::new();
-    loop {
-        let frame = client.recv().await;
-        match frame["type"].as_str() {
-            Some("ack") if frame["id"] == id => return (frame, others),
-            Some("error") if frame["id"] == id && frame["code"] == "rate_limited" => {
-                let wait = frame["retry_after_ms"].as_u64().unwrap_or(100).min(2000);
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                client.send(request.clone()).await;
-            }
-            Some("error") => panic!("send {id} to {room} failed: {frame}"),
-            _ => others.push(frame),
-        }
-    }
-}
-
 /// Sends a request and expects an `error` frame with `code` as the next frame.
 async fn expect_error(client: &mut Client, request: Value, code: &str) -> Value {
     client.send(request.clone()).await;
@@ -136,7 +114,7 @@ async fn join_and_leave_frames_and_events() {
 
     // Nothing of the room reaches bob after `left`: not his own leave, not a message, not a
     // typing notice, not a join.
-    let (ack, _) = post_ok(&mut alice, "lobby", "bob is gone", "a-1").await;
+    let (ack, _) = alice.post("lobby", "bob is gone", "a-1").await;
     assert_eq!(seq(&ack), 4);
     alice.send(json!({"type": "typing", "room": "lobby"})).await;
     let mut carol = server.user("carol").await;
@@ -473,7 +451,7 @@ async fn resent_id_is_acked_again_and_posted_once() {
     bob.join("dedup").await;
     alice.recv_type("system").await;
 
-    let (ack, _) = post_ok(&mut alice, "dedup", "once", "x1").await;
+    let (ack, _) = alice.post("dedup", "once", "x1").await;
     let original = seq(&ack);
     assert_eq!(original, 3);
     let msg = bob.recv_type("message").await;
@@ -481,11 +459,11 @@ async fn resent_id_is_acked_again_and_posted_once() {
     expect_pong_next(&mut alice, "alice's copy came with the ack").await;
 
     // A resend of the same id, even with other content and after another message.
-    let (other, _) = post_ok(&mut bob, "dedup", "in between", "b1").await;
+    let (other, _) = bob.post("dedup", "in between", "b1").await;
     assert_eq!(seq(&other), 4);
     let msg = alice.recv_type("message").await;
     assert_eq!(seq(&msg), 4);
-    let (again, extra) = post_ok(&mut alice, "dedup", "once (retry)", "x1").await;
+    let (again, extra) = alice.post("dedup", "once (retry)", "x1").await;
     assert_eq!(
         seq(&again),
         original,
@@ -529,14 +507,14 @@ async fn resent_id_is_acked_again_and_posted_once() {
     assert_eq!(seqs(messages), vec![1, 2, 3, 4, 5], "{page}");
 
     // The same id from another user is another message.
-    let (ack, _) = post_ok(&mut bob, "dedup", "bob's x1", "x1").await;
+    let (ack, _) = bob.post("dedup", "bob's x1", "x1").await;
     assert_eq!(seq(&ack), 6, "{ack}");
     let msg = alice.recv_type("message").await;
     assert_eq!((msg["user"].clone(), seq(&msg)), (json!("bob"), 6), "{msg}");
 
     // The same id in another room is another message.
     let joined = alice.join("dedup-2").await;
-    let (ack, _) = post_ok(&mut alice, "dedup-2", "elsewhere", "x1").await;
+    let (ack, _) = alice.post("dedup-2", "elsewhere", "x1").await;
     assert_eq!(seq(&ack), seq(&joined) + 1, "{ack}");
     assert_eq!(ack["room"], "dedup-2");
     server.shutdown().await.unwrap();
@@ -569,7 +547,7 @@ async fn two_tabs_are_one_member() {
     expect_pong_next(&mut bob, "a second tab is not announced").await;
 
     // Both tabs receive the room's events.
-    let (ack, _) = post_ok(&mut bob, "tabs", "to both tabs", "b1").await;
+    let (ack, _) = bob.post("tabs", "to both tabs", "b1").await;
     assert_eq!(seq(&ack), 3);
     assert_eq!(seq(&tab1.recv_type("message").await), 3);
     assert_eq!(seq(&tab2.recv_type("message").await), 3);
@@ -600,7 +578,7 @@ async fn two_tabs_are_one_member() {
     assert_eq!(sys["user"], "alice", "{sys}");
     assert_eq!(seq(&sys), 5, "exactly one leave was sequenced: {sys}");
     bob.expect_silence(300).await;
-    let (ack, _) = post_ok(&mut bob, "tabs", "after", "b2").await;
+    let (ack, _) = bob.post("tabs", "after", "b2").await;
     assert_eq!(seq(&ack), 6);
     let joined = carol.recv_type("system").await;
     assert_eq!(seq(&joined), 5);
@@ -640,7 +618,7 @@ async fn large_rooms_do_not_announce_presence() {
     assert!(joined.get("users").is_none(), "{joined}");
     assert_eq!(joined["user_count"], 3, "{joined}");
 
-    let (ack, _) = post_ok(&mut carol, "big", "hi all", "c1").await;
+    let (ack, _) = carol.post("big", "hi all", "c1").await;
     assert_eq!(seq(&ack), 3, "the next event follows directly: {ack}");
     for member in [&mut alice, &mut bob, &mut bob2] {
         assert_eq!(seq(&member.recv_type("message").await), 3);
@@ -695,7 +673,7 @@ async fn typing_reaches_others_unsequenced_and_ping_pongs() {
     expect_pong_next(&mut alice, "typing does not echo to its sender").await;
 
     // Not sequenced: the next event follows the last one directly.
-    let (ack, _) = post_ok(&mut bob, "typing", "after typing", "b1").await;
+    let (ack, _) = bob.post("typing", "after typing", "b1").await;
     assert_eq!(seq(&ack), 3);
     assert_eq!(seq(&alice.recv_type("message").await), 3);
     // Not stored.

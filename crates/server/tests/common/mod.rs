@@ -291,17 +291,25 @@ impl Client {
     }
 
     /// Sends a message with a client id and waits for its ack, collecting the frames that
-    /// arrive meanwhile (its own message copy among them).
+    /// arrive meanwhile (its own message copy among them). A `rate_limited` refusal is retried
+    /// after `retry_after_ms` with the same id (it was not posted and does not count for
+    /// de-duplication); any other error for this id fails the test.
     pub async fn post(&mut self, room: &str, content: &str, id: &str) -> (Value, Vec<Value>) {
-        self.send(json!({"type": "send", "room": room, "content": content, "id": id}))
-            .await;
+        let request = json!({"type": "send", "room": room, "content": content, "id": id});
+        self.send(request.clone()).await;
         let mut others = Vec::new();
         loop {
             let frame = self.recv().await;
-            if frame["type"] == "ack" && frame["id"] == id {
-                return (frame, others);
+            match frame["type"].as_str() {
+                Some("ack") if frame["id"] == id => return (frame, others),
+                Some("error") if frame["id"] == id && frame["code"] == "rate_limited" => {
+                    let wait = frame["retry_after_ms"].as_u64().unwrap_or(100).min(2000);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    self.send(request.clone()).await;
+                }
+                Some("error") if frame["id"] == id => panic!("send {id} to {room} failed: {frame}"),
+                _ => others.push(frame),
             }
-            others.push(frame);
         }
     }
 
