@@ -343,15 +343,7 @@ async fn a_member_that_stops_reading_is_closed_4009_and_others_get_everything() 
     let server = without_rate_limit(builder).start().await;
 
     // The slow member: a small receive buffer so the kernel does not soak up the backlog.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        server.ws_url("/ws?user=slow"),
-        MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("connect slow");
+    let mut slow = server.slow_reader("/ws?user=slow").await;
     assert_eq!(raw_recv(&mut slow).await["type"], "authenticated");
     slow.send(Message::text(
         json!({"type": "join", "room": "flood"}).to_string(),

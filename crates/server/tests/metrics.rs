@@ -10,7 +10,6 @@ use common::{token, Client, TestServer};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::MaybeTlsStream;
 
 /// One scrape: `name{labels}` -> value.
 struct Scrape(HashMap<String, f64>);
@@ -263,15 +262,7 @@ async fn a_slow_consumer_counts_one_4009() {
         .start()
         .await;
     // A member with a small receive buffer that stops reading after `joined`.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        server.ws_url("/ws?user=slow"),
-        MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
+    let mut slow = server.slow_reader("/ws?user=slow").await;
     slow.send(Message::text(
         json!({"type": "join", "room": "busy"}).to_string(),
     ))

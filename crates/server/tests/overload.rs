@@ -9,7 +9,6 @@ use common::{Event, TestServer, FRAME_TIMEOUT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::MaybeTlsStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_storm_disconnects_nobody() {
@@ -91,15 +90,7 @@ async fn a_slow_consumer_is_cut_off_and_recovers_everything_with_since() {
         .await;
 
     // The slow member has a small receive buffer so the kernel cannot hold the backlog.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        server.ws_url("/ws?user=slow"),
-        MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
+    let mut slow = server.slow_reader("/ws?user=slow").await;
     let read_json = |msg: Message| -> Option<Value> {
         match msg {
             Message::Text(t) => Some(serde_json::from_str(&t).unwrap()),

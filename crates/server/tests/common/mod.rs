@@ -143,6 +143,19 @@ impl TestServer {
         client
     }
 
+    /// A raw client with a 4 KiB receive buffer, so the kernel cannot soak up a backlog: the
+    /// member that stops reading in slow-consumer tests.
+    pub async fn slow_reader(&self, path: &str) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(self.addr).await.unwrap();
+        let (ws, _) =
+            tokio_tungstenite::client_async(self.ws_url(path), MaybeTlsStream::Plain(stream))
+                .await
+                .expect("connect the slow reader");
+        ws
+    }
+
     /// Triggers graceful shutdown and waits for `run` to return.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.stop().await
