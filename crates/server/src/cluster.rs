@@ -5,8 +5,10 @@
 //! Keys of a room (hash-tagged, so a room's keys stay together on any Redis layout):
 //! - `parley:{room}:seq` the latest seq, `parley:{room}:epoch` the log's incarnation;
 //! - `parley:{room}:log` a stream of the room's events, ids `<seq>-0`, fields `f` (the
-//!   encoded frame, byte for byte what members receive) and `e` (the epoch), capped at
-//!   `history.max_len` entries, with a TTL of `history.ttl_s` (when > 0) renewed on each write;
+//!   encoded frame, byte for byte what members receive), `e` (the epoch) and `t` (Redis's
+//!   clock in ms when it was appended), capped at `history.max_len` entries; with
+//!   `history.ttl_s` > 0, entries older than that are trimmed and the key expires that long
+//!   after the last write;
 //! - `parley:{room}:dedup:<len(user)>:<user>:<id>` the seq of a client id (SET NX EX 600);
 //! - `parley:{room}:users` user -> connections in the whole cluster;
 //!   `parley:{room}:presence:<node>` user -> connections on one node;
@@ -163,7 +165,18 @@ pub fn reason(err: &redis::RedisError) -> String {
 /// - `reap` room user dead_node count announce_max prefix suffix max_len ttl_s -> leave seq
 ///   or 0: removes a dead node's connections of one user, announcing the leave if they were
 ///   the user's last.
+/// - `sync` room user node target announce_max join_prefix join_suffix leave_prefix
+///   leave_suffix max_len ttl_s -> seq of the announced event or 0: sets the node's count of
+///   the user to `target` (the node's real local connections), announcing the join (count was
+///   0 in the cluster) or the leave (now 0 in the cluster) this makes. Presence repair after
+///   Redis trouble.
+/// - `trim` ttl_s -> 0: drops the room's events older than `ttl_s` (before a history read).
 /// - `padd` / `prem` room user node -> `{transition, people}`: presence only, no event.
+///
+/// Every appended event's stream entry also carries `t`, Redis's clock in ms: with
+/// `history.ttl_s` > 0 each append (and each join and `trim`) drops the entries older than
+/// that, so a busy room keeps its recent events; an idle room's stream expires as a whole
+/// `ttl_s` after its last event (by then every event in it is older than that).
 pub const SCRIPT: &str = r#"
 local p = KEYS[1]
 local op = ARGV[1]
@@ -177,12 +190,57 @@ local function epoch_of(candidate)
   end
   return e
 end
-local function append(e, prefix, suffix, max_len, ttl)
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function entry_seq(id) return tonumber(string.match(id, '^(%d+)')) end
+-- history.ttl_s: drops the events appended more than ttl seconds ago. They are the oldest
+-- entries of the stream (`t` is Redis's clock when each was appended), so this finds the
+-- first younger entry and trims everything below it (XTRIM MINID). Bounded work per call.
+local function trim(ttl)
+  ttl = tonumber(ttl)
+  if not ttl or ttl <= 0 then return end
+  local log = p .. ':log'
+  local cutoff = now_ms() - ttl * 1000
+  local last, start = nil, '-'
+  for _ = 1, 100 do
+    local got = redis.call('XRANGE', log, start, '+', 'COUNT', 100)
+    local young = false
+    for _, ent in ipairs(got) do
+      local t = nil
+      local fields = ent[2]
+      for j = 1, #fields, 2 do
+        if fields[j] == 't' then t = tonumber(fields[j + 1]) end
+      end
+      if not t or t >= cutoff then young = true; break end
+      last = ent[1]
+    end
+    if young or #got < 100 then break end
+    start = '(' .. last
+  end
+  if last then redis.call('XTRIM', log, 'MINID', fmt(entry_seq(last) + 1) .. '-0') end
+end
+-- Retention, as one node applies it at the end of a commit: history.max_len, history.ttl_s.
+local function retain(max_len, ttl)
+  redis.call('XTRIM', p .. ':log', 'MAXLEN', max_len)
+  trim(ttl)
+end
+-- Sequences, stores and publishes one event; retention is the caller's.
+local function add_event(e, prefix, suffix, ttl)
   local seq = redis.call('INCR', p .. ':seq')
   local frame = prefix .. fmt(seq) .. suffix
-  redis.call('XADD', p .. ':log', 'MAXLEN', max_len, fmt(seq) .. '-0', 'f', frame, 'e', e)
-  if tonumber(ttl) > 0 then redis.call('EXPIRE', p .. ':log', ttl) end
+  redis.call('XADD', p .. ':log', fmt(seq) .. '-0', 'f', frame, 'e', e, 't', fmt(now_ms()))
+  if tonumber(ttl) > 0 then
+    -- Every event is older than ttl once the room has been idle that long.
+    redis.call('EXPIRE', p .. ':log', ttl)
+  end
   redis.call('PUBLISH', p, fmt(seq) .. ' ' .. e .. ' ' .. frame)
+  return seq
+end
+local function append(e, prefix, suffix, max_len, ttl)
+  local seq = add_event(e, prefix, suffix, ttl)
+  retain(max_len, ttl)
   return seq
 end
 local function frames(entries)
@@ -195,9 +253,9 @@ local function frames(entries)
   end
   return out
 end
-local function add(room, user, node)
-  redis.call('HINCRBY', p .. ':presence:' .. node, user, 1)
-  local c = redis.call('HINCRBY', p .. ':users', user, 1)
+local function add(room, user, node, count)
+  redis.call('HINCRBY', p .. ':presence:' .. node, user, count)
+  local c = redis.call('HINCRBY', p .. ':users', user, count)
   redis.call('SADD', 'parley:node:' .. node .. ':rooms', room)
   redis.call('SADD', 'parley:nodes', node)
   redis.call('SADD', 'parley:rooms', room)
@@ -223,7 +281,10 @@ if op == 'msg' then
   if ARGV[4] ~= '' then
     dkey = p .. ':dedup:' .. fmt(string.len(ARGV[3])) .. ':' .. ARGV[3] .. ':' .. ARGV[4]
     local orig = redis.call('GET', dkey)
-    if orig then return {tonumber(orig), redis.call('GET', p .. ':epoch') or '', 1} end
+    -- Like one node: a message dropped by retention no longer de-duplicates.
+    if orig and #redis.call('XRANGE', p .. ':log', orig .. '-0', orig .. '-0') > 0 then
+      return {tonumber(orig), redis.call('GET', p .. ':epoch') or '', 1}
+    end
   end
   local e = epoch_of(ARGV[9])
   local seq = append(e, ARGV[5], ARGV[6], ARGV[7], ARGV[8])
@@ -233,13 +294,14 @@ if op == 'msg' then
 elseif op == 'join' then
   local room, user, node = ARGV[2], ARGV[3], ARGV[4]
   local e = epoch_of(ARGV[14])
-  local c, people = add(room, user, node)
+  local c, people = add(room, user, node, 1)
   -- The node is alive as of now, even if its heartbeat has not run since Redis came back.
   redis.call('SET', 'parley:node:' .. node .. ':alive', 1, 'PX', ARGV[15])
   local announce_max = tonumber(ARGV[9])
   local announced = 0
   if c == 1 and people <= announce_max then
-    append(e, ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+    -- Retention after the history is read, as one node does it (at the end of the commit).
+    add_event(e, ARGV[10], ARGV[11], ARGV[13])
     announced = 1
   end
   local head = tonumber(redis.call('GET', p .. ':seq') or '0')
@@ -275,6 +337,7 @@ elseif op == 'join' then
       for i = #f, 1, -1 do hist[#hist + 1] = f[i] end
     end
   end
+  retain(ARGV[12], ARGV[13])
   return {head, e, announced, people, users, hist, truncated, recovered}
 elseif op == 'leave' then
   local room, user, node = ARGV[2], ARGV[3], ARGV[4]
@@ -298,8 +361,32 @@ elseif op == 'reap' then
     if e then return append(e, ARGV[7], ARGV[8], ARGV[9], ARGV[10]) end
   end
   return 0
+elseif op == 'sync' then
+  -- Sets this node's connection count of one user to what the node really has (after Redis
+  -- trouble lost a leave or a join's answer, or a survivor reaped a node that was only cut
+  -- off), announcing the join or leave that the change makes, by the usual rules.
+  local room, user, node = ARGV[2], ARGV[3], ARGV[4]
+  local target = tonumber(ARGV[5])
+  local announce_max = tonumber(ARGV[6])
+  local n = tonumber(redis.call('HGET', p .. ':presence:' .. node, user) or '0')
+  local e = redis.call('GET', p .. ':epoch')
+  if target > n then
+    local c, people = add(room, user, node, target - n)
+    if c == target - n and people <= announce_max and e then
+      return append(e, ARGV[7], ARGV[8], ARGV[11], ARGV[12])
+    end
+  elseif target < n then
+    local last, after = remove(room, user, node, n - target)
+    if last and after < announce_max and e then
+      return append(e, ARGV[9], ARGV[10], ARGV[11], ARGV[12])
+    end
+  end
+  return 0
+elseif op == 'trim' then
+  trim(ARGV[2])
+  return 0
 elseif op == 'padd' then
-  local c, people = add(ARGV[2], ARGV[3], ARGV[4])
+  local c, people = add(ARGV[2], ARGV[3], ARGV[4], 1)
   if c == 1 then return {1, people} end
   return {0, people}
 elseif op == 'prem' then

@@ -254,8 +254,26 @@ impl Default for PresenceConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// Redis URLs; empty: single-node mode (SQLite). Several shard rooms by a stable hash of
-    /// the room name, so every node must list the same URLs in the same order.
+    /// the room name, so every node must list the same URLs in the same order. A single string
+    /// is read as a comma-separated list (`PARLEY_REDIS__URLS=redis://a,redis://b`).
+    #[serde(deserialize_with = "url_list")]
     pub urls: Vec<String>,
+}
+
+/// A list of URLs, or one string of comma-separated URLs (what an environment variable
+/// holds). An empty string is an empty list.
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match List::deserialize(d)? {
+        List::One(s) if s.trim().is_empty() => Vec::new(),
+        List::One(s) => s.split(',').map(|u| u.trim().to_owned()).collect(),
+        List::Many(urls) => urls,
+    })
 }
 
 /// `[api]`
@@ -433,7 +451,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "redis.urls",
         "[]",
-        "cluster mode: Redis URLs, sharded by room (--redis, PARLEY_REDIS_URL=a,b)",
+        "cluster mode: Redis URLs, sharded by room (--redis, PARLEY_REDIS_URL=a,b or PARLEY_REDIS__URLS=a,b)",
     ),
     (
         "api.key",
@@ -499,6 +517,12 @@ impl Config {
     /// Layers defaults, the TOML file, `PARLEY_SECTION__KEY` variables and the overrides, then
     /// checks the result.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_from(overrides, Env::prefixed("PARLEY_"))
+    }
+
+    /// [`Config::load`] with the environment layer read through `env` (tests use their own
+    /// prefix).
+    fn load_from(overrides: &Overrides, env: Env) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &overrides.config_file {
             figment = figment.merge(Toml::file_exact(path));
@@ -506,9 +530,7 @@ impl Config {
         figment = figment.merge(
             // Filter before splitting: figment applies each step to the key the previous one
             // produced, and after `split` no key contains `__` any more.
-            Env::prefixed("PARLEY_")
-                .filter(|key| key.as_str().contains("__"))
-                .split("__"),
+            env.filter(|key| key.as_str().contains("__")).split("__"),
         );
         for (key, value) in &overrides.values {
             figment = figment.merge((key.as_str(), value.clone()));
@@ -610,6 +632,61 @@ mod tests {
             names.len(),
             SETTINGS.len(),
             "SETTINGS names something that is not a field"
+        );
+    }
+
+    /// `PARLEY_REDIS__URLS="redis://a,redis://b"` is the list of shards, like `--redis a,b`.
+    /// The variables carry a prefix of this test's own, so no other test sees them.
+    #[test]
+    fn redis_urls_from_the_environment_are_a_comma_list() {
+        let load = |value: &str| {
+            let prefix = "PARLEYTEST_REDIS_URLS_";
+            std::env::set_var(format!("{prefix}REDIS__URLS"), value);
+            let config = Config::load_from(&Overrides::default(), Env::prefixed(prefix));
+            std::env::remove_var(format!("{prefix}REDIS__URLS"));
+            config
+        };
+        assert_eq!(
+            load("redis://a:6379,redis://b:6380/2").unwrap().redis.urls,
+            ["redis://a:6379", "redis://b:6380/2"]
+        );
+        assert_eq!(
+            load("redis://127.0.0.1:6379").unwrap().redis.urls,
+            ["redis://127.0.0.1:6379"]
+        );
+        assert_eq!(
+            load(" redis://a , redis://b ").unwrap().redis.urls,
+            ["redis://a", "redis://b"]
+        );
+        assert_eq!(
+            load(r#"["redis://a", "redis://b"]"#).unwrap().redis.urls,
+            ["redis://a", "redis://b"]
+        );
+        assert!(load("").unwrap().redis.urls.is_empty(), "empty: one node");
+        assert!(
+            matches!(load("redis://a,,redis://b"), Err(ConfigError::Invalid(_))),
+            "an empty entry is refused"
+        );
+        // The TOML file and --set take a list, or the same comma string.
+        let set = |value: toml::Value| {
+            Config::load_from(
+                &Overrides {
+                    config_file: None,
+                    values: vec![("redis.urls".to_owned(), value)],
+                },
+                Env::prefixed("PARLEYTEST_NOTHING_"),
+            )
+            .unwrap()
+            .redis
+            .urls
+        };
+        assert_eq!(
+            set(toml::Value::Array(vec!["redis://a".into()])),
+            ["redis://a"]
+        );
+        assert_eq!(
+            set("redis://a,redis://b".into()),
+            ["redis://a", "redis://b"]
         );
     }
 

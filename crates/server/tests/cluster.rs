@@ -747,3 +747,196 @@ async fn redis_killed_mid_traffic_loses_no_acked_message() {
         assert!(seen.contains(seq), "acked seq {seq} reached alice");
     }
 }
+
+/// `parley_room_memberships` on a node, from `/metrics`.
+async fn memberships(server: &TestServer) -> u64 {
+    let (_, body) = http_get(&server.http_url("/metrics")).await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("parley_room_memberships "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no parley_room_memberships in {body}")) as u64
+}
+
+/// Waits until the node has handled every leave: its membership gauge is `n`.
+async fn wait_memberships(server: &TestServer, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while memberships(server).await != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "memberships reach {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A leave (explicit, or a disconnect) while Redis is down cannot be recorded there; once
+/// Redis is back (with its data), the node rewrites its presence entries from its local
+/// members: the others see each leave, once, and presence no longer lists the users.
+#[tokio::test]
+async fn leaves_while_redis_is_down_are_announced_when_it_is_back() {
+    let mut redis = RedisServer::start_persistent();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut dave = a.user("dave").await;
+    dave.join("r").await;
+    // Carol keeps one of two tabs: her presence must survive the repair.
+    let mut carol1 = a.user("carol").await;
+    carol1.join("r").await;
+    let mut carol2 = a.user("carol").await;
+    carol2.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    let (ack, _) = bob.post("r", "m0", "m0").await;
+    let mut last = ack["seq"].as_u64().unwrap();
+    wait_memberships(&a, 4).await;
+
+    redis.kill();
+    alice.send(json!({"type": "leave", "room": "r"})).await;
+    alice.skip_until("left").await;
+    dave.drop_abruptly();
+    carol2.drop_abruptly();
+    // Node A has handled all three leaves (and failed to record them) before Redis is back.
+    wait_memberships(&a, 1).await;
+    redis.restart();
+
+    // Bob sees exactly the leaves of alice and dave. His node may have to close him with
+    // 4009 while Redis comes back; he then resumes with since/epoch and misses nothing.
+    let mut leaves = Vec::new();
+    while leaves.len() < 2 {
+        match bob.next_event().await {
+            common::Event::Frame(f) if f["type"] == "system" => {
+                last = last.max(f["seq"].as_u64().unwrap());
+                if f["event"] == "leave" {
+                    leaves.push(f["user"].as_str().unwrap().to_owned());
+                }
+            }
+            common::Event::Frame(f) if f["type"] == "message" => {
+                last = last.max(f["seq"].as_u64().unwrap());
+            }
+            common::Event::Frame(_) => {}
+            common::Event::Close(4009) => {
+                bob = b.user("bob").await;
+                bob.send(json!({"type": "join", "room": "r", "since": last, "epoch": epoch}))
+                    .await;
+                let j = bob.recv_type("joined").await;
+                assert_eq!(j["recovered"], true, "Redis kept its data: {j}");
+                for f in j["history"].as_array().unwrap() {
+                    last = f["seq"].as_u64().unwrap();
+                    if f["event"] == "leave" && f["user"] != "bob" {
+                        leaves.push(f["user"].as_str().unwrap().to_owned());
+                    }
+                }
+            }
+            other => panic!("bob: {other:?}"),
+        }
+    }
+    leaves.sort();
+    assert_eq!(leaves, ["alice", "dave"]);
+    let mut eve = b.user("eve").await;
+    let joined = eve.join("r").await;
+    assert_eq!(joined["users"], json!(["bob", "carol", "eve"]));
+    // Announced once: after eve's join, nothing but the marker.
+    let before = frames_until_marker(&mut eve, "r", "m2").await;
+    assert!(before.is_empty(), "{before:?}");
+    drop(carol1);
+}
+
+/// A node cut off from Redis long enough to be reaped keeps its members; when its heartbeat
+/// goes through again it counts them again and announces their joins, so presence matches
+/// who is really connected.
+#[tokio::test]
+async fn users_reaped_while_their_node_was_cut_off_come_back() {
+    use parley_protocol::server::ServerFrame;
+    let redis = RedisServer::start();
+    let start = || {
+        TestServer::builder()
+            .set("redis.urls", toml::Value::Array(vec![redis.url().into()]))
+            .set("presence.ttl_ms", 1000)
+            .start()
+    };
+    let (a, b) = (start().await, start().await);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    let _ = frames_until_marker(&mut alice, "r", "m0").await;
+
+    // What a survivor does to a node it takes for dead: the script's `reap` of alice's
+    // connection on node A, announcing her leave.
+    let node_a = cli(&redis, &["--raw", "KEYS", "parley:{r}:presence:*"])
+        .lines()
+        .filter_map(|k| k.strip_prefix("parley:{r}:presence:"))
+        .find(|node| {
+            cli(
+                &redis,
+                &["--raw", "HKEYS", &format!("parley:{{r}}:presence:{node}")],
+            )
+            .lines()
+            .any(|u| u == "alice")
+        })
+        .expect("alice's node has a presence hash")
+        .to_owned();
+    let frame = ServerFrame::System {
+        room: "r",
+        seq: parley::cluster::seq_placeholder(),
+        event: "leave",
+        user: "alice",
+        content: "alice left the room",
+        ts: "2020-01-01T00:00:00.000Z",
+    }
+    .encode();
+    let (prefix, suffix) = parley::cluster::split_frame(&frame);
+    let shards = parley::cluster::Shards::open(&[redis.url()]).unwrap();
+    let mut conn = shards.shards[0].conn.clone();
+    let seq: u64 = redis::Script::new(parley::cluster::SCRIPT)
+        .key("parley:{r}")
+        .arg("reap")
+        .arg("r")
+        .arg("alice")
+        .arg(&node_a)
+        .arg(1)
+        .arg(1000)
+        .arg(prefix)
+        .arg(suffix)
+        .arg(10_000)
+        .arg(0)
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(seq > 0, "the leave was announced");
+    let leave = bob.skip_until("system").await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("leave"), &json!("alice"))
+    );
+
+    // The cut itself: Redis answers no write for longer than a node waits (2 s), so both
+    // nodes' heartbeats fail, as they would have while the node was cut off.
+    cli(&redis, &["CLIENT", "PAUSE", "2500", "WRITE"]);
+    let join = bob.skip_until("system").await;
+    assert_eq!(
+        (&join["event"], &join["user"]),
+        (&json!("join"), &json!("alice")),
+        "alice is back"
+    );
+    let mut eve = b.user("eve").await;
+    let joined = eve.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob", "eve"]));
+    // Alice never noticed, and her stream went on: she saw the leave and join like anyone.
+    let before = frames_until_marker(&mut alice, "r", "m1").await;
+    let events: Vec<(&Value, &Value)> = before
+        .iter()
+        .filter(|f| f["type"] == "system")
+        .map(|f| (&f["event"], &f["user"]))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (&json!("leave"), &json!("alice")),
+            (&json!("join"), &json!("alice")),
+            (&json!("join"), &json!("eve"))
+        ]
+    );
+}

@@ -21,6 +21,7 @@
 //!   the member and queues `left`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use futures_util::StreamExt;
 use parley_protocol::server::{json_array, ServerFrame};
 use parley_protocol::{CloseCode, ErrorCode};
 use redis::{FromRedisValue, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -50,6 +51,8 @@ const QUEUE_DEPTH: usize = 65_536;
 /// How long a room actor waits for pub/sub to bring an event it knows exists before it reads
 /// the stream instead.
 const CATCH_UP_WAIT: Duration = Duration::from_millis(200);
+/// How soon the heartbeat retries a presence repair that could not run yet.
+const REPAIR_RETRY: Duration = Duration::from_millis(250);
 /// Reconnect backoff of a subscriber connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -84,6 +87,12 @@ struct Inner {
     publishers: Vec<mpsc::Sender<Publish>>,
     /// Per shard: why its subscriber connection is down, if it is.
     sub_down: Vec<Mutex<Option<String>>>,
+    /// Per shard: a presence change may have been lost (a join or leave script failed, or the
+    /// heartbeat did, so survivors may have reaped this node): rewrite this node's presence
+    /// entries from its local members once Redis answers again.
+    dirty: Vec<AtomicBool>,
+    /// Wakes the heartbeat task early when a shard becomes dirty.
+    repair: Notify,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -105,6 +114,14 @@ enum RoomCmd {
         LeaveRequest,
         Option<oneshot::Sender<Result<(), BrokerError>>>,
     ),
+    /// Make this node's presence entries of the room match its local members.
+    Reconcile(oneshot::Sender<Result<(), BrokerError>>),
+}
+
+/// A local member of a room.
+struct Member {
+    user: Arc<str>,
+    outbound: Arc<Outbound>,
 }
 
 enum RoomEvent {
@@ -155,6 +172,8 @@ impl RedisBroker {
             sub_down: (0..n)
                 .map(|_| Mutex::new(Some("connecting".to_owned())))
                 .collect(),
+            dirty: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            repair: Notify::new(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -169,7 +188,14 @@ impl RedisBroker {
     }
 
     fn room_cmd(&self, room: &Arc<str>, cmd: RoomCmd) {
-        let mut rooms = self.inner.rooms.lock().expect("rooms lock");
+        Inner::room_cmd(&self.inner, room, cmd);
+    }
+}
+
+impl Inner {
+    /// Hands a command to the room's actor, starting one when the room has none.
+    fn room_cmd(inner: &Arc<Inner>, room: &Arc<str>, cmd: RoomCmd) {
+        let mut rooms = inner.rooms.lock().expect("rooms lock");
         let handle = match rooms.get(room) {
             Some(handle) => handle.clone(),
             None => {
@@ -181,7 +207,7 @@ impl RedisBroker {
                 };
                 rooms.insert(room.clone(), handle.clone());
                 let actor = RoomActor {
-                    inner: self.inner.clone(),
+                    inner: inner.clone(),
                     room: room.clone(),
                     cmds: cmd_rx,
                     events: ev_rx,
@@ -190,7 +216,7 @@ impl RedisBroker {
                     epoch: String::new(),
                     subscribed: false,
                 };
-                self.inner.tasks.spawn(actor.run());
+                inner.tasks.spawn(actor.run());
                 handle
             }
         };
@@ -236,6 +262,12 @@ impl Broker for RedisBroker {
         if query.before == Some(0) {
             // Nothing is below seq 1 (and `(0-0` is no valid exclusive bound).
             return Ok(Page::default());
+        }
+        let ttl_s = self.inner.parts.history.ttl_s;
+        if ttl_s > 0 {
+            // Events older than history.ttl_s are gone for readers too, however idle the room.
+            let args = Args::new(room, "trim").arg(ttl_s).0;
+            eval_one::<u64>(&self.inner, room, args).await?;
         }
         let mut conn = self.inner.shards.for_room(room).conn.clone();
         let log = format!("{}:log", room_key(room));
@@ -735,11 +767,14 @@ async fn subscriber(inner: Arc<Inner>, shard: usize, mut cmds: mpsc::UnboundedRe
     }
 }
 
-/// Refreshes this node's heartbeat key on every shard, three times per `presence.ttl_ms`,
-/// and reaps nodes whose heartbeat expired.
+/// Refreshes this node's heartbeat key on every shard, three times per `presence.ttl_ms`;
+/// repairs this node's presence entries on a shard where a change may have been lost (see
+/// [`reconcile`]) once that shard answers again; and reaps nodes whose heartbeat expired.
 async fn heartbeat(inner: Arc<Inner>) {
     let ttl = inner.parts.presence_ttl;
     let key = format!("parley:node:{}:alive", inner.parts.node);
+    // Per shard: since when this node's heartbeats there have succeeded without a break.
+    let mut up_since: Vec<Option<Instant>> = vec![None; inner.shards.shards.len()];
     loop {
         for (index, shard) in inner.shards.shards.iter().enumerate() {
             let mut conn = shard.conn.clone();
@@ -758,17 +793,76 @@ async fn heartbeat(inner: Arc<Inner>) {
                 .await;
             if let Err(e) = r {
                 debug!(shard = shard.index, error = %e, "heartbeat failed");
+                up_since[index] = None;
+                // If this lasts, survivors reap this node: its entries are rewritten when the
+                // shard answers again.
+                inner.dirty[index].store(true, Ordering::Release);
                 continue;
             }
-            if let Err(e) = reap_dead(&inner, index).await {
-                debug!(shard = shard.index, error = %e, "reaping dead nodes failed");
+            let up = *up_since[index].get_or_insert_with(Instant::now);
+            if inner.dirty[index].swap(false, Ordering::AcqRel) {
+                if let Err(e) = reconcile(&inner, index).await {
+                    debug!(shard = shard.index, error = %e, "presence repair failed; retrying");
+                    inner.dirty[index].store(true, Ordering::Release);
+                }
+            }
+            // A node can tell a dead peer from one that has not refreshed yet only after it has
+            // itself been refreshing for a whole ttl (at start, and after Redis was away, every
+            // live node's key may be missing for a moment).
+            if up.elapsed() >= ttl {
+                if let Err(e) = reap_dead(&inner, index).await {
+                    debug!(shard = shard.index, error = %e, "reaping dead nodes failed");
+                }
             }
         }
+        let pause = if inner.dirty.iter().any(|d| d.load(Ordering::Acquire)) {
+            (ttl / 3).min(REPAIR_RETRY)
+        } else {
+            ttl / 3
+        };
         tokio::select! {
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = inner.repair.notified() => {}
             _ = inner.stop.cancelled() => return,
         }
     }
+}
+
+/// Rewrites this node's presence entries on one shard from its local members: every room
+/// where Redis has entries of this node, and every room where it has local members, is
+/// reconciled by its room actor (serialised with the room's joins and leaves).
+async fn reconcile(inner: &Arc<Inner>, shard: usize) -> Result<(), BrokerError> {
+    let mut conn = inner.shards.shards[shard].conn.clone();
+    let stored: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("parley:node:{}:rooms", inner.parts.node))
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| unavailable(cluster::reason(&e)))?;
+    let mut rooms: HashSet<Arc<str>> = stored.into_iter().map(Arc::from).collect();
+    rooms.extend(
+        inner
+            .rooms
+            .lock()
+            .expect("rooms lock")
+            .keys()
+            .filter(|room| inner.shards.index_of(room) == shard)
+            .cloned(),
+    );
+    let mut waiting = Vec::with_capacity(rooms.len());
+    for room in &rooms {
+        let (tx, rx) = oneshot::channel();
+        Inner::room_cmd(inner, room, RoomCmd::Reconcile(tx));
+        waiting.push(rx);
+    }
+    let mut result = Ok(());
+    for rx in waiting {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(BrokerError::Closed),
+        }
+    }
+    result
 }
 
 /// Finds nodes on a shard whose heartbeat key expired and, under a lock only one survivor
@@ -873,6 +967,12 @@ fn parse_event(payload: &[u8]) -> Option<Event> {
 }
 
 impl Inner {
+    /// A presence change in `room` may not have reached Redis: repair the room's shard.
+    fn presence_dirty(&self, room: &str) {
+        self.dirty[self.shards.index_of(room)].store(true, Ordering::Release);
+        self.repair.notify_one();
+    }
+
     fn event(&self, room: &str, event: RoomEvent) {
         let rooms = self.rooms.lock().expect("rooms lock");
         if let Some(handle) = rooms.get(room) {
@@ -887,7 +987,7 @@ struct RoomActor {
     room: Arc<str>,
     cmds: mpsc::UnboundedReceiver<RoomCmd>,
     events: mpsc::UnboundedReceiver<RoomEvent>,
-    members: HashMap<ConnId, Arc<Outbound>>,
+    members: HashMap<ConnId, Member>,
     /// The next seq to deliver; meaningful only while there are members.
     next: u64,
     /// The epoch the members' stream belongs to.
@@ -952,6 +1052,10 @@ impl RoomActor {
                     let _ = reply.send(Ok(()));
                 }
             }
+            RoomCmd::Reconcile(reply) => {
+                let result = self.reconcile().await;
+                let _ = reply.send(result);
+            }
         }
     }
 
@@ -996,8 +1100,10 @@ impl RoomActor {
             .arg(cluster::new_epoch())
             .arg(parts.presence_ttl.as_millis() as u64)
             .0;
-        let (head, epoch, _announced, people, users, mut history, truncated, recovered): JoinReply =
-            eval_one(&self.inner, &req.room, args).await?;
+        let reply: Result<JoinReply, BrokerError> = eval_one(&self.inner, &req.room, args).await;
+        // The script may have run even though its answer was lost.
+        let (head, epoch, _announced, people, users, mut history, truncated, recovered) =
+            reply.inspect_err(|_| self.inner.presence_dirty(&self.room))?;
         let truncated = (recovered == 1
             && super::cap_replay(&mut history, self.inner.parts.history.max_replay_bytes))
             || truncated == 1;
@@ -1038,7 +1144,13 @@ impl RoomActor {
             .parts
             .hub
             .add(&req.room, req.conn, req.outbound.clone());
-        self.members.insert(req.conn, req.outbound);
+        self.members.insert(
+            req.conn,
+            Member {
+                user: req.user.clone(),
+                outbound: req.outbound,
+            },
+        );
         self.inner.parts.metrics.memberships.inc();
         Ok(())
     }
@@ -1057,17 +1169,21 @@ impl RoomActor {
             .arg(parts.history.ttl_s)
             .0;
         let outcome: Result<(u64, u64), BrokerError> = eval_one(&self.inner, &req.room, args).await;
-        if self.members.contains_key(&req.conn) {
-            match outcome {
-                Ok((leave_seq, head)) => {
-                    // Everything sequenced before the leave reaches the leaver; its own leave
-                    // event does not.
-                    let target = if leave_seq > 0 { leave_seq - 1 } else { head };
-                    if !self.catch_up(target).await {
-                        self.evict("missed events could not be recovered");
-                    }
+        match outcome {
+            Ok((leave_seq, head)) if self.members.contains_key(&req.conn) => {
+                // Everything sequenced before the leave reaches the leaver; its own leave
+                // event does not.
+                let target = if leave_seq > 0 { leave_seq - 1 } else { head };
+                if !self.catch_up(target).await {
+                    self.evict("missed events could not be recovered");
                 }
-                Err(e) => debug!(room = %req.room, error = %e, "leave not announced"),
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Redis still counts this connection: the node rewrites its presence entries
+                // from its local members once Redis answers again (announcing the leave then).
+                debug!(room = %req.room, error = %e, "leave not recorded yet");
+                self.inner.presence_dirty(&req.room);
             }
         }
         self.members.remove(&req.conn);
@@ -1078,6 +1194,68 @@ impl RoomActor {
                 ServerFrame::Left { room: &req.room }.encode(),
             ));
         }
+    }
+
+    /// Makes this node's presence entries of the room (`:presence:<node>`, and through it
+    /// `:users`) match the local members: a user whose leave Redis never recorded (it was away)
+    /// leaves now, announced if that was their last connection in the cluster; a user the
+    /// cluster lost while this node was cut off (reaped by a survivor) is counted again and
+    /// announced as joining.
+    async fn reconcile(&mut self) -> Result<(), BrokerError> {
+        let parts = &self.inner.parts;
+        let node = &parts.node;
+        let mut conn = self.inner.shards.for_room(&self.room).conn.clone();
+        let stored: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(format!("{}:presence:{node}", room_key(&self.room)))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(cluster::reason(&e)))?;
+        let mut local: HashMap<&str, u64> = HashMap::new();
+        for member in self.members.values() {
+            *local.entry(&member.user).or_default() += 1;
+        }
+        let mut changes: Vec<(String, u64)> = stored
+            .iter()
+            .filter_map(|(user, &count)| {
+                let want = local.get(user.as_str()).copied().unwrap_or(0);
+                (want != count).then(|| (user.clone(), want))
+            })
+            .collect();
+        changes.extend(
+            local
+                .iter()
+                .filter(|(user, _)| !stored.contains_key(**user))
+                .map(|(user, &count)| ((*user).to_owned(), count)),
+        );
+        if stored.is_empty() && local.is_empty() {
+            // Nothing of this node here: drop the room from the node's set.
+            let _: () = redis::cmd("SREM")
+                .arg(format!("parley:node:{node}:rooms"))
+                .arg(&*self.room)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(cluster::reason(&e)))?;
+        }
+        for (user, target) in changes {
+            let (join_prefix, join_suffix) = system_parts(&self.room, &user, true);
+            let (leave_prefix, leave_suffix) = system_parts(&self.room, &user, false);
+            let args = Args::new(&self.room, "sync")
+                .arg(&self.room)
+                .arg(&user)
+                .arg(node)
+                .arg(target)
+                .arg(parts.announce_max)
+                .arg(join_prefix)
+                .arg(join_suffix)
+                .arg(leave_prefix)
+                .arg(leave_suffix)
+                .arg(parts.history.max_len)
+                .arg(parts.history.ttl_s)
+                .0;
+            let seq: u64 = eval_one(&self.inner, &self.room, args).await?;
+            info!(room = %self.room, user, connections = target, announced = seq, "presence repaired");
+        }
+        Ok(())
     }
 
     /// Delivers every event up to `target`: from pub/sub when it comes soon, else from the
@@ -1193,9 +1371,9 @@ impl RoomActor {
             return;
         }
         warn!(room = %self.room, members = self.members.len(), why, "closing local members with 4009");
-        for (conn, outbound) in self.members.drain() {
+        for (conn, member) in self.members.drain() {
             self.inner.parts.hub.remove(&self.room, conn);
-            outbound.close(CloseCode::SlowConsumer);
+            member.outbound.close(CloseCode::SlowConsumer);
         }
     }
 }

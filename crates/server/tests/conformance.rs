@@ -1,0 +1,737 @@
+//! One contract, two brokers: every scenario here runs once against a single node (the SQLite
+//! sequencer) and once against a cluster (two nodes over one `redis-server`, the Redis broker
+//! and Redis presence). Where a scenario has two connections they sit on two different nodes
+//! of the cluster; on one node they share the server. Real servers, real WebSocket clients,
+//! a real `redis-server` child process.
+//!
+//! `conformance!` at the bottom turns each scenario into `single_node::<name>` and
+//! `cluster::<name>`.
+
+mod common;
+mod redis_server;
+
+use std::time::Duration;
+
+use common::{Client, TestServer};
+use redis_server::RedisServer;
+use serde_json::{json, Value};
+
+/// Which broker a scenario runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// One node, SQLite.
+    Single,
+    /// Two nodes sharing one Redis.
+    Cluster,
+}
+
+const API_KEY: &str = "conformance-key";
+
+/// The servers of one scenario.
+struct Nodes {
+    servers: Vec<TestServer>,
+    _redis: Option<RedisServer>,
+}
+
+impl Nodes {
+    /// One node, or two cluster nodes over a fresh `redis-server`, with `settings` on each
+    /// (and generous send limits: these scenarios are about order, not rate limits).
+    async fn start(mode: Mode, settings: &[(&str, toml::Value)]) -> Nodes {
+        let redis = (mode == Mode::Cluster).then(RedisServer::start);
+        let count = if redis.is_some() { 2 } else { 1 };
+        let mut servers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut builder = TestServer::builder()
+                .set("limits.send_rate", 10_000)
+                .set("limits.send_burst", 10_000)
+                .set("api.key", API_KEY);
+            if let Some(redis) = &redis {
+                builder = builder.set("redis.urls", toml::Value::Array(vec![redis.url().into()]));
+            }
+            for (key, value) in settings {
+                builder = builder.set(key, value.clone());
+            }
+            servers.push(builder.start().await);
+        }
+        Nodes {
+            servers,
+            _redis: redis,
+        }
+    }
+
+    /// Node `i`: in a cluster, 0 and 1 are different nodes; alone, both are the one server.
+    fn node(&self, i: usize) -> &TestServer {
+        &self.servers[i % self.servers.len()]
+    }
+
+    /// The people in `room` as `GET /api/rooms/{room}/users` on node `i` reports them.
+    async fn users(&self, i: usize, room: &str) -> Vec<String> {
+        let url = self.node(i).http_url(&format!("/api/rooms/{room}/users"));
+        let body: Value = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["users"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"))
+            .iter()
+            .map(|u| u.as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect()
+}
+
+/// `(event, user)` of the system frames among `frames`.
+fn events(frames: &[Value]) -> Vec<(String, String)> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "system")
+        .map(|f| {
+            (
+                f["event"].as_str().unwrap().to_owned(),
+                f["user"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn ev(event: &str, user: &str) -> (String, String) {
+    (event.to_owned(), user.to_owned())
+}
+
+fn contents(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Posts a marker and returns every frame that arrived before the marker's own copy and ack
+/// (both consumed). Events are delivered in seq order, so everything sequenced before the
+/// marker is among them.
+async fn until_marker(client: &mut Client, room: &str, marker: &str) -> Vec<Value> {
+    mark(client, room, marker).await.1
+}
+
+/// [`until_marker`], also returning the marker's seq.
+async fn mark(client: &mut Client, room: &str, marker: &str) -> (u64, Vec<Value>) {
+    client
+        .send(json!({"type": "send", "room": room, "content": marker, "id": marker}))
+        .await;
+    let mut before = Vec::new();
+    let (mut acked, mut seen) = (None, false);
+    while !(acked.is_some() && seen) {
+        let frame = client.recv().await;
+        if frame["type"] == "ack" && frame["id"] == marker {
+            acked = frame["seq"].as_u64();
+        } else if frame["type"] == "message" && frame["id"] == marker {
+            seen = true;
+        } else {
+            before.push(frame);
+        }
+    }
+    (acked.unwrap(), before)
+}
+
+/// Reads until the system event `event` of `user`; returns it.
+async fn wait_event(client: &mut Client, event: &str, user: &str) -> Value {
+    loop {
+        let frame = client.skip_until("system").await;
+        if frame["event"] == event && frame["user"] == user {
+            return frame;
+        }
+    }
+}
+
+/// Joins `room` (skipping frames of other rooms still queued); returns `joined`.
+async fn join(client: &mut Client, room: &str) -> Value {
+    client.send(json!({"type": "join", "room": room})).await;
+    client.skip_until("joined").await
+}
+
+async fn send_n(client: &mut Client, who: &str, n: usize) {
+    for i in 0..n {
+        client
+            .send(json!({"type": "send", "room": "r", "content": format!("{who} {i}"), "id": format!("{who}-{i}")}))
+            .await;
+    }
+}
+
+/// Reads until a sequenced frame (message or system) with `seq` arrives; returns the sequenced
+/// frames read, that one included.
+async fn read_to_seq(client: &mut Client, seq: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        if frame["seq"].is_u64() && frame["type"] != "ack" {
+            let s = frame["seq"].as_u64().unwrap();
+            out.push(frame);
+            if s >= seq {
+                return out;
+            }
+        }
+    }
+}
+
+/// A `history` request; returns the page's events and `more`.
+async fn history(client: &mut Client, room: &str, query: Value) -> (Vec<Value>, bool) {
+    let mut request = json!({"type": "history", "room": room});
+    request
+        .as_object_mut()
+        .unwrap()
+        .extend(query.as_object().unwrap().clone());
+    client.send(request).await;
+    let page = client.skip_until("history").await;
+    (
+        page["messages"].as_array().unwrap().clone(),
+        page["more"].as_bool().unwrap(),
+    )
+}
+
+/// A join with `since` and `epoch`; returns the `joined` frame.
+async fn join_since(client: &mut Client, room: &str, since: u64, epoch: &str) -> Value {
+    client
+        .send(json!({"type": "join", "room": room, "since": since, "epoch": epoch}))
+        .await;
+    client.skip_until("joined").await
+}
+
+fn range(from: u64, to: u64) -> Vec<u64> {
+    (from..=to).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// Concurrent senders on both nodes: every member sees one contiguous sequence, the same frames
+/// byte for byte, each sender's messages in the order sent; each ack names the seq its message
+/// was delivered with; history is what was delivered.
+async fn one_order_for_concurrent_senders(mode: Mode) {
+    let nodes = Nodes::start(mode, &[]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let mut bob = nodes.node(1).user("bob").await;
+    let mut carol = nodes.node(0).user("carol").await;
+    let mut dave = nodes.node(1).user("dave").await;
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        c.join("r").await;
+    }
+    // Everyone reads up to a marker, past the join events.
+    let (start, _) = mark(&mut alice, "r", "start").await;
+    for c in [&mut bob, &mut carol, &mut dave] {
+        read_to_seq(c, start).await;
+    }
+
+    const N: usize = 30;
+    tokio::join!(send_n(&mut alice, "alice", N), send_n(&mut bob, "bob", N));
+
+    // Each reads 2N messages; the senders also their N acks.
+    let mut seen = Vec::new();
+    let mut acks = Vec::new();
+    for (c, sender) in [
+        (&mut alice, true),
+        (&mut bob, true),
+        (&mut carol, false),
+        (&mut dave, false),
+    ] {
+        let (mut messages, mut acked) = (Vec::new(), Vec::new());
+        while messages.len() < 2 * N || (sender && acked.len() < N) {
+            let frame = c.recv().await;
+            match frame["type"].as_str() {
+                Some("message") => messages.push(frame),
+                Some("ack") => acked.push(frame),
+                other => panic!("unexpected {other:?}: {frame}"),
+            }
+        }
+        seen.push(messages);
+        acks.push(acked);
+    }
+    let first = seqs(&seen[0]);
+    assert_eq!(first, range(start + 1, start + 2 * N as u64), "contiguous");
+    for other in &seen[1..] {
+        assert_eq!(
+            other, &seen[0],
+            "every member sees the same frames in the same order"
+        );
+    }
+    for who in ["alice", "bob"] {
+        let mine: Vec<String> = seen[0]
+            .iter()
+            .filter(|f| f["user"] == who)
+            .map(|f| f["content"].as_str().unwrap().to_owned())
+            .collect();
+        let sent: Vec<String> = (0..N).map(|i| format!("{who} {i}")).collect();
+        assert_eq!(mine, sent, "{who}'s messages keep their order");
+    }
+    // Acks come in send order and name the seq each message was delivered with.
+    for acked in &acks[..2] {
+        let mut last = 0;
+        for ack in acked {
+            let seq = ack["seq"].as_u64().unwrap();
+            assert!(seq > last, "acks in send order: {acked:?}");
+            last = seq;
+            let delivered = seen[0].iter().find(|f| f["id"] == ack["id"]).unwrap();
+            assert_eq!(delivered["seq"], ack["seq"], "{ack}");
+        }
+    }
+    // The log, read through the other node, is what was delivered.
+    let mut eve = nodes.node(1).user("eve").await;
+    let (page, more) = history(&mut eve, "r", json!({"after": start, "limit": 200})).await;
+    assert!(!more);
+    assert_eq!(page, seen[0], "history equals what was delivered");
+}
+
+/// An ack is sent after the store: the message is readable through another node as soon as
+/// the ack arrives. A resend of the same `id` by the same user, from any tab on any node,
+/// answers the original seq and posts nothing; ids are per user and per room.
+async fn acks_follow_the_store_and_resends_are_deduplicated(mode: Mode) {
+    let nodes = Nodes::start(mode, &[]).await;
+    let mut tab1 = nodes.node(0).user("alice").await;
+    tab1.join("r").await;
+    let mut tab2 = nodes.node(1).user("alice").await;
+    tab2.join("r").await;
+    let mut bob = nodes.node(1).user("bob").await;
+    bob.join("r").await;
+    let mut reader = nodes.node(1).user("reader").await;
+
+    let (ack, _) = tab1.post("r", "hello", "c-1").await;
+    let seq = ack["seq"].as_u64().unwrap();
+    let (page, _) = history(&mut reader, "r", json!({"after": seq - 1, "limit": 1})).await;
+    assert_eq!(page.len(), 1, "acked means stored: {page:?}");
+    assert_eq!(
+        (&page[0]["seq"], &page[0]["id"], &page[0]["content"]),
+        (&json!(seq), &json!("c-1"), &json!("hello"))
+    );
+    let got = read_to_seq(&mut bob, seq).await;
+    assert_eq!(got.last().unwrap()["id"], "c-1");
+
+    // The same id again, from the other tab on the other node, and from the first tab with
+    // another text: the original seq, nothing posted.
+    let (again, _) = tab2.post("r", "hello", "c-1").await;
+    assert_eq!(again["seq"], seq, "{again}");
+    let (again, _) = tab1.post("r", "something else", "c-1").await;
+    assert_eq!(again["seq"], seq, "{again}");
+    let before = until_marker(&mut bob, "r", "m1").await;
+    assert!(before.is_empty(), "a resend posts nothing: {before:?}");
+
+    // Another user's id is theirs; the same id in another room is another message.
+    let (theirs, _) = bob.post("r", "hello", "c-1").await;
+    assert!(theirs["seq"].as_u64().unwrap() > seq);
+    join(&mut tab1, "r2").await;
+    let (other_room, _) = tab1.post("r2", "hello", "c-1").await;
+    assert_eq!(other_room["room"], "r2");
+    let (page, _) = history(&mut reader, "r2", json!({})).await;
+    assert_eq!(contents(&page), ["hello"]);
+
+    let (page, _) = history(&mut reader, "r", json!({"limit": 200})).await;
+    let ids: Vec<(&Value, &Value)> = page
+        .iter()
+        .filter(|f| f["id"] == "c-1")
+        .map(|f| (&f["user"], &f["seq"]))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (&json!("alice"), &json!(seq)),
+            (&json!("bob"), &theirs["seq"])
+        ]
+    );
+}
+
+/// `joined` carries the latest `history.on_join` events (the joiner's own join last); a
+/// rejoin on another node with `since`/`epoch` gets exactly the events it missed
+/// (`recovered: true`) and then the live stream without a gap or a duplicate; a wrong epoch,
+/// or a `since` beyond the head, gives `recovered: false` and the latest events instead.
+async fn joined_history_and_since_recovery(mode: Mode) {
+    let nodes = Nodes::start(mode, &[("history.on_join", 5.into())]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(joined["seq"], 1);
+    assert_eq!(
+        events(joined["history"].as_array().unwrap()),
+        [ev("join", "alice")]
+    );
+    assert!(
+        joined.get("recovered").is_none(),
+        "only with since: {joined}"
+    );
+    for i in 0..10 {
+        alice.post("r", &format!("m{i}"), &format!("c{i}")).await;
+    }
+
+    let mut bob = nodes.node(1).user("bob").await;
+    let joined = bob.join("r").await;
+    let head = joined["seq"].as_u64().unwrap();
+    assert_eq!(head, 12);
+    assert_eq!(joined["epoch"], epoch.as_str(), "one epoch per room");
+    assert_eq!(joined["users"], json!(["alice", "bob"]));
+    assert_eq!(joined["user_count"], 2);
+    let history = joined["history"].as_array().unwrap();
+    assert_eq!(seqs(history), range(head - 4, head), "the latest on_join");
+    assert_eq!(events(&history[4..]), [ev("join", "bob")]);
+    assert_eq!(contents(history), ["m6", "m7", "m8", "m9"]);
+
+    // Bob goes away; meanwhile his leave and three messages are sequenced.
+    bob.close().await;
+    let leave = wait_event(&mut alice, "leave", "bob").await;
+    assert_eq!(leave["seq"], head + 1);
+    for i in 10..13 {
+        alice.post("r", &format!("m{i}"), &format!("c{i}")).await;
+    }
+
+    // He comes back through the other node.
+    let mut bob = nodes.node(0).user("bob").await;
+    let joined = join_since(&mut bob, "r", head, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["truncated"], false);
+    let now = joined["seq"].as_u64().unwrap();
+    let missed = joined["history"].as_array().unwrap();
+    assert_eq!(seqs(missed), range(head + 1, now), "exactly what he missed");
+    assert_eq!(contents(missed), ["m10", "m11", "m12"]);
+    assert_eq!(
+        events(missed),
+        [ev("leave", "bob"), ev("join", "bob")],
+        "his own join ends it"
+    );
+    // The live stream continues right after `joined.seq`.
+    let (ack, _) = alice.post("r", "live", "live").await;
+    assert_eq!(ack["seq"], now + 1);
+    let live = read_to_seq(&mut bob, now + 1).await;
+    assert_eq!(seqs(&live), [now + 1], "no gap, no duplicate");
+
+    // A wrong epoch, or a since beyond the head: not recovered, the latest events instead.
+    for (since, epoch) in [(head, "not-the-epoch"), (now + 100, epoch.as_str())] {
+        let mut carol = nodes.node(1).user("carol").await;
+        let joined = join_since(&mut carol, "r", since, epoch).await;
+        assert_eq!(joined["recovered"], false, "{joined}");
+        let seq = joined["seq"].as_u64().unwrap();
+        assert_eq!(
+            seqs(joined["history"].as_array().unwrap()),
+            range(seq - 4, seq)
+        );
+        carol.close().await;
+        wait_event(&mut alice, "leave", "carol").await;
+    }
+    // since = the head: recovered, with only what came since (the joiner's own join).
+    let (ack, _) = alice.post("r", "last", "last").await;
+    let last = ack["seq"].as_u64().unwrap();
+    let mut dave = nodes.node(1).user("dave").await;
+    let joined = join_since(&mut dave, "r", last, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(
+        events(joined["history"].as_array().unwrap()),
+        [ev("join", "dave")]
+    );
+    assert_eq!(joined["seq"], last + 1);
+}
+
+/// `history` paging with `before`, `after` and `limit`, and its `more` flag, on the same log.
+async fn history_pages(mode: Mode) {
+    let nodes = Nodes::start(mode, &[]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    alice.join("r").await;
+    for i in 2..=31 {
+        alice.post("r", &format!("m{i}"), &format!("c{i}")).await;
+    }
+    // The log: seq 1 is alice's join, 2..=31 her messages. Read from the other node.
+    let mut bob = nodes.node(1).user("bob").await;
+    let max = u64::MAX;
+    let cases: Vec<(Value, Vec<u64>, bool)> = vec![
+        (json!({}), range(1, 31), false),
+        (json!({"limit": 7}), range(25, 31), true),
+        (json!({"limit": 31}), range(1, 31), false),
+        (json!({"before": 20, "limit": 5}), range(15, 19), true),
+        (json!({"before": 3}), range(1, 2), false),
+        (json!({"before": 1}), vec![], false),
+        (json!({"before": 0}), vec![], false),
+        (json!({"before": max, "limit": 2}), range(30, 31), true),
+        (json!({"after": 28}), range(29, 31), false),
+        (json!({"after": 5, "limit": 3}), range(6, 8), true),
+        (json!({"after": 0, "limit": 31}), range(1, 31), false),
+        (json!({"after": 31}), vec![], false),
+        (json!({"after": max}), vec![], false),
+        (json!({"after": 10, "before": 16}), range(11, 15), false),
+        (
+            json!({"after": 10, "before": 30, "limit": 4}),
+            range(11, 14),
+            true,
+        ),
+        (json!({"after": 10, "before": 11}), vec![], false),
+    ];
+    for (query, want, more) in cases {
+        let (page, got_more) = history(&mut bob, "r", query.clone()).await;
+        assert_eq!((seqs(&page), got_more), (want, more), "history {query}");
+    }
+    let (page, more) = history(&mut bob, "never-used", json!({})).await;
+    assert!(page.is_empty() && !more);
+    for limit in [0, 201] {
+        bob.send(json!({"type": "history", "room": "r", "limit": limit}))
+            .await;
+        let error = bob.recv_type("error").await;
+        assert_eq!(error["code"], "bad_request", "{error}");
+    }
+}
+
+/// `history.max_len`: a room keeps its latest events only, `since` older than what is kept
+/// gives `recovered: false`, and a message dropped by retention no longer de-duplicates.
+async fn retention_keeps_the_latest_max_len(mode: Mode) {
+    let nodes = Nodes::start(
+        mode,
+        &[
+            ("history.max_len", 10.into()),
+            ("history.on_join", 50.into()),
+        ],
+    )
+    .await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    for i in 0..25 {
+        alice.post("r", &format!("m{i}"), &format!("c{i}")).await;
+    }
+    // seq 1 (join) + 25 messages: 26 events, the last 10 kept.
+    let mut reader = nodes.node(1).user("reader").await;
+    let (page, more) = history(&mut reader, "r", json!({"limit": 200})).await;
+    assert_eq!((seqs(&page), more), (range(17, 26), false));
+    let (page, more) = history(&mut reader, "r", json!({"before": 18})).await;
+    assert_eq!((seqs(&page), more), (vec![17], false));
+
+    // A joiner without since: what is kept (its own join included; retention applies after).
+    let mut bob = nodes.node(1).user("bob").await;
+    let joined = bob.join("r").await;
+    assert_eq!(joined["seq"], 27);
+    assert_eq!(seqs(joined["history"].as_array().unwrap()), range(17, 27));
+    let (page, _) = history(&mut reader, "r", json!({"limit": 200})).await;
+    assert_eq!(seqs(&page), range(18, 27), "trimmed to max_len");
+
+    // since just below the oldest kept event continues the log; older does not.
+    let mut carol = nodes.node(0).user("carol").await;
+    let joined = join_since(&mut carol, "r", 16, &epoch).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(seqs(joined["history"].as_array().unwrap()), range(18, 28));
+    carol.close().await;
+    wait_event(&mut alice, "leave", "carol").await;
+    let mut carol = nodes.node(0).user("carol").await;
+    let (page, _) = history(&mut reader, "r", json!({"limit": 200})).await;
+    let oldest = page[0]["seq"].as_u64().unwrap();
+    let joined = join_since(&mut carol, "r", oldest - 1, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let head = joined["seq"].as_u64().unwrap();
+    assert_eq!(
+        seqs(joined["history"].as_array().unwrap()),
+        range(oldest, head)
+    );
+
+    // c0 (seq 2) is gone: sending it again posts a new message; c24 is kept: a duplicate.
+    let (ack, _) = alice.post("r", "m0 again", "c0").await;
+    assert!(ack["seq"].as_u64().unwrap() > head, "{ack}");
+    let (ack, _) = alice.post("r", "m24 again", "c24").await;
+    assert_eq!(ack["seq"], 26, "{ack}");
+}
+
+/// `history.ttl_s`: events older than the age limit are dropped while a busy room (never idle
+/// for that long) keeps its recent ones; `since` inside what was dropped gives
+/// `recovered: false`, just after it `recovered: true`.
+async fn retention_drops_events_older_than_ttl(mode: Mode) {
+    const TTL: Duration = Duration::from_secs(3);
+    let nodes = Nodes::start(
+        mode,
+        &[
+            ("history.ttl_s", (TTL.as_secs() as i64).into()),
+            ("history.on_join", 50.into()),
+        ],
+    )
+    .await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    // Time passing is what this scenario is about. At 0 s: seqs 2..=4; at 2/3 of the ttl: 5
+    // (the room is never idle for a whole ttl); at 4/3 of it: 6..=8, whose commits drop what
+    // is older than the ttl (one node sweeps at most once a second, at a commit): 1..=4 only.
+    for i in 0..3 {
+        alice.post("r", &format!("old{i}"), &format!("o{i}")).await;
+    }
+    tokio::time::sleep(TTL * 2 / 3).await;
+    alice.post("r", "middle", "middle").await;
+    tokio::time::sleep(TTL * 2 / 3).await;
+    for i in 0..3 {
+        alice.post("r", &format!("new{i}"), &format!("n{i}")).await;
+    }
+    let mut reader = nodes.node(1).user("reader").await;
+    let (page, more) = history(&mut reader, "r", json!({"limit": 200})).await;
+    assert_eq!(
+        (seqs(&page), contents(&page), more),
+        (
+            range(5, 8),
+            ["middle", "new0", "new1", "new2"]
+                .map(String::from)
+                .to_vec(),
+            false
+        ),
+        "the old events are gone, the recent ones kept"
+    );
+    let mut bob = nodes.node(1).user("bob").await;
+    let joined = join_since(&mut bob, "r", 4, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(
+        contents(joined["history"].as_array().unwrap()),
+        ["middle", "new0", "new1", "new2"]
+    );
+    let mut carol = nodes.node(0).user("carol").await;
+    let joined = join_since(&mut carol, "r", 2, &epoch).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(
+        seqs(joined["history"].as_array().unwrap()),
+        range(5, 10),
+        "what is kept, the joins of bob and carol last"
+    );
+    // The sequence goes on.
+    let (ack, _) = alice.post("r", "next", "next").await;
+    assert_eq!(ack["seq"], 11);
+}
+
+/// Presence is per user: a second tab (on the other node) announces nothing, closing one of
+/// two tabs announces nothing, closing the last announces one leave; the people listed follow.
+async fn presence_counts_people_not_tabs(mode: Mode) {
+    let nodes = Nodes::start(mode, &[]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    assert_eq!(alice.join("r").await["users"], json!(["alice"]));
+
+    let mut bob1 = nodes.node(0).user("bob").await;
+    let joined = bob1.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob"]));
+    let mut bob2 = nodes.node(1).user("bob").await;
+    let joined = bob2.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob"]));
+    assert_eq!(joined["user_count"], 2);
+    let before = until_marker(&mut alice, "r", "m1").await;
+    assert_eq!(
+        events(&before),
+        [ev("join", "bob")],
+        "one join for two tabs"
+    );
+    for i in [0, 1] {
+        assert_eq!(nodes.users(i, "r").await, ["alice", "bob"]);
+    }
+
+    bob1.close().await;
+    let before = until_marker(&mut alice, "r", "m2").await;
+    assert!(events(&before).is_empty(), "a tab remains: {before:?}");
+    assert_eq!(nodes.users(1, "r").await, ["alice", "bob"]);
+
+    // The last tab goes abruptly (no close handshake): one leave all the same.
+    bob2.drop_abruptly();
+    wait_event(&mut alice, "leave", "bob").await;
+    let before = until_marker(&mut alice, "r", "m3").await;
+    assert!(events(&before).is_empty(), "one leave: {before:?}");
+    for i in [0, 1] {
+        assert_eq!(nodes.users(i, "r").await, ["alice"]);
+    }
+    let mut carol = nodes.node(1).user("carol").await;
+    let joined = carol.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "carol"]));
+    assert_eq!(
+        events(joined["history"].as_array().unwrap()),
+        [
+            ev("join", "alice"),
+            ev("join", "bob"),
+            ev("leave", "bob"),
+            ev("join", "carol")
+        ]
+    );
+}
+
+/// An explicit leave: `left` after every event sequenced before the leave, then nothing of
+/// the room; the others see the leave; a rejoin is a new join, with the live stream again.
+async fn leave_and_rejoin(mode: Mode) {
+    let nodes = Nodes::start(mode, &[]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    alice.join("r").await;
+    let mut bob = nodes.node(1).user("bob").await;
+    bob.join("r").await;
+    let (ack, _) = alice.post("r", "before", "b1").await;
+    let before = ack["seq"].as_u64().unwrap();
+
+    bob.send(json!({"type": "leave", "room": "r"})).await;
+    let mut got = Vec::new();
+    loop {
+        let frame = bob.recv().await;
+        if frame["type"] == "left" {
+            assert_eq!(frame["room"], "r");
+            break;
+        }
+        got.push(frame);
+    }
+    assert_eq!(
+        seqs(&got).last(),
+        Some(&before),
+        "everything before the leave: {got:?}"
+    );
+    let leave = wait_event(&mut alice, "leave", "bob").await;
+    assert_eq!(leave["seq"], before + 1);
+    assert_eq!(nodes.users(1, "r").await, ["alice"]);
+    // Nothing more of the room reaches him; sending there is refused.
+    alice.post("r", "while away", "w1").await;
+    bob.send(json!({"type": "send", "room": "r", "content": "x", "id": "x"}))
+        .await;
+    let error = bob.recv_type("error").await;
+    assert_eq!(
+        (&error["code"], &error["id"]),
+        (&json!("not_joined"), &json!("x"))
+    );
+    bob.send(json!({"type": "leave", "room": "r"})).await;
+    assert_eq!(bob.recv_type("error").await["code"], "not_joined");
+
+    let joined = bob.join("r").await;
+    let seq = joined["seq"].as_u64().unwrap();
+    assert_eq!(seq, before + 3, "leave, a message, his join");
+    assert_eq!(joined["users"], json!(["alice", "bob"]));
+    let join = wait_event(&mut alice, "join", "bob").await;
+    assert_eq!(join["seq"], seq);
+    let (ack, _) = alice.post("r", "after", "a1").await;
+    let live = read_to_seq(&mut bob, ack["seq"].as_u64().unwrap()).await;
+    assert_eq!(seqs(&live), [seq + 1]);
+    assert_eq!(contents(&live), ["after"]);
+}
+
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod single_node {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Mode::Single).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Mode::Cluster).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    one_order_for_concurrent_senders,
+    acks_follow_the_store_and_resends_are_deduplicated,
+    joined_history_and_since_recovery,
+    history_pages,
+    retention_keeps_the_latest_max_len,
+    retention_drops_events_older_than_ttl,
+    presence_counts_people_not_tabs,
+    leave_and_rejoin,
+);
