@@ -3,17 +3,13 @@
 //! some dropping their connection and resuming with `since`/`epoch` (which must answer
 //! `recovered: true` with nothing missing). Reports the same figures as `fanout`.
 
-use std::time::Duration;
-
 use clap::Args;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::driver::{
-    counts, latency, post_and_drain, ConnectPhase, Delivery, Latency, Loss, Swarm,
-};
-use crate::member::{Behaviour, Counts, MemberSpec, SendPlan};
-use crate::{bench_line, cpu_line, Common};
+use crate::driver::{ConnectPhase, Delivery, Drain, Latency, Loss, Traffic};
+use crate::member::{Behaviour, Counts, MemberSpec};
+use crate::{Common, HumanPace};
 
 /// Options of `chat`.
 #[derive(Args, Debug, Clone)]
@@ -30,18 +26,9 @@ pub struct Options {
     /// Largest room.
     #[arg(long, default_value_t = 300)]
     pub max_room: usize,
-    /// Seconds of traffic.
-    #[arg(short = 'd', long, default_value_t = 60)]
-    pub duration: u64,
-    /// Shortest pause between a member's messages, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub send_min_s: f64,
-    /// Longest pause between a member's messages, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    pub send_max_s: f64,
-    /// Content size, bytes.
-    #[arg(long, default_value_t = 100)]
-    pub size: usize,
+    /// Duration, pace and message size.
+    #[command(flatten)]
+    pub pace: HumanPace,
     /// Fraction of members that leave and rejoin now and then.
     #[arg(long, default_value_t = 0.1)]
     pub churn_fraction: f64,
@@ -91,14 +78,8 @@ pub fn room_sizes(clients: usize, min: usize, max: usize) -> Vec<usize> {
 /// Runs `chat`.
 pub async fn run(o: &Options) -> anyhow::Result<Report> {
     let sizes = room_sizes(o.clients, o.min_room, o.max_room);
-    let plan = SendPlan::Random(
-        Duration::from_secs_f64(o.send_min_s),
-        Duration::from_secs_f64(o.send_max_s.max(o.send_min_s)),
-    );
-    let every = Some((
-        Duration::from_secs_f64(o.send_min_s),
-        Duration::from_secs_f64(o.send_max_s.max(o.send_min_s)),
-    ));
+    let plan = o.pace.plan();
+    let every = Some(o.pace.bounds());
     let mut rng = rand::thread_rng();
     let mut specs = Vec::with_capacity(o.clients);
     for (r, &size) in sizes.iter().enumerate() {
@@ -117,74 +98,55 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
                     Behaviour::Good
                 },
                 send: Some(plan),
-                content_bytes: o.size,
+                content_bytes: o.pace.size,
                 reconnect_every: reconnect.then_some(every).flatten(),
                 churn_every: churn.then_some(every).flatten(),
                 checked: true,
             });
         }
     }
-    let (swarm, connect) = Swarm::start(&o.common, specs, |_| true).await?;
-    let (mut delivery, acks) =
-        post_and_drain(&swarm, &o.common, Duration::from_secs(o.duration), |_| {
-            false
-        })
-        .await;
-    let outcomes = swarm.finish().await;
-    let c = counts(&outcomes, |_| true);
-    delivery.sent = c.sent;
-    delivery.rate_limited = c.rate_limited;
+    let t = Traffic::run(
+        &o.common,
+        specs,
+        |_| true,
+        o.pace.duration(),
+        |_| Drain::Quiet,
+    )
+    .await?;
     Ok(Report {
         run: "chat",
         clients: o.clients,
         rooms: sizes.len(),
         largest_room: sizes.iter().copied().max().unwrap_or(0),
-        connect,
-        delivery,
-        latency: latency(&outcomes, |_| true),
-        loss: Loss::over(&outcomes, &acks, |_| true),
-        counts: c,
+        latency: t.latency(|_| true),
+        loss: t.loss(|_| true),
+        connect: t.connect,
+        delivery: t.delivery,
+        counts: t.counts,
     })
 }
 
 impl Report {
     /// A human summary.
     pub fn human(&self) -> String {
-        let d = &self.delivery;
-        let l = &self.latency;
         format!(
-            "chat: {} clients ({} failed) in {} rooms (largest {}) for {} s\n\
-             sent {} acked {} rate_limited {}; deliveries {} = {:.0}/s\n\
+            "chat: {} clients ({} failed) in {} rooms (largest {}) for {} s\n{}\n\
              leaves {} rejoins {} reconnects {} (recovered {}, not recovered {}); closes {:?}\n\
-             latency ms: p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ({} samples)\n\
-             lost {} of {} expected, duplicated {}, seq gaps {}\n{}\n{}\n",
+             {}\n{}\n",
             self.connect.joined,
             self.connect.failed,
             self.rooms,
             self.largest_room,
-            d.duration_s,
-            d.sent,
-            d.acked,
-            d.rate_limited,
-            d.deliveries,
-            d.deliveries_per_s,
+            self.delivery.duration_s,
+            self.delivery.human(),
             self.counts.leaves,
             self.counts.rejoins,
             self.counts.reconnects,
             self.loss.recovered,
             self.loss.not_recovered,
             self.counts.closes,
-            l.p50_ms,
-            l.p99_ms,
-            l.p999_ms,
-            l.max_ms,
-            l.count,
-            self.loss.lost,
-            self.loss.expected,
-            self.loss.duplicated,
-            self.loss.seq_gaps,
-            cpu_line(&d.server_cpu),
-            bench_line(&d.bench_cpu),
+            self.latency.human("latency"),
+            self.loss.human(),
         )
     }
 }

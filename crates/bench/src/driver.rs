@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -16,12 +16,13 @@ use crate::member::{new_histogram, run_member, Counts, Ctx, MemberSpec, Outcome}
 use crate::net::{parse_source_ips, unix_nanos, Dialer};
 use crate::procfs::{round3, sample, CpuFigures, Sample};
 use crate::Common;
+use crate::{bench_line, cpu_line};
 
 /// Longest the drain after the sending phase may take.
 pub const MAX_DRAIN: Duration = Duration::from_secs(60);
 
 /// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     /// How many deliveries were measured.
     pub count: u64,
@@ -47,10 +48,18 @@ impl Latency {
             max_ms: ms(h.max()),
         }
     }
+
+    /// `what ms: p50 … (n samples)` for the human summaries.
+    pub fn human(&self, what: &str) -> String {
+        format!(
+            "{what} ms: p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ({} samples)",
+            self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms, self.count
+        )
+    }
 }
 
 /// Loss accounting over a set of members.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Loss {
     /// Members counted.
     pub members: u64,
@@ -97,10 +106,30 @@ impl Loss {
     pub fn clean(&self) -> bool {
         self.lost == 0 && self.duplicated == 0 && self.seq_gaps == 0 && self.out_of_order == 0
     }
+
+    /// Adds the loss over other members (another process's).
+    pub fn add(&mut self, o: &Loss) {
+        self.members += o.members;
+        self.expected += o.expected;
+        self.lost += o.lost;
+        self.duplicated += o.duplicated;
+        self.seq_gaps += o.seq_gaps;
+        self.out_of_order += o.out_of_order;
+        self.recovered += o.recovered;
+        self.not_recovered += o.not_recovered;
+    }
+
+    /// `lost … of … expected, …` for the human summaries.
+    pub fn human(&self) -> String {
+        format!(
+            "lost {} of {} expected, duplicated {}, seq gaps {}, out of order {}",
+            self.lost, self.expected, self.duplicated, self.seq_gaps, self.out_of_order
+        )
+    }
 }
 
 /// The connect phase.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectPhase {
     /// Members asked for.
     pub attempted: u64,
@@ -117,6 +146,53 @@ pub struct ConnectPhase {
     /// The bench process's own CPU over the connect phase (client and server share the
     /// machine: a busy bench limits what the server is offered).
     pub bench_cpu: Option<CpuFigures>,
+}
+
+impl ConnectPhase {
+    /// One connect phase out of several processes': counts and failures summed, the rate over
+    /// `secs` (from the first process's first connect to the last join anywhere), CPU summed.
+    pub fn merge(phases: &[ConnectPhase], secs: f64) -> ConnectPhase {
+        let mut failures = BTreeMap::new();
+        for p in phases {
+            for (k, v) in &p.failures {
+                *failures.entry(k.clone()).or_default() += v;
+            }
+        }
+        let joined = phases.iter().map(|p| p.joined).sum::<u64>();
+        ConnectPhase {
+            attempted: phases.iter().map(|p| p.attempted).sum(),
+            joined,
+            failed: phases.iter().map(|p| p.failed).sum(),
+            failures,
+            secs: round3(secs),
+            rate_per_s: if secs > 0.0 {
+                (joined as f64 / secs).round()
+            } else {
+                0.0
+            },
+            bench_cpu: CpuFigures::sum(phases.iter().filter_map(|p| p.bench_cpu.as_ref())),
+        }
+    }
+
+    /// `N joined (F failed) in S s (R/s)` for the human summaries.
+    pub fn human(&self) -> String {
+        format!(
+            "{} joined, {} failed in {:.2} s ({:.0}/s)",
+            self.joined, self.failed, self.secs, self.rate_per_s
+        )
+    }
+}
+
+/// How the drain after the sending phase stands, as a run judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Something outside the swarm is still in flight (a publisher process has not reported):
+    /// keep waiting even if deliveries stopped.
+    Busy,
+    /// Stop once deliveries have not moved for a second.
+    Quiet,
+    /// Everything expected arrived: stop now.
+    Complete,
 }
 
 /// A spawned set of members.
@@ -218,10 +294,32 @@ impl Swarm {
         self.bar.finish_and_clear();
         out
     }
+
+    /// Lets the members post for `duration`, drains, stops them and collects.
+    pub async fn traffic(
+        self,
+        connect: ConnectPhase,
+        common: &Common,
+        duration: Duration,
+        drain: impl Fn(&Ctx) -> Drain,
+    ) -> Traffic {
+        let (mut delivery, acks) = post_and_drain(&self, common, duration, drain).await;
+        let outcomes = self.finish().await;
+        let counts = counts(&outcomes, |_| true);
+        delivery.sent = counts.sent;
+        delivery.rate_limited = counts.rate_limited;
+        Traffic {
+            connect,
+            delivery,
+            acks,
+            outcomes,
+            counts,
+        }
+    }
 }
 
 /// Figures of a run that posts messages.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delivery {
     /// Seconds members posted for.
     pub duration_s: f64,
@@ -245,14 +343,127 @@ pub struct Delivery {
     pub bench_cpu: Option<CpuFigures>,
 }
 
+impl Delivery {
+    /// The delivery lines of the human summaries, server and bench CPU included.
+    pub fn human(&self) -> String {
+        format!(
+            "sent {} acked {} rate_limited {}; deliveries {} = {:.0}/s over {:.2} s (drain {:.2} s)\n{}\n{}",
+            self.sent,
+            self.acked,
+            self.rate_limited,
+            self.deliveries,
+            self.deliveries_per_s,
+            self.delivery_window_s,
+            self.drain_s,
+            cpu_line(&self.server_cpu),
+            bench_line(&self.bench_cpu),
+        )
+    }
+}
+
+/// What a run that posts collects: the connect phase, the delivery figures, the acked seqs
+/// per room, every member's outcome and their counters summed.
+pub struct Traffic {
+    /// The connect phase.
+    pub connect: ConnectPhase,
+    /// Delivery figures (`sent` and `rate_limited` filled in from the counters).
+    pub delivery: Delivery,
+    /// Acked seqs per room.
+    pub acks: HashMap<String, Vec<u64>>,
+    /// Every member's outcome.
+    pub outcomes: Vec<Outcome>,
+    /// Every member's counters, summed.
+    pub counts: Counts,
+}
+
+impl Traffic {
+    /// Starts the members, lets them post for `duration`, drains and collects.
+    pub async fn run(
+        common: &Common,
+        specs: Vec<MemberSpec>,
+        record_latency: impl Fn(&MemberSpec) -> bool,
+        duration: Duration,
+        drain: impl Fn(&Ctx) -> Drain,
+    ) -> anyhow::Result<Traffic> {
+        let (swarm, connect) = Swarm::start(common, specs, record_latency).await?;
+        Ok(swarm.traffic(connect, common, duration, drain).await)
+    }
+
+    /// The latency over the members `pick` selects.
+    pub fn latency(&self, pick: impl Fn(&Outcome) -> bool) -> Latency {
+        latency(&self.outcomes, pick)
+    }
+
+    /// The loss over the members `pick` selects.
+    pub fn loss(&self, pick: impl Fn(&Outcome) -> bool) -> Loss {
+        Loss::over(&self.outcomes, &self.acks, pick)
+    }
+}
+
+/// What fixed-rate publishers offered against what was asked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Offered {
+    /// Messages per second asked for, all publishers together.
+    pub target_rate: f64,
+    /// Sends due by the schedule while sending lasted.
+    pub scheduled: u64,
+    /// Sends made.
+    pub sent: u64,
+    /// Sends made per second of the sending phase.
+    pub rate_per_s: f64,
+    /// How late sends were against their schedule (a late send is stamped with its scheduled
+    /// time, so this lateness is part of the delivery latency too).
+    pub send_lag: Latency,
+}
+
+impl Offered {
+    /// Folds the fixed-rate publishers among `outcomes`.
+    pub fn of(outcomes: &[Outcome], target_rate: f64, duration: Duration) -> Offered {
+        let mut lag = new_histogram();
+        let (mut sent, mut unsent) = (0, 0);
+        for o in outcomes.iter().filter(|o| o.send_lag.is_some()) {
+            if let Some(h) = &o.send_lag {
+                let _ = lag.add(h);
+            }
+            sent += o.counts.sent;
+            unsent += o.unsent;
+        }
+        let secs = duration.as_secs_f64();
+        Offered {
+            target_rate,
+            scheduled: sent + unsent,
+            sent,
+            rate_per_s: if secs > 0.0 {
+                round3(sent as f64 / secs)
+            } else {
+                0.0
+            },
+            send_lag: Latency::of(&lag),
+        }
+    }
+
+    /// `offered …` for the human summaries.
+    pub fn human(&self) -> String {
+        format!(
+            "offered {:.1} msg/s of {:.1} asked ({} sent of {} scheduled); {}",
+            self.rate_per_s,
+            self.target_rate,
+            self.sent,
+            self.scheduled,
+            self.send_lag.human("send lag"),
+        )
+    }
+}
+
 /// Lets the members post for `duration`, then drains: waits until no send is pending, no
-/// member is mid-reconnect, and deliveries have not moved for a second (or `done` says
-/// everything arrived). Returns the figures and the acked seqs per room.
+/// member is mid-reconnect, and deliveries have not moved for a second (or `drain` says
+/// everything arrived, or holds the drain open). Returns the figures and the acked seqs per
+/// room.
 pub async fn post_and_drain(
     swarm: &Swarm,
     common: &Common,
     duration: Duration,
-    done: impl Fn(&Ctx) -> bool,
+    drain: impl Fn(&Ctx) -> Drain,
 ) -> (Delivery, HashMap<String, Vec<u64>>) {
     let ctx = &swarm.ctx;
     let bar = &swarm.bar;
@@ -266,8 +477,12 @@ pub async fn post_and_drain(
     let go = Instant::now();
     ctx.go.cancel();
     let deadline = go + duration;
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Sending stops at the deadline itself, so `sent / duration` is the offered rate.
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(Duration::from_millis(200))).await;
         bar.set_position(go.elapsed().as_secs());
         bar.set_message(format!(
             "{} deliveries",
@@ -294,8 +509,12 @@ pub async fn post_and_drain(
             bench_end = sample(&me);
             cpu_end_at = Instant::now();
         }
-        if settled && (done(ctx) || last_change.elapsed() >= Duration::from_secs(1)) {
-            break;
+        let quiet = last_change.elapsed() >= Duration::from_secs(1);
+        match drain(ctx) {
+            _ if !settled => {}
+            Drain::Complete => break,
+            Drain::Quiet if quiet => break,
+            Drain::Quiet | Drain::Busy => {}
         }
     }
     let deliveries = ctx.deliveries.load(Ordering::Relaxed);

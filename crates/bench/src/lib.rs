@@ -12,7 +12,9 @@
 //!   abrupt disconnects); well-behaved clients must lose nothing.
 //!
 //! Every run spreads sockets over `--source-ips` and `--url`s, bounds connect concurrency, and
-//! reads the server's /proc entries given `--server-pid`.
+//! reads the server's /proc entries given `--server-pid`. Two runs can use child processes of
+//! the same executable ([`procs`]): `fanout --publisher-process` (hidden subcommand `publish`)
+//! and `connections --processes P` (hidden subcommand `hold`).
 
 pub mod chat;
 pub mod connections;
@@ -21,8 +23,11 @@ pub mod fanout;
 pub mod member;
 pub mod net;
 pub mod procfs;
+pub mod procs;
 pub mod soak;
 pub mod track;
+
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -57,6 +62,48 @@ pub struct Common {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The parley-bench executable that child processes (`--publisher-process`,
+    /// `--processes`) are started from; by default this one.
+    #[arg(long, env = "PARLEY_BENCH_EXE", hide = true)]
+    pub bench_exe: Option<std::path::PathBuf>,
+}
+
+/// Duration, human posting pace and message size, shared by `chat` and `soak`.
+#[derive(Args, Debug, Clone)]
+pub struct HumanPace {
+    /// Seconds of traffic.
+    #[arg(short = 'd', long, default_value_t = 60)]
+    pub duration: u64,
+    /// Shortest pause between a member's messages, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub send_min_s: f64,
+    /// Longest pause between a member's messages, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub send_max_s: f64,
+    /// Content size, bytes.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+}
+
+impl HumanPace {
+    /// The traffic's duration.
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.duration)
+    }
+
+    /// The pause bounds.
+    pub fn bounds(&self) -> (Duration, Duration) {
+        (
+            Duration::from_secs_f64(self.send_min_s),
+            Duration::from_secs_f64(self.send_max_s.max(self.send_min_s)),
+        )
+    }
+
+    /// A random pause between the bounds.
+    pub fn plan(&self) -> member::SendPlan {
+        let (a, b) = self.bounds();
+        member::SendPlan::Random(a, b)
+    }
 }
 
 /// parley-bench: load tool for parley servers and clusters.
@@ -79,6 +126,12 @@ pub enum Command {
     Chat(chat::Options),
     /// A crowd with misbehaving clients; exits non-zero if a well-behaved client lost anything.
     Soak(soak::Options),
+    /// The publisher process of `fanout --publisher-process` (JSON lines on stdout).
+    #[command(hide = true)]
+    Publish(fanout::PublishOptions),
+    /// One client process of `connections --processes` (JSON lines on stdout).
+    #[command(hide = true)]
+    Hold(connections::HoldOptions),
 }
 
 impl Command {
@@ -89,6 +142,8 @@ impl Command {
             Command::Fanout(o) => &o.common,
             Command::Chat(o) => &o.common,
             Command::Soak(o) => &o.common,
+            Command::Publish(o) => &o.common,
+            Command::Hold(o) => &o.common,
         }
     }
 }
@@ -105,6 +160,10 @@ pub enum Report {
     Chat(chat::Report),
     /// From `soak`.
     Soak(soak::Report),
+    /// From the hidden `publish`.
+    Publish(fanout::PublisherReport),
+    /// From the hidden `hold`.
+    Hold(connections::HoldDone),
 }
 
 impl Report {
@@ -115,6 +174,7 @@ impl Report {
             Report::Fanout(r) => r.human(),
             Report::Chat(r) => r.human(),
             Report::Soak(r) => r.human(),
+            Report::Publish(_) | Report::Hold(_) => serde_json::to_string(self).unwrap_or_default(),
         }
     }
 
@@ -134,15 +194,22 @@ pub async fn run(command: &Command) -> anyhow::Result<Report> {
         Command::Fanout(o) => Report::Fanout(fanout::run(o).await?),
         Command::Chat(o) => Report::Chat(chat::run(o).await?),
         Command::Soak(o) => Report::Soak(soak::run(o).await?),
+        Command::Publish(o) => Report::Publish(fanout::publish(o).await?),
+        Command::Hold(o) => Report::Hold(connections::hold(o).await?),
     })
 }
 
 /// Formats the bench's own CPU for the human summaries.
 pub(crate) fn bench_line(cpu: &Option<procfs::CpuFigures>) -> String {
+    process_cpu_line("bench", cpu)
+}
+
+/// Formats a client process's own CPU (`who CPU: …`), empty without figures.
+pub(crate) fn process_cpu_line(who: &str, cpu: &Option<procfs::CpuFigures>) -> String {
     match cpu {
         None => String::new(),
         Some(c) => format!(
-            "bench CPU: user {:.2} s, system {:.2} s ({:.0}% of a core)",
+            "{who} CPU: user {:.2} s, system {:.2} s ({:.0}% of a core)",
             c.user_s, c.system_s, c.percent_of_core
         ),
     }

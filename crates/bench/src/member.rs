@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,10 @@ pub fn new_histogram() -> Histogram<u64> {
 /// How often a member posts.
 #[derive(Debug, Clone, Copy)]
 pub enum SendPlan {
-    /// Exactly every period (offered load, catching up when late).
+    /// On an absolute schedule, one send every period from a random start: a late send does
+    /// not move the ones after it (a publisher that fell behind sends back to back until it
+    /// is on schedule again). Each message carries its *scheduled* time, so latency includes
+    /// the publisher's own lateness, which is also recorded apart ([`Outcome::send_lag`]).
     Fixed(Duration),
     /// A uniformly random pause between the bounds (human rates).
     Random(Duration, Duration),
@@ -94,7 +97,7 @@ pub struct MemberSpec {
 }
 
 /// Counters of one member's notable events.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Counts {
     /// Messages posted.
     pub sent: u64,
@@ -156,6 +159,11 @@ pub struct Outcome {
     pub track: RoomTrack,
     /// Live send-to-deliver latencies, µs.
     pub latency: Option<Histogram<u64>>,
+    /// For a [`SendPlan::Fixed`] publisher: how late each send was against its schedule, µs.
+    pub send_lag: Option<Histogram<u64>>,
+    /// For a [`SendPlan::Fixed`] publisher: sends that were due before sending stopped but
+    /// were not made.
+    pub unsent: u64,
     /// Its counters.
     pub counts: Counts,
 }
@@ -190,6 +198,8 @@ pub struct Ctx {
     pub failures: Mutex<BTreeMap<String, u64>>,
     /// The run's time origin.
     pub origin: Instant,
+    /// The same origin, unix ns (to line up figures of several processes).
+    pub origin_unix_ns: u64,
 }
 
 impl Ctx {
@@ -210,6 +220,7 @@ impl Ctx {
             last_delivery_ns: AtomicU64::new(0),
             failures: Mutex::new(BTreeMap::new()),
             origin: Instant::now(),
+            origin_unix_ns: unix_nanos(),
         })
     }
 
@@ -236,6 +247,8 @@ struct Member {
     spec: MemberSpec,
     track: RoomTrack,
     latency: Option<Histogram<u64>>,
+    send_lag: Option<Histogram<u64>>,
+    unsent: u64,
     counts: Counts,
     seq_no: u64,
     padding: String,
@@ -246,8 +259,9 @@ struct Member {
 const FAR: Duration = Duration::from_secs(86_400 * 365);
 
 impl Member {
-    fn content(&self) -> String {
-        let mut s = unix_nanos().to_string();
+    /// `<stamp>:<padding>`, `stamp` the send time in unix ns.
+    fn content(&self, stamp: u64) -> String {
+        let mut s = stamp.to_string();
         s.push(':');
         let pad = self.spec.content_bytes.saturating_sub(s.len()).max(1);
         s.push_str(&self.padding[..pad.min(self.padding.len())]);
@@ -255,6 +269,11 @@ impl Member {
     }
 
     fn send_frame(&mut self) -> Message {
+        self.send_frame_at(unix_nanos())
+    }
+
+    /// A `send` frame whose content carries `stamp` (unix ns) as its send time.
+    fn send_frame_at(&mut self, stamp: u64) -> Message {
         self.seq_no += 1;
         self.counts.sent += 1;
         self.pending += 1;
@@ -262,7 +281,7 @@ impl Member {
         let frame = serde_json::json!({
             "type": "send",
             "room": self.spec.room,
-            "content": self.content(),
+            "content": self.content(stamp),
             "id": format!("{}-{}", self.spec.user, self.seq_no),
         });
         Message::text(frame.to_string())
@@ -422,6 +441,12 @@ impl Member {
                 }
                 _ = self.ctx.stop_send.cancelled(), if sending => {
                     sending = false;
+                    if let (Some(SendPlan::Fixed(p)), Behaviour::Good) = (self.spec.send, self.spec.behaviour) {
+                        let now = Instant::now();
+                        if next_send <= now && !p.is_zero() {
+                            self.unsent += ((now - next_send).as_nanos() / p.as_nanos()) as u64 + 1;
+                        }
+                    }
                     (next_send, next_reconnect) = (far, far);
                     if membership == Membership::Joined || membership == Membership::Leaving {
                         next_churn = far;
@@ -480,14 +505,22 @@ impl Member {
                             }
                         }
                         Behaviour::Good | Behaviour::Abrupt => {
-                            let m = self.send_frame();
+                            let m = match (plan, &mut self.send_lag) {
+                                (SendPlan::Fixed(_), Some(lag)) => {
+                                    // Stamp the scheduled time: lateness counts as latency.
+                                    let late = Instant::now().saturating_duration_since(next_send);
+                                    let _ = lag.record((late.as_micros() as u64).clamp(1, MAX_LATENCY_US));
+                                    self.send_frame_at(unix_nanos().saturating_sub(late.as_nanos() as u64))
+                                }
+                                _ => self.send_frame(),
+                            };
                             if ws.send(m).await.is_err() { alive = false; }
                         }
                     }
                     if self.spec.behaviour != Behaviour::StopReading {
                         next_send += plan.next();
                     }
-                    if next_send < Instant::now() - Duration::from_secs(1) {
+                    if self.send_lag.is_none() && next_send < Instant::now() - Duration::from_secs(1) {
                         // Far behind (overloaded client): do not burst to catch up.
                         next_send = Instant::now();
                     }
@@ -608,6 +641,8 @@ impl Member {
             connected,
             track: self.track,
             latency: self.latency,
+            send_lag: self.send_lag,
+            unsent: self.unsent,
             counts: self.counts,
         }
     }
@@ -616,11 +651,17 @@ impl Member {
 /// Runs one member until `ctx.stop`; latencies are recorded when `record_latency`.
 pub async fn run_member(ctx: Arc<Ctx>, spec: MemberSpec, record_latency: bool) -> Outcome {
     let padding = "x".repeat(spec.content_bytes.max(1));
+    let scheduled = matches!(
+        (spec.send, spec.behaviour),
+        (Some(SendPlan::Fixed(_)), Behaviour::Good)
+    );
     Member {
         ctx,
         spec,
         track: RoomTrack::default(),
         latency: record_latency.then(new_histogram),
+        send_lag: scheduled.then(new_histogram),
+        unsent: 0,
         counts: Counts::default(),
         seq_no: 0,
         padding,

@@ -1,7 +1,7 @@
 //! Server-side figures from /proc: resident memory (`VmRSS` in /proc/PID/status) and CPU time
 //! (`utime` and `stime` in /proc/PID/stat, in clock ticks), summed over every `--server-pid`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One reading of the servers' counters, summed over their pids.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -60,7 +60,7 @@ pub fn clock_ticks() -> u64 {
 }
 
 /// Server CPU spent over a measured stretch, with per-delivery costs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CpuFigures {
     /// User CPU seconds.
     pub user_s: f64,
@@ -105,6 +105,35 @@ impl CpuFigures {
             user_us_per_delivery: per(user_s, 1e6),
             system_us_per_delivery: per(system_s, 1e6),
         }
+    }
+}
+
+impl CpuFigures {
+    /// The CPU of several processes over about the same stretch: seconds summed, the longest
+    /// wall time, percent of a core recomputed; no per-delivery figures.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a CpuFigures>) -> Option<CpuFigures> {
+        let mut total: Option<CpuFigures> = None;
+        for c in all {
+            let t = total.get_or_insert(CpuFigures {
+                user_s: 0.0,
+                system_s: 0.0,
+                wall_s: 0.0,
+                percent_of_core: 0.0,
+                user_s_per_million: None,
+                system_s_per_million: None,
+                user_us_per_delivery: None,
+                system_us_per_delivery: None,
+            });
+            t.user_s = round3(t.user_s + c.user_s);
+            t.system_s = round3(t.system_s + c.system_s);
+            t.wall_s = t.wall_s.max(c.wall_s);
+        }
+        if let Some(t) = &mut total {
+            if t.wall_s > 0.0 {
+                t.percent_of_core = round3(100.0 * (t.user_s + t.system_s) / t.wall_s);
+            }
+        }
+        total
     }
 }
 

@@ -11,11 +11,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
-use crate::driver::{
-    counts, latency, post_and_drain, ConnectPhase, Delivery, Latency, Loss, Swarm,
-};
+use crate::driver::{counts, ConnectPhase, Delivery, Drain, Latency, Loss, Traffic};
 use crate::member::{Behaviour, Counts, MemberSpec, SendPlan};
-use crate::{bench_line, cpu_line, Common};
+use crate::{Common, HumanPace};
 
 /// Options of `soak`.
 #[derive(Args, Debug, Clone)]
@@ -26,24 +24,15 @@ pub struct Options {
     /// Clients.
     #[arg(short = 'c', long, default_value_t = 2000)]
     pub clients: usize,
-    /// Seconds of traffic.
-    #[arg(short = 'd', long, default_value_t = 60)]
-    pub duration: u64,
     /// Members per room.
     #[arg(long, default_value_t = 50)]
     pub room_size: usize,
     /// Fraction of clients that misbehave (split evenly over the four behaviours).
     #[arg(long, default_value_t = 0.1)]
     pub misbehave_fraction: f64,
-    /// Shortest pause between a well-behaved client's messages, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub send_min_s: f64,
-    /// Longest pause between a well-behaved client's messages, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    pub send_max_s: f64,
-    /// Content size, bytes.
-    #[arg(long, default_value_t = 100)]
-    pub size: usize,
+    /// Duration, well-behaved clients' pace and message size.
+    #[command(flatten)]
+    pub pace: HumanPace,
 }
 
 /// One behaviour's clients.
@@ -82,10 +71,7 @@ pub struct Report {
 
 /// Runs `soak`.
 pub async fn run(o: &Options) -> anyhow::Result<Report> {
-    let human = SendPlan::Random(
-        Duration::from_secs_f64(o.send_min_s),
-        Duration::from_secs_f64(o.send_max_s.max(o.send_min_s)),
-    );
+    let human = o.pace.plan();
     let every_nth = if o.misbehave_fraction > 0.0 {
         ((1.0 / o.misbehave_fraction).round() as usize).max(1)
     } else {
@@ -139,7 +125,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
                 content_bytes: if behaviour == Behaviour::StopReading {
                     4000
                 } else {
-                    o.size
+                    o.pace.size
                 },
                 reconnect_every,
                 churn_every: None,
@@ -147,17 +133,16 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
             }
         })
         .collect();
-    let (swarm, connect) =
-        Swarm::start(&o.common, specs, |s| s.behaviour == Behaviour::Good).await?;
-    let (mut delivery, acks) =
-        post_and_drain(&swarm, &o.common, Duration::from_secs(o.duration), |_| {
-            false
-        })
-        .await;
-    let outcomes = swarm.finish().await;
-    let all = counts(&outcomes, |_| true);
-    delivery.sent = all.sent;
-    delivery.rate_limited = all.rate_limited;
+    let is = |b: Behaviour| move |o: &crate::member::Outcome| o.spec.behaviour == b;
+    let t = Traffic::run(
+        &o.common,
+        specs,
+        |s| s.behaviour == Behaviour::Good,
+        o.pace.duration(),
+        |_| Drain::Quiet,
+    )
+    .await?;
+    let outcomes = &t.outcomes;
     let mut behaviours = BTreeMap::new();
     for b in [
         Behaviour::Good,
@@ -174,44 +159,37 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
             name,
             Group {
                 clients: outcomes.iter().filter(|o| o.spec.behaviour == b).count() as u64,
-                counts: counts(&outcomes, |o| o.spec.behaviour == b),
+                counts: counts(outcomes, is(b)),
             },
         );
     }
-    let good_loss = Loss::over(&outcomes, &acks, |o| o.spec.behaviour == Behaviour::Good);
+    let good_loss = t.loss(is(Behaviour::Good));
     let ok = good_loss.clean() && good_loss.members > 0;
     Ok(Report {
         run: "soak",
         clients: o.clients,
         rooms: o.clients.div_ceil(m),
-        connect,
-        delivery,
         behaviours,
-        good_latency: latency(&outcomes, |o| o.spec.behaviour == Behaviour::Good),
-        abrupt_loss: Loss::over(&outcomes, &acks, |o| o.spec.behaviour == Behaviour::Abrupt),
+        good_latency: t.latency(is(Behaviour::Good)),
+        abrupt_loss: t.loss(is(Behaviour::Abrupt)),
         good_loss,
         ok,
+        connect: t.connect,
+        delivery: t.delivery,
     })
 }
 
 impl Report {
     /// A human summary.
     pub fn human(&self) -> String {
-        let d = &self.delivery;
-        let l = &self.good_latency;
         let mut s = format!(
-            "soak: {} clients ({} failed) in {} rooms for {} s: {}\n\
-             sent {} acked {} rate_limited {}; deliveries {} = {:.0}/s\n",
+            "soak: {} clients ({} failed) in {} rooms for {} s: {}\n{}\n",
             self.connect.joined,
             self.connect.failed,
             self.rooms,
-            d.duration_s,
+            self.delivery.duration_s,
             if self.ok { "OK" } else { "FAILED" },
-            d.sent,
-            d.acked,
-            d.rate_limited,
-            d.deliveries,
-            d.deliveries_per_s,
+            self.delivery.human(),
         );
         for (name, g) in &self.behaviours {
             let c = &g.counts;
@@ -222,25 +200,13 @@ impl Report {
             );
         }
         s += &format!(
-            "well-behaved latency ms: p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ({} samples)\n\
-             well-behaved: lost {} of {} expected, duplicated {}, seq gaps {}, out of order {}\n\
-             abrupt reconnectors: lost {} of {}, recovered {} / not {}\n{}\n{}\n",
-            l.p50_ms,
-            l.p99_ms,
-            l.p999_ms,
-            l.max_ms,
-            l.count,
-            self.good_loss.lost,
-            self.good_loss.expected,
-            self.good_loss.duplicated,
-            self.good_loss.seq_gaps,
-            self.good_loss.out_of_order,
+            "well-behaved {}\nwell-behaved: {}\nabrupt reconnectors: lost {} of {}, recovered {} / not {}\n",
+            self.good_latency.human("latency"),
+            self.good_loss.human(),
             self.abrupt_loss.lost,
             self.abrupt_loss.expected,
             self.abrupt_loss.recovered,
             self.abrupt_loss.not_recovered,
-            cpu_line(&d.server_cpu),
-            bench_line(&d.bench_cpu),
         );
         s
     }

@@ -120,30 +120,25 @@ impl RoomTrack {
             .is_some_and(|w| w & (1 << (off % 64)) != 0)
     }
 
+    /// Whether `seq` falls inside a membership interval.
+    fn member_at(&self, seq: u64) -> bool {
+        self.intervals
+            .iter()
+            .any(|&(start, end)| seq > start && end.is_none_or(|e| seq <= e))
+    }
+
     /// How many of `acked` (sorted seqs of the room's acknowledged messages) fall inside a
     /// membership interval and were not received.
     pub fn lost(&self, acked: &[u64]) -> u64 {
         acked
             .iter()
-            .filter(|&&seq| {
-                self.intervals
-                    .iter()
-                    .any(|&(start, end)| seq > start && end.is_none_or(|e| seq <= e))
-                    && !self.has(seq)
-            })
+            .filter(|&&seq| self.member_at(seq) && !self.has(seq))
             .count() as u64
     }
 
     /// How many of `acked` fall inside a membership interval (what this member should get).
     pub fn expected(&self, acked: &[u64]) -> u64 {
-        acked
-            .iter()
-            .filter(|&&seq| {
-                self.intervals
-                    .iter()
-                    .any(|&(start, end)| seq > start && end.is_none_or(|e| seq <= e))
-            })
-            .count() as u64
+        acked.iter().filter(|&&seq| self.member_at(seq)).count() as u64
     }
 }
 

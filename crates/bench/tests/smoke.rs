@@ -42,12 +42,25 @@ async fn start(settings: &[(&str, toml::Value)]) -> Server {
 }
 
 async fn bench(server: &Server, args: &str) -> Report {
+    bench_on(&[server], args).await
+}
+
+/// Runs `args` against every server (one `--url` each); child processes are started from the
+/// real `parley-bench` binary (the test harness is not one).
+async fn bench_on(servers: &[&Server], args: &str) -> Report {
     let pid = std::process::id().to_string();
-    let url = format!("ws://{}/ws", server.addr);
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("ws://{}/ws", s.addr))
+        .collect();
     let mut argv = vec!["parley-bench"];
     argv.extend(args.split_whitespace());
-    argv.extend(["--url", &url, "--server-pid", &pid, "--quiet"]);
+    for url in &urls {
+        argv.extend(["--url", url]);
+    }
+    argv.extend(["--server-pid", &pid, "--quiet"]);
     argv.extend(["--source-ips", "127.0.0.1-127.0.0.20"]);
+    argv.extend(["--bench-exe", env!("CARGO_BIN_EXE_parley-bench")]);
     let cli = Cli::try_parse_from(argv).expect("arguments");
     run(&cli.command).await.expect("bench run")
 }
@@ -89,6 +102,48 @@ async fn fanout_run() {
     );
     assert!(r.latency.count > 0);
     assert!(r.delivery.server_cpu.is_some());
+    assert!(!r.publisher_process);
+    assert_eq!(r.offered.sent, r.delivery.sent, "{r:?}");
+    assert!(r.offered.scheduled >= r.offered.sent);
+    assert_eq!(r.offered.send_lag.count, r.offered.sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_with_publisher_process() {
+    let server = start(&fast_limits()).await;
+    let args = "fanout -n 20 -r 50 -s 64 -t 2 -k 2 --publisher-process";
+    let Report::Fanout(r) = bench(&server, args).await else {
+        panic!("wrong report")
+    };
+    assert!(r.publisher_process);
+    // 18 receivers here, 2 publishers in the child: merged.
+    assert_eq!(r.connect.joined, 20, "{r:?}");
+    assert_eq!(r.connect.failed, 0);
+    assert!(r.delivery.acked > 0, "{r:?}");
+    assert_eq!(r.delivery.sent, r.offered.sent, "{r:?}");
+    assert_eq!(r.delivery.acked, r.delivery.sent, "{r:?}");
+    assert_eq!(r.delivery.deliveries, r.delivery.acked * 20, "{r:?}");
+    assert_eq!(r.loss.members, 20, "{r:?}");
+    assert_eq!(r.loss.expected, r.delivery.acked * 20, "{r:?}");
+    assert!(r.loss.clean(), "{r:?}");
+    assert_eq!(r.latency.count, r.delivery.acked * 18, "{r:?}");
+    assert!(r.publisher_cpu.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_two_processes_to_two_servers() {
+    let (a, b) = (start(&[]).await, start(&[]).await);
+    let args = "connections -n 20 -m 5 --hold 1 --processes 2";
+    let Report::Connections(r) = bench_on(&[&a, &b], args).await else {
+        panic!("wrong report")
+    };
+    assert_eq!(r.processes, 2);
+    assert_eq!(r.connect.attempted, 20, "{r:?}");
+    assert_eq!(r.connect.joined, 20, "{r:?}");
+    assert_eq!(r.connect.failed, 0);
+    assert!(r.connect.rate_per_s > 0.0, "{r:?}");
+    assert!(r.rss_after_kib.is_some() && r.idle_cpu.is_some());
+    assert!(r.counts.closes.is_empty(), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
