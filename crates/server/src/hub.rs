@@ -1,6 +1,7 @@
 //! This node's rooms and their local members, and the fan-out of pre-encoded frames to them.
 //! The hub never encodes, never blocks and never waits for a member: it pushes the same shared
-//! bytes into each member's bounded [`Outbound`] queue. Membership changes come from the broker
+//! bytes into each member's bounded [`Outbound`] queue, and the writes happen after its lock is
+//! released. Membership changes come from the broker
 //! in the same order as the room's events, so a member sees exactly the events after its join.
 
 use std::collections::HashMap;
@@ -9,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 
-use crate::outbound::Outbound;
+use crate::outbound::{Batch, Outbound};
 
 /// Identifies one connection for the lifetime of the process.
 pub type ConnId = u64;
@@ -49,8 +50,17 @@ impl Hub {
         }
     }
 
-    /// Delivers a sequenced event to every local member. Returns how many received it.
+    /// Delivers a sequenced event to every local member, writing to their sockets once the
+    /// hub's lock is released. Returns how many received it.
     pub fn deliver(&self, room: &str, seq: u64, frame: &Utf8Bytes) -> usize {
+        let mut batch = Batch::default();
+        let members = self.deliver_in(room, seq, frame, &mut batch);
+        batch.write();
+        members
+    }
+
+    /// Queues a sequenced event for every local member in `batch`, which writes them.
+    pub fn deliver_in(&self, room: &str, seq: u64, frame: &Utf8Bytes, batch: &mut Batch) -> usize {
         let rooms = self.rooms.read().expect("hub lock");
         let Some(entry) = rooms.get(room) else {
             return 0;
@@ -61,21 +71,25 @@ impl Hub {
             "room {room}: seq {seq} after {last}"
         );
         for outbound in entry.members.values() {
-            outbound.push(frame.clone());
+            outbound.push_in(frame.clone(), batch);
         }
         entry.members.len()
     }
 
     /// Sends an ephemeral frame (typing) to every local member but `except`.
     pub fn broadcast_except(&self, room: &str, except: ConnId, frame: &Utf8Bytes) {
-        let rooms = self.rooms.read().expect("hub lock");
-        if let Some(entry) = rooms.get(room) {
-            for (conn, outbound) in &entry.members {
-                if *conn != except {
-                    outbound.push(frame.clone());
+        let mut batch = Batch::default();
+        {
+            let rooms = self.rooms.read().expect("hub lock");
+            if let Some(entry) = rooms.get(room) {
+                for (conn, outbound) in &entry.members {
+                    if *conn != except {
+                        outbound.push_in(frame.clone(), &mut batch);
+                    }
                 }
             }
         }
+        batch.write();
     }
 
     /// Local connections in `room`.

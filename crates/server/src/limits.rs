@@ -8,13 +8,17 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, MonotonicClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
-/// A token bucket: `rate` tokens a second, bursts of `burst`.
+/// A token bucket: `rate` tokens a second, bursts of `burst`. Every connection holds two, so
+/// they use the monotonic clock, which takes no space (40 bytes each instead of 72).
 pub struct Bucket {
-    limiter: RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>,
+    limiter:
+        RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>,
 }
 
 impl Bucket {
@@ -26,7 +30,7 @@ impl Bucket {
             .expect("positive period")
             .allow_burst(burst);
         Bucket {
-            limiter: RateLimiter::direct(quota),
+            limiter: RateLimiter::direct_with_clock(quota, MonotonicClock),
         }
     }
 

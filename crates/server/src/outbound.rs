@@ -1,12 +1,30 @@
-//! One connection's outbound queue: bounded in frames and bytes, filled by the hub (fan-out)
-//! and the broker (acks, `joined`, `left`), drained by the connection's own task. Pushing never
-//! waits: when a connection cannot keep up its queue closes with 4009 and the room goes on.
+//! One connection's write side: a bounded queue of frames in front of the socket, written by
+//! whoever has a frame for it.
+//!
+//! A frame for an idle connection is written at once, from the task that produced it (the
+//! sequencer delivering a room's event, a session answering its client): one `writev` of a 2-10
+//! byte header and the shared payload, no wake-up of the connection's task, no copy. Only what
+//! the kernel does not take waits in the queue; the connection's own task then waits until the
+//! socket is writable and finishes it ([`Outbound::ready`], [`Outbound::write_pending`]).
+//! Writes happen under the queue's lock, always from the front, so frames leave in the order
+//! they were queued whoever writes them.
+//!
+//! Pushing never waits. A connection whose backlog passes `limits.outbound_queue_frames` or
+//! `limits.outbound_queue_bytes` is closed with 4009 and the room goes on.
+//!
+//! A [`Batch`] defers the writes of many pushes: the sequencer queues a whole batch of events,
+//! acks and answers, then writes each touched connection once, so a member that gets several
+//! frames in a batch gets them in one system call.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use parley_protocol::CloseCode;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// The queue bounds, from `[limits]`.
@@ -18,84 +36,191 @@ pub struct QueueBounds {
     pub bytes: usize,
 }
 
-/// A bounded, non-blocking queue of encoded frames for one connection.
+/// The frame kinds parley writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    /// A UTF-8 text message.
+    Text = 0x1,
+    /// A binary message (only `/echo` sends these).
+    Binary = 0x2,
+    /// Close, with a code and reason.
+    Close = 0x8,
+    /// Ping.
+    Ping = 0x9,
+    /// Pong, echoing a ping's payload.
+    Pong = 0xA,
+}
+
+/// A connection's write side. Shared by its session, the hub and the broker.
 pub struct Outbound {
+    stream: TcpStream,
     state: Mutex<State>,
-    /// Woken when the queue goes from empty to non-empty, or closes.
+    /// Woken when the connection's task has something to do: a backlog the kernel did not
+    /// take, a close (4009 on overflow) or a failed write.
     ready: Notify,
     bounds: QueueBounds,
 }
 
-#[derive(Default)]
-struct State {
-    frames: VecDeque<Utf8Bytes>,
-    bytes: usize,
-    closed: Option<CloseCode>,
+struct Frame {
+    opcode: Opcode,
+    payload: Bytes,
 }
 
-/// What a drain found: the frames to write, and whether the queue was closed.
-pub struct Drained {
-    /// Frames in the order they were queued.
-    pub frames: VecDeque<Utf8Bytes>,
-    /// Set once the queue is closed; no further frames will be accepted.
-    pub closed: Option<CloseCode>,
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Frame>,
+    /// Payload bytes waiting (the front frame's in full, even when partly written).
+    bytes: usize,
+    /// How much of the front frame (header and payload) is already written.
+    written: usize,
+    closed: Option<CloseCode>,
+    /// A write failed: the peer is gone.
+    failed: bool,
+    /// The last write would have blocked: writes wait for the connection's task to see the
+    /// socket writable again.
+    blocked: bool,
+    /// Queued in a [`Batch`] that has not written yet.
+    in_batch: bool,
+}
+
+/// What the connection's task should do after [`Outbound::write_pending`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Everything queued is written.
+    Done,
+    /// The kernel took what it could; wait for [`Outbound::writable`] and write again.
+    Blocked,
+    /// The queue was closed with this code (4009 on overflow); nothing more is accepted.
+    Closed(CloseCode),
+    /// A write failed: the peer is gone.
+    Failed,
+}
+
+/// Pushes whose writes wait until [`Batch::write`]: each connection touched is written once.
+#[derive(Default)]
+pub struct Batch {
+    touched: Vec<Arc<Outbound>>,
+}
+
+impl Batch {
+    /// Writes every connection touched since the batch began, once each.
+    pub fn write(self) {
+        for outbound in self.touched {
+            let mut state = outbound.lock();
+            state.in_batch = false;
+            outbound.write_and_signal(&mut state);
+        }
+    }
 }
 
 impl Outbound {
-    /// An empty queue. Allocates nothing until the first frame.
-    pub fn new(bounds: QueueBounds) -> Outbound {
+    /// The write side of `stream`. Allocates no queue until a frame has to wait.
+    pub fn new(stream: TcpStream, bounds: QueueBounds) -> Outbound {
         Outbound {
+            stream,
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             bounds,
         }
     }
 
-    /// Queues a frame. Past either bound the queue closes with 4009 and the frame is dropped
-    /// (the client recovers it with `since`). One frame bigger than the byte bound is accepted
-    /// into an empty queue. Returns whether the frame was queued.
+    /// The socket, for reading.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("outbound lock")
+    }
+
+    /// Queues a text frame and writes what the socket takes now. Past either bound the queue
+    /// closes with 4009 and the frame is dropped (the client recovers it with `since`). One
+    /// frame bigger than the byte bound is accepted into an empty queue. Returns whether the
+    /// frame was queued.
     pub fn push(&self, frame: Utf8Bytes) -> bool {
-        self.push_inner(frame, false)
+        let mut state = self.lock();
+        if !self.enqueue(&mut state, Opcode::Text, frame.into(), false) {
+            return false;
+        }
+        self.write_and_signal(&mut state);
+        true
     }
 
-    /// Queues a frame that must not trip the bounds: the `joined` answer, which can carry a
-    /// thousand events of history. It counts as one frame but not towards the byte bound, so
-    /// the live events that follow it in a busy room do not trip 4009 because of it.
+    /// Queues a frame that must not trip the bounds and writes what the socket takes now; see
+    /// [`push_unbounded_in`](Self::push_unbounded_in).
     pub fn push_unbounded(&self, frame: Utf8Bytes) -> bool {
-        self.push_inner(frame, true)
+        let mut state = self.lock();
+        if !self.enqueue(&mut state, Opcode::Text, frame.into(), true) {
+            return false;
+        }
+        self.write_and_signal(&mut state);
+        true
     }
 
-    fn push_inner(&self, frame: Utf8Bytes, unbounded: bool) -> bool {
-        let mut state = self.state.lock().expect("outbound lock");
-        if state.closed.is_some() {
+    /// Like [`push`](Self::push), but the write waits until `batch` is written.
+    pub fn push_in(self: &Arc<Self>, frame: Utf8Bytes, batch: &mut Batch) -> bool {
+        self.push_in_inner(frame, false, batch)
+    }
+
+    /// Queues a frame that must not trip the bounds, in `batch`: the `joined` answer, which can
+    /// carry a thousand events of history. It counts as one frame but not towards the byte
+    /// bound, so the live events that follow it in a busy room do not trip 4009 because of it.
+    pub fn push_unbounded_in(self: &Arc<Self>, frame: Utf8Bytes, batch: &mut Batch) -> bool {
+        self.push_in_inner(frame, true, batch)
+    }
+
+    fn push_in_inner(
+        self: &Arc<Self>,
+        frame: Utf8Bytes,
+        unbounded: bool,
+        batch: &mut Batch,
+    ) -> bool {
+        let mut state = self.lock();
+        if !self.enqueue(&mut state, Opcode::Text, frame.into(), unbounded) {
             return false;
         }
-        let len = frame.as_str().len();
-        let fits = state.frames.is_empty()
-            || (state.frames.len() < self.bounds.frames && state.bytes + len <= self.bounds.bytes);
-        if !fits && !unbounded {
-            state.closed = Some(CloseCode::SlowConsumer);
-            state.frames = VecDeque::new();
-            state.bytes = 0;
-            drop(state);
-            self.ready.notify_one();
-            return false;
-        }
-        let was_empty = state.frames.is_empty();
-        state.frames.push_back(frame);
-        if !unbounded {
-            state.bytes += len;
-        }
-        drop(state);
-        if was_empty {
-            self.ready.notify_one();
+        if !state.in_batch {
+            state.in_batch = true;
+            batch.touched.push(self.clone());
         }
         true
     }
 
+    /// Queues a control or binary frame (ping, pong, `/echo`'s answers) and writes what the
+    /// socket takes now. Bounded like text frames.
+    pub fn push_frame(&self, opcode: Opcode, payload: Bytes) -> bool {
+        let mut state = self.lock();
+        if !self.enqueue(&mut state, opcode, payload, false) {
+            return false;
+        }
+        self.write_and_signal(&mut state);
+        true
+    }
+
+    /// Ends the stream with a close frame: closes the queue to further frames, keeps what is
+    /// queued when `keep_queued` (otherwise only a partly written frame, which must be
+    /// finished), and queues the close frame after it. The caller then writes it out with
+    /// [`write_pending`](Self::write_pending).
+    pub fn close_with(&self, code: u16, reason: &str, keep_queued: bool) {
+        let mut state = self.lock();
+        if !keep_queued {
+            let keep = usize::from(state.written > 0);
+            state.frames.truncate(keep);
+            state.bytes = state.frames.iter().map(|f| f.payload.len()).sum();
+        }
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+        state.frames.push_back(Frame {
+            opcode: Opcode::Close,
+            payload: payload.into(),
+        });
+        state.closed.get_or_insert(CloseCode::Normal);
+    }
+
     /// Closes the queue with `code`; later pushes are dropped. The first close wins.
     pub fn close(&self, code: CloseCode) {
-        let mut state = self.state.lock().expect("outbound lock");
+        let mut state = self.lock();
         if state.closed.is_none() {
             state.closed = Some(code);
         }
@@ -103,66 +228,353 @@ impl Outbound {
         self.ready.notify_one();
     }
 
-    /// Takes everything queued.
-    pub fn drain(&self) -> Drained {
-        let mut state = self.state.lock().expect("outbound lock");
-        state.bytes = 0;
-        Drained {
-            frames: std::mem::take(&mut state.frames),
-            closed: state.closed,
-        }
-    }
-
     /// Whether the queue has been closed, and with which code.
     pub fn closed(&self) -> Option<CloseCode> {
-        self.state.lock().expect("outbound lock").closed
+        self.lock().closed
     }
 
-    /// Waits until there is something to drain or the queue closes. A wake-up that arrives
-    /// while nobody waits is kept, so none is missed between a drain and the next wait.
+    /// Waits until the connection's task has something to do (see [`Outbound::ready`]'s
+    /// field). A wake-up that arrives while nobody waits is kept, so none is missed.
     pub async fn ready(&self) {
         self.ready.notified().await;
     }
+
+    /// Waits until the socket can take more bytes.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    /// Writes what is queued, as far as the socket takes it, and says what is left to do.
+    /// Called by the connection's own task; a closed queue reports [`Progress::Closed`] before
+    /// writing, so a slow consumer is cut off rather than waited for.
+    pub fn write_pending(&self) -> Progress {
+        let mut state = self.lock();
+        if state.failed {
+            return Progress::Failed;
+        }
+        if let Some(code) = state.closed {
+            return Progress::Closed(code);
+        }
+        state.blocked = false;
+        self.write_locked(&mut state);
+        progress(&state)
+    }
+
+    /// Writes what is queued, including a close frame after a close, waiting for the socket
+    /// as needed. Used to finish a connection ([`close_with`](Self::close_with)) and by
+    /// `/echo`.
+    pub async fn flush(&self) -> io::Result<()> {
+        loop {
+            {
+                let mut state = self.lock();
+                state.blocked = false;
+                self.write_locked(&mut state);
+                if state.failed {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                if state.frames.is_empty() {
+                    return Ok(());
+                }
+            }
+            self.writable().await?;
+        }
+    }
+
+    /// Stops sending (FIN); the peer reads what was written, then end of stream.
+    pub fn shutdown_write(&self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Write);
+    }
+
+    /// Ends the connection in both directions; later writes fail.
+    pub fn shutdown(&self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
+        let mut state = self.lock();
+        state.failed = true;
+        state.frames = VecDeque::new();
+        state.bytes = 0;
+    }
+
+    /// Appends a frame, enforcing the bounds; `false` when the queue is closed or just
+    /// overflowed (and closed with 4009).
+    fn enqueue(&self, state: &mut State, opcode: Opcode, payload: Bytes, unbounded: bool) -> bool {
+        if state.closed.is_some() || state.failed {
+            return false;
+        }
+        let len = payload.len();
+        let fits = state.frames.is_empty()
+            || (state.frames.len() < self.bounds.frames && state.bytes + len <= self.bounds.bytes);
+        if !fits && !unbounded {
+            state.closed = Some(CloseCode::SlowConsumer);
+            // A partly written frame stays: the close frame must not land inside it.
+            let keep = usize::from(state.written > 0);
+            state.frames.truncate(keep);
+            state.bytes = state.frames.iter().map(|f| f.payload.len()).sum();
+            self.ready.notify_one();
+            return false;
+        }
+        state.frames.push_back(Frame { opcode, payload });
+        if !unbounded {
+            state.bytes += len;
+        }
+        true
+    }
+
+    /// [`write_locked`](Self::write_locked) for a producer: when the socket stopped taking
+    /// bytes or failed, the connection's task is woken to take over.
+    fn write_and_signal(&self, state: &mut State) {
+        if self.write_locked(state) {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Writes from the front of the queue until it is empty or the socket would block. Not
+    /// while a batch holds the writes back, nor while a previous write is waiting for the
+    /// socket (the connection's task resumes it). Returns whether this call found the socket
+    /// full or broken (the connection's task must take over); the connection's own task does
+    /// not signal itself, or its wait for the socket would wake at once, again and again.
+    fn write_locked(&self, state: &mut State) -> bool {
+        if state.in_batch || state.blocked || state.failed {
+            return false;
+        }
+        while !state.frames.is_empty() {
+            match self.write_once(state) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    state.blocked = true;
+                    return true;
+                }
+                Err(_) => {
+                    state.failed = true;
+                    state.frames = VecDeque::new();
+                    state.bytes = 0;
+                    return true;
+                }
+            }
+        }
+        // Give back a queue that grew during a burst.
+        if state.frames.capacity() > 8 {
+            state.frames = VecDeque::new();
+        }
+        false
+    }
+
+    /// One vectored write of up to [`MAX_FRAMES_PER_WRITE`] frames from the front.
+    fn write_once(&self, state: &mut State) -> io::Result<()> {
+        let mut headers = [[0u8; 10]; MAX_FRAMES_PER_WRITE];
+        let mut slices: [IoSlice<'_>; 2 * MAX_FRAMES_PER_WRITE] =
+            [IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
+        let count = state.frames.len().min(MAX_FRAMES_PER_WRITE);
+        let mut lens = [0usize; MAX_FRAMES_PER_WRITE];
+        for (k, frame) in state.frames.iter().take(count).enumerate() {
+            lens[k] = header(&mut headers[k], frame.opcode, frame.payload.len());
+        }
+        let mut used = 0;
+        let mut skip = state.written;
+        for (k, frame) in state.frames.iter().take(count).enumerate() {
+            for piece in [&headers[k][..lens[k]], &frame.payload[..]] {
+                if skip >= piece.len() {
+                    skip -= piece.len();
+                    continue;
+                }
+                slices[used] = IoSlice::new(&piece[skip..]);
+                skip = 0;
+                used += 1;
+            }
+        }
+        let mut written = self.stream.try_write_vectored(&slices[..used])?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Pop what went out in full; remember how far into the next frame it got.
+        while written > 0 {
+            let Some(front) = state.frames.front() else {
+                break;
+            };
+            let size = header_len(front.payload.len()) + front.payload.len();
+            let left = size - state.written;
+            if written >= left {
+                written -= left;
+                state.written = 0;
+                state.bytes = state.bytes.saturating_sub(front.payload.len());
+                state.frames.pop_front();
+            } else {
+                state.written += written;
+                written = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn progress(state: &State) -> Progress {
+    if state.failed {
+        Progress::Failed
+    } else if let Some(code) = state.closed {
+        Progress::Closed(code)
+    } else if state.frames.is_empty() {
+        Progress::Done
+    } else {
+        Progress::Blocked
+    }
+}
+
+/// Frames per `writev`: two slices each, well under the kernel's `IOV_MAX` (1024).
+const MAX_FRAMES_PER_WRITE: usize = 64;
+
+fn header_len(len: usize) -> usize {
+    if len < 126 {
+        2
+    } else if len <= u16::MAX as usize {
+        4
+    } else {
+        10
+    }
+}
+
+/// Writes a server frame's header (FIN set, no mask) into `head`; returns its length.
+fn header(head: &mut [u8; 10], opcode: Opcode, len: usize) -> usize {
+    head[0] = 0x80 | opcode as u8;
+    match header_len(len) {
+        2 => head[1] = len as u8,
+        4 => {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    header_len(len)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
 
     fn frame(n: usize) -> Utf8Bytes {
         Utf8Bytes::from("x".repeat(n))
     }
 
-    #[test]
-    fn overflow_closes_with_4009() {
-        let q = Outbound::new(QueueBounds {
-            frames: 2,
-            bytes: 100,
-        });
-        assert!(q.push(frame(10)));
-        assert!(q.push(frame(10)));
-        assert!(!q.push(frame(10)));
-        assert_eq!(q.closed(), Some(CloseCode::SlowConsumer));
-        assert!(!q.push(frame(1)));
+    /// A connected pair: the server side's write side, and the client socket.
+    async fn pair(bounds: QueueBounds) -> (Arc<Outbound>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Arc::new(Outbound::new(server, bounds)), client)
     }
 
     #[test]
-    fn one_big_frame_fits_an_empty_queue() {
-        let q = Outbound::new(QueueBounds {
+    fn headers_by_length() {
+        let mut h = [0u8; 10];
+        assert_eq!(header(&mut h, Opcode::Text, 5), 2);
+        assert_eq!(&h[..2], &[0x81, 5]);
+        assert_eq!(header(&mut h, Opcode::Text, 126), 4);
+        assert_eq!(&h[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(header(&mut h, Opcode::Binary, 70_000), 10);
+        assert_eq!(&h[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(header(&mut h, Opcode::Close, 2), 2);
+        assert_eq!(&h[..2], &[0x88, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_frame_for_an_idle_connection_is_written_at_once() {
+        let (out, mut client) = pair(QueueBounds {
+            frames: 2,
+            bytes: 100,
+        })
+        .await;
+        assert!(out.push(Utf8Bytes::from("hi")));
+        assert_eq!(out.write_pending(), Progress::Done);
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, &[0x81, 2, b'h', b'i']);
+    }
+
+    #[tokio::test]
+    async fn a_batch_writes_once_in_order() {
+        let (out, mut client) = pair(QueueBounds {
             frames: 10,
             bytes: 100,
-        });
-        assert!(q.push(frame(500)));
-        assert!(!q.push(frame(1)));
-        let q = Outbound::new(QueueBounds {
+        })
+        .await;
+        let mut batch = Batch::default();
+        assert!(out.push_in(Utf8Bytes::from("a"), &mut batch));
+        assert!(out.push_in(Utf8Bytes::from("b"), &mut batch));
+        // A direct push while the batch holds the writes queues behind it.
+        assert!(out.push(Utf8Bytes::from("c")));
+        batch.write();
+        let mut buf = [0u8; 9];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, &[0x81, 1, b'a', 0x81, 1, b'b', 0x81, 1, b'c']);
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_with_4009() {
+        let (out, _client) = pair(QueueBounds {
+            frames: 2,
+            bytes: 100,
+        })
+        .await;
+        // Held in a batch, so nothing is written and the queue fills.
+        let mut batch = Batch::default();
+        assert!(out.push_in(frame(10), &mut batch));
+        assert!(out.push_in(frame(10), &mut batch));
+        assert!(!out.push_in(frame(10), &mut batch));
+        assert_eq!(out.closed(), Some(CloseCode::SlowConsumer));
+        assert!(!out.push(frame(1)));
+        assert_eq!(
+            out.write_pending(),
+            Progress::Closed(CloseCode::SlowConsumer)
+        );
+    }
+
+    #[tokio::test]
+    async fn one_big_frame_fits_an_empty_queue() {
+        let bounds = QueueBounds {
             frames: 10,
             bytes: 100,
-        });
-        assert!(q.push(frame(50)));
-        assert!(q.push_unbounded(frame(500)));
+        };
+        let (out, _client) = pair(bounds).await;
+        let mut batch = Batch::default();
+        assert!(out.push_in(frame(500), &mut batch));
+        assert!(!out.push_in(frame(1), &mut batch));
+        let (out, _client) = pair(bounds).await;
+        let mut batch = Batch::default();
+        assert!(out.push_in(frame(50), &mut batch));
+        assert!(out.push_unbounded_in(frame(500), &mut batch));
         // The big frame does not count towards the byte bound of the frames after it.
-        assert!(q.push(frame(50)));
-        assert!(!q.push(frame(1)));
-        assert_eq!(q.closed(), Some(CloseCode::SlowConsumer));
+        assert!(out.push_in(frame(50), &mut batch));
+        assert!(!out.push_in(frame(1), &mut batch));
+        assert_eq!(out.closed(), Some(CloseCode::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_reader_backs_up_then_overflows() {
+        let (out, mut client) = pair(QueueBounds {
+            frames: 1_000_000,
+            bytes: 1 << 20,
+        })
+        .await;
+        // Nobody reads: the kernel's buffers fill, then the queue, then it closes.
+        let big = Utf8Bytes::from("y".repeat(64 * 1024));
+        let mut pushed = 0;
+        while out.push(big.clone()) {
+            pushed += 1;
+            assert!(pushed < 10_000, "never overflowed");
+        }
+        assert_eq!(out.closed(), Some(CloseCode::SlowConsumer));
+        // What was written is whole frames: the first one arrives intact.
+        let mut head = [0u8; 10];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head[..2], &[0x81, 127]);
+        assert_eq!(
+            u64::from_be_bytes(head[2..10].try_into().unwrap()),
+            64 * 1024
+        );
     }
 }

@@ -25,12 +25,13 @@ use tracing::{debug, info};
 use crate::auth::{now_unix, Identity};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
 use crate::hub::ConnId;
-use crate::limits::{AbuseCounter, Bucket};
+use crate::limits::{AbuseCounter, Bucket, ConnectionSlot};
 use crate::metrics::AuthFailure;
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Progress};
 use crate::socket::{Message, Opcode, Socket};
 use crate::store::sqlite::PageQuery;
 use crate::App;
+use bytes::Bytes;
 
 /// Largest history page.
 pub const MAX_PAGE: u32 = 200;
@@ -50,9 +51,6 @@ pub struct Start {
 /// Why a session ended: a close frame to send, or a peer already gone.
 enum End {
     Close(CloseCode),
-    /// Closed for this reason, but the peer did not take even the frames before the close
-    /// frame within the grace, so the connection was dropped without it.
-    Dropped(CloseCode),
     Gone(&'static str),
 }
 
@@ -70,19 +68,27 @@ struct Session {
     typing: Bucket,
     /// Rate-limit refusals; too many in the window close with 4008.
     abuse: AbuseCounter,
+    /// This connection's place under the connection caps.
+    _slot: ConnectionSlot,
 }
 
-/// Runs one connection to its end.
-pub async fn run(mut ws: Socket, app: App, start: Start) {
+/// Runs one connection to its end; `slot` (its place under the connection caps) is given back
+/// when it ends.
+///
+/// Not an `async fn`: the arguments of one are kept in its future twice (as arguments and as
+/// the locals they are moved into) for the connection's whole life. Here the session is built
+/// first and the future below owns each piece once.
+pub fn run(
+    ws: Socket,
+    app: App,
+    start: Start,
+    slot: ConnectionSlot,
+) -> impl Future<Output = ()> + Send + 'static {
     let conn = app.next_conn_id();
     let limits = &app.config.limits;
-    let outbound = Arc::new(Outbound::new(crate::outbound::QueueBounds {
-        frames: limits.outbound_queue_frames,
-        bytes: limits.outbound_queue_bytes,
-    }));
     let mut session = Session {
         conn,
-        outbound,
+        outbound: ws.outbound().clone(),
         sends: Bucket::new(limits.send_rate, limits.send_burst),
         typing: Bucket::new(limits.typing_rate, limits.typing_burst),
         abuse: AbuseCounter::new(
@@ -92,64 +98,57 @@ pub async fn run(mut ws: Socket, app: App, start: Start) {
         identity: None,
         rooms: Vec::new(),
         deadline: Some(Instant::now() + Duration::from_millis(app.config.auth.timeout_ms)),
+        _slot: slot,
         app,
     };
-    let opened = Instant::now();
-    let _open = session.app.metrics.connection_opened();
-    let peer = start.peer;
-    info!(conn, %peer, "connection open");
-    if let Some(identity) = start.identity {
-        session.authenticated(identity);
-    }
-    let mut auto_join = start.auto_join;
-    if session.identity.is_some() {
-        if let Some((room, since)) = auto_join.take() {
-            let joining = Box::pin(session.join(room, since));
-            joining.await;
+    let Start {
+        identity,
+        mut auto_join,
+        peer,
+    } = start;
+    let mut ws = ws;
+    async move {
+        let opened = Instant::now();
+        let _open = session.app.metrics.connection_opened();
+        info!(conn, %peer, "connection open");
+        if let Some(identity) = identity {
+            session.authenticated(identity);
         }
-    }
-
-    // Big futures are boxed in a statement of their own and awaited in the next: a temporary
-    // in the statement that awaits would keep its space in this future for the connection's
-    // whole life, even after it was moved into the box.
-    let serving = Box::pin(session.serve(&mut ws, &mut auto_join));
-    let end = serving.await;
-    let reason = match &end {
-        End::Close(code) | End::Dropped(code) => code.reason(),
-        End::Gone(why) => why,
-    };
-    if let End::Close(code) = end {
-        let closing = Box::pin(close(ws, &session, code));
-        closing.await;
-    }
-    let leaving = Box::pin(session.leave_all());
-    leaving.await;
-    info!(
-        conn,
-        %peer,
-        user = session.identity.as_ref().map(|i| &*i.user),
-        reason,
-        secs = opened.elapsed().as_secs_f32(),
-        "connection closed"
-    );
-}
-
-/// Sends the close frame (after what is queued, unless the peer is the reason it is full),
-/// then ends the connection politely ([`Socket::finish`]); each step gets at most
-/// `limits.close_grace_ms`.
-async fn close(mut ws: Socket, session: &Session, code: CloseCode) {
-    let grace = Duration::from_millis(session.app.config.limits.close_grace_ms);
-    let sent = tokio::time::timeout(grace, async {
-        if code != CloseCode::SlowConsumer {
-            let frames = session.outbound.drain().frames;
-            ws.send_all(Opcode::Text, frames.iter().map(|f| f.as_str().as_bytes()))
-                .await?;
+        if session.identity.is_some() {
+            if let Some((room, since)) = auto_join.take() {
+                let joining = Box::pin(session.join(room, since));
+                joining.await;
+            }
         }
-        ws.send_close(code.code(), code.reason()).await
-    })
-    .await;
-    if matches!(sent, Ok(Ok(()))) {
-        ws.finish(grace).await;
+
+        // Big futures are boxed in a statement of their own and awaited in the next: a temporary
+        // in the statement that awaits would keep its space in this future for the connection's
+        // whole life, even after it was moved into the box.
+        let serving = Box::pin(session.serve(&mut ws, &mut auto_join));
+        let end = serving.await;
+        let reason = match &end {
+            End::Close(code) => code.reason(),
+            End::Gone(why) => why,
+        };
+        if let End::Close(code) = end {
+            // After what is queued, unless the peer is the reason it is full.
+            let grace = Duration::from_millis(session.app.config.limits.close_grace_ms);
+            let keep_queued = code != CloseCode::SlowConsumer;
+            let closing = Box::pin(ws.close(code.code(), code.reason(), keep_queued, grace));
+            closing.await;
+        } else {
+            drop(ws);
+        }
+        let leaving = Box::pin(session.leave_all());
+        leaving.await;
+        info!(
+            conn,
+            %peer,
+            user = session.identity.as_ref().map(|i| &*i.user),
+            reason,
+            secs = opened.elapsed().as_secs_f32(),
+            "connection closed"
+        );
     }
 }
 
@@ -165,11 +164,15 @@ impl Session {
         let shutdown = self.app.shutdown.clone();
         let mut last_heard = Instant::now();
         let mut next_ping = last_heard + interval;
-        let beat = tokio::time::sleep_until(next_ping.min(last_heard + timeout));
-        tokio::pin!(beat);
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let deadline = tokio::time::sleep_until(self.deadline.unwrap_or(far));
-        tokio::pin!(deadline);
+        // One timer for the heartbeat and the deadline (auth timeout, token expiry): it fires
+        // at the earlier of the two, and the branch sorts out which it was.
+        let due = |next_ping: Instant, last_heard: Instant, deadline: Option<Instant>| {
+            let beat = next_ping.min(last_heard + timeout);
+            deadline.map_or(beat, |d| d.min(beat))
+        };
+        let mut armed_deadline = self.deadline;
+        let timer = tokio::time::sleep_until(due(next_ping, last_heard, armed_deadline));
+        tokio::pin!(timer);
         let outbound = self.outbound.clone();
         // Both waits are made once and polled in place: re-creating them on every turn would
         // register and unregister a waiter per frame.
@@ -183,7 +186,7 @@ impl Session {
                 _ = &mut cancelled => return End::Close(CloseCode::GoingAway),
                 _ = &mut ready => {
                     ready.set(outbound.ready());
-                    let writing = Box::pin(self.write_queued(ws));
+                    let writing = Box::pin(self.write_pending());
                     if let Err(end) = writing.await {
                         return end;
                     }
@@ -219,83 +222,78 @@ impl Session {
                             self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
                         }
                         Message::Ping(data) => {
-                            if !wrote(timeout, ws.send(Opcode::Pong, &data)).await {
-                                return End::Gone("write failed");
-                            }
+                            outbound.push_frame(Opcode::Pong, data);
                         }
                         Message::Pong(_) | Message::Frame(_) => {}
                         // Answer the closing handshake with the client's own code (RFC 6455 5.5.1).
                         Message::Close(frame) => {
                             let code = frame.map_or(CloseCode::Normal.code(), |f| u16::from(f.code));
                             let code = if code == 1005 { CloseCode::Normal.code() } else { code };
-                            wrote(timeout, ws.send_close(code, "")).await;
+                            outbound.close_with(code, "", true);
+                            let flushing = Box::pin(tokio::time::timeout(timeout, outbound.flush()));
+                            let _ = flushing.await;
                             return End::Gone("client closed");
                         }
                     }
-                    if self.deadline.map(|d| d != deadline.deadline()).unwrap_or(false) {
-                        deadline.as_mut().reset(self.deadline.unwrap_or(far));
+                    // Authenticated or refreshed: the deadline moved.
+                    if self.deadline != armed_deadline {
+                        armed_deadline = self.deadline;
+                        timer.as_mut().reset(due(next_ping, last_heard, self.deadline));
                     }
                 }
-                _ = &mut beat => {
+                _ = &mut timer => {
                     let now = Instant::now();
+                    if self.deadline.is_some_and(|d| now >= d) {
+                        if self.identity.is_none() {
+                            self.app.metrics.auth_failure(AuthFailure::Timeout);
+                            self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", None);
+                            return End::Close(CloseCode::Unauthorized);
+                        }
+                        return End::Close(CloseCode::TokenExpired);
+                    }
                     if now >= last_heard + timeout {
                         self.app.metrics.heartbeat_timeouts.inc();
                         return End::Gone("heartbeat timeout");
                     }
                     if now >= next_ping {
-                        if !wrote(timeout, ws.send(Opcode::Ping, &[])).await {
-                            return End::Gone("write failed");
-                        }
+                        outbound.push_frame(Opcode::Ping, Bytes::new());
                         next_ping = now + interval;
                     }
-                    beat.as_mut().reset(next_ping.min(last_heard + timeout));
-                }
-                _ = &mut deadline, if self.deadline.is_some() => {
-                    if self.identity.is_none() {
-                        self.app.metrics.auth_failure(AuthFailure::Timeout);
-                        self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", None);
-                        return End::Close(CloseCode::Unauthorized);
-                    }
-                    return End::Close(CloseCode::TokenExpired);
+                    timer.as_mut().reset(due(next_ping, last_heard, self.deadline));
                 }
             }
         }
     }
 
-    /// Writes everything queued, flushing once per batch, until the queue is empty.
-    async fn write_queued(&mut self, ws: &mut Socket) -> Result<(), End> {
+    /// Writes what the kernel did not take when it was queued, waiting for the socket as
+    /// needed, until the queue is empty; ends the session when the queue was closed (4009),
+    /// a write failed, or a peer that stopped reading kept the socket full for the heartbeat
+    /// timeout.
+    async fn write_pending(&mut self) -> Result<(), End> {
         let write_timeout = Duration::from_millis(self.app.config.heartbeat.timeout_ms);
+        let stalled = tokio::time::sleep(write_timeout);
+        tokio::pin!(stalled);
         loop {
-            let drained = self.outbound.drain();
-            if let Some(code) = drained.closed {
-                self.count_cut_off(code);
-                return Err(End::Close(code));
+            match self.outbound.write_pending() {
+                Progress::Done => return Ok(()),
+                Progress::Closed(code) => {
+                    self.count_cut_off(code);
+                    return Err(End::Close(code));
+                }
+                Progress::Failed => return Err(End::Gone("write failed")),
+                Progress::Blocked => {}
             }
-            if drained.frames.is_empty() {
-                return Ok(());
+            tokio::select! {
+                writable = self.outbound.writable() => {
+                    if writable.is_err() {
+                        return Err(End::Gone("write failed"));
+                    }
+                }
+                // An overflow (4009) while waiting: the next turn sees it.
+                _ = self.outbound.ready() => {}
+                _ = self.app.shutdown.cancelled() => return Err(End::Close(CloseCode::GoingAway)),
+                _ = &mut stalled => return Err(End::Gone("write timeout")),
             }
-            let outbound = self.outbound.clone();
-            let frames = drained.frames;
-            let write = ws.send_all(Opcode::Text, frames.iter().map(|f| f.as_str().as_bytes()));
-            tokio::pin!(write);
-            let ending = tokio::select! {
-                result = &mut write => match result {
-                    Ok(()) => continue,
-                    Err(_) => return Err(End::Gone("write failed")),
-                },
-                // A peer that stops reading blocks the write; its queue overflowing ends it.
-                code = wait_closed(&outbound) => code,
-                _ = self.app.shutdown.cancelled() => CloseCode::GoingAway,
-                _ = tokio::time::sleep(write_timeout) => return Err(End::Gone("write timeout")),
-            };
-            self.count_cut_off(ending);
-            // A frame may be half written: finish the batch (the peer gets the close grace to
-            // read it) so the close frame that follows is not cut into a frame's payload.
-            let grace = Duration::from_millis(self.app.config.limits.close_grace_ms);
-            return match tokio::time::timeout(grace, &mut write).await {
-                Ok(Ok(())) => Err(End::Close(ending)),
-                _ => Err(End::Dropped(ending)),
-            };
         }
     }
 
@@ -676,22 +674,6 @@ impl Session {
                 debug!(conn = self.conn, error = %err, "leave on close failed");
             }
         }
-    }
-}
-
-/// Whether a write outside the outbound queue (a pong, a heartbeat ping, a close reply) went
-/// through within `limit`. Like [`Session::write_queued`] it is bounded: a peer that stops
-/// reading must not block the session (and its rooms, and shutdown) forever.
-async fn wrote<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) -> bool {
-    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
-}
-
-async fn wait_closed(outbound: &Outbound) -> CloseCode {
-    loop {
-        if let Some(code) = outbound.closed() {
-            return code;
-        }
-        outbound.ready().await;
     }
 }
 

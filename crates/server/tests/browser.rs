@@ -471,7 +471,13 @@ async fn two_people_chat_in_chromium_and_a_dropped_connection_loses_nothing() {
     bob.wait_acked().await;
     let png = alice.client.screenshot().await.expect("screenshot");
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshot.png");
+    // Written under target/ on every run; `PARLEY_UPDATE_SCREENSHOT=1` refreshes the README's
+    // picture in docs/ (a test run should not change the repository).
+    let path = if std::env::var_os("PARLEY_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshot.png")
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("parley-chat.png")
+    };
     std::fs::write(&path, &png).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 
     // On a phone-sized screen the conversation takes the whole width; the room list slides in

@@ -22,6 +22,7 @@ use tracing::{error, warn};
 use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::outbound::Batch;
 use crate::presence::Presence;
 use crate::store::sqlite::{
     Draft, JoinWindow, LogReader, LogWriter, Page, PageQuery, StoredRoom, Written,
@@ -257,10 +258,14 @@ async fn run_batch(
     // Step 3: deliver and answer, in order.
     match result {
         Ok(written) => {
+            // Every frame of the batch is queued first and each connection is written once:
+            // a member that gets several events (and its ack) gets them in one system call.
+            let mut writes = Batch::default();
             let mut written = written.into_iter();
             for (op, plan) in batch.into_iter().zip(plans) {
-                finish(op, plan, &mut written, parts);
+                finish(op, plan, &mut written, parts, &mut writes);
             }
+            writes.write();
         }
         Err(e) => {
             error!(error = %e, "group commit failed");
@@ -309,14 +314,22 @@ async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<D
     }
 }
 
-fn deliver(parts: &SequencerParts, room: &str, written: Option<Written>) {
+fn deliver(parts: &SequencerParts, room: &str, written: Option<Written>, writes: &mut Batch) {
     if let Some(Written::Event { seq, frame }) = written {
-        let members = parts.hub.deliver(room, seq, &Utf8Bytes::from(frame));
+        let members = parts
+            .hub
+            .deliver_in(room, seq, &Utf8Bytes::from(frame), writes);
         parts.metrics.messages_out.inc_by(members as u64);
     }
 }
 
-fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts: &SequencerParts) {
+fn finish(
+    op: Op,
+    plan: Plan,
+    written: &mut impl Iterator<Item = Written>,
+    parts: &SequencerParts,
+    writes: &mut Batch,
+) {
     match (op, plan) {
         (
             Op::Join(req, reply),
@@ -327,7 +340,7 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
             },
         ) => {
             if announced {
-                deliver(parts, &req.room, written.next());
+                deliver(parts, &req.room, written.next(), writes);
             }
             let Some(Written::Head { head, history }) = written.next() else {
                 unreachable!("a join has a head");
@@ -346,7 +359,8 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
                 recovered: history.recovered,
             }
             .encode();
-            req.outbound.push_unbounded(Utf8Bytes::from(frame));
+            req.outbound
+                .push_unbounded_in(Utf8Bytes::from(frame), writes);
             parts.hub.add(&req.room, req.conn, req.outbound.clone());
             parts.metrics.memberships.inc();
             let _ = reply.send(Ok(()));
@@ -355,12 +369,11 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
             parts.hub.remove(&req.room, req.conn);
             parts.metrics.memberships.dec();
             if announced {
-                deliver(parts, &req.room, written.next());
+                deliver(parts, &req.room, written.next(), writes);
             }
             if let Some(outbound) = &req.outbound {
-                outbound.push(Utf8Bytes::from(
-                    ServerFrame::Left { room: &req.room }.encode(),
-                ));
+                let left = ServerFrame::Left { room: &req.room }.encode();
+                outbound.push_in(Utf8Bytes::from(left), writes);
             }
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
@@ -369,7 +382,12 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
         (Op::Publish(req, reply), Plan::Publish) => {
             let seq = match written.next() {
                 Some(Written::Event { seq, frame }) => {
-                    deliver(parts, &req.room, Some(Written::Event { seq, frame }));
+                    deliver(
+                        parts,
+                        &req.room,
+                        Some(Written::Event { seq, frame }),
+                        writes,
+                    );
                     seq
                 }
                 Some(Written::Duplicate { seq }) => seq,
@@ -383,7 +401,7 @@ fn finish(op: Op, plan: Plan, written: &mut impl Iterator<Item = Written>, parts
                         room: &req.room,
                         seq,
                     };
-                    outbound.push(Utf8Bytes::from(ack.encode()));
+                    outbound.push_in(Utf8Bytes::from(ack.encode()), writes);
                 }
                 PublishReply::Caller(tx) => {
                     let _ = tx.send(Ok(seq));

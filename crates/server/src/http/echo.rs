@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
 use parley_protocol::CloseCode;
 use tokio::time::timeout;
 
@@ -18,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::upgrade::Upgrade;
+use crate::limits::ConnectionSlot;
 use crate::session::close_code_for;
 use crate::socket::{Message, Opcode, Socket};
 use crate::App;
@@ -40,13 +42,12 @@ pub(super) async fn echo(
         Err(err) => return err.into_response(),
     };
     let raw = matches!(query.raw.as_deref(), Some("1" | "true"));
-    upgrade.on_upgrade(&app.clone(), move |socket| async move {
-        echo_socket(socket, app, raw).await;
-        drop(slot);
+    upgrade.on_upgrade(&app.clone(), move |socket| {
+        echo_socket(socket, app, raw, slot)
     })
 }
 
-async fn echo_socket(mut socket: Socket, app: App, raw: bool) {
+async fn echo_socket(mut socket: Socket, app: App, raw: bool, _slot: ConnectionSlot) {
     let limits = &app.config.limits;
     let grace = Duration::from_millis(limits.close_grace_ms);
     let write_limit = Duration::from_millis(app.config.heartbeat.timeout_ms);
@@ -55,20 +56,14 @@ async fn echo_socket(mut socket: Socket, app: App, raw: bool) {
             _ = app.shutdown.cancelled() => break Some(CloseCode::GoingAway),
             msg = socket.recv() => msg,
         };
-        let written = match msg {
-            Some(Ok(Message::Text(text))) if raw => {
-                timeout(write_limit, socket.send(Opcode::Text, text.as_bytes())).await
-            }
-            Some(Ok(Message::Text(text))) => {
-                let reply = format!("Echo: {}", text.as_str());
-                timeout(write_limit, socket.send(Opcode::Text, reply.as_bytes())).await
-            }
-            Some(Ok(Message::Binary(data))) => {
-                timeout(write_limit, socket.send(Opcode::Binary, &data)).await
-            }
-            Some(Ok(Message::Ping(data))) => {
-                timeout(write_limit, socket.send(Opcode::Pong, &data)).await
-            }
+        let (opcode, payload) = match msg {
+            Some(Ok(Message::Text(text))) if raw => (Opcode::Text, Bytes::from(text)),
+            Some(Ok(Message::Text(text))) => (
+                Opcode::Text,
+                Bytes::from(format!("Echo: {}", text.as_str())),
+            ),
+            Some(Ok(Message::Binary(data))) => (Opcode::Binary, data),
+            Some(Ok(Message::Ping(data))) => (Opcode::Pong, data),
             // Answer the closing handshake with the client's code (RFC 6455 5.5.1).
             Some(Ok(Message::Close(frame))) => {
                 let code = frame.map_or(CloseCode::Normal.code(), |f| u16::from(f.code));
@@ -77,23 +72,21 @@ async fn echo_socket(mut socket: Socket, app: App, raw: bool) {
                 } else {
                     code
                 };
-                let _ = timeout(write_limit, socket.send_close(code, "")).await;
-                socket.finish(grace).await;
-                return;
+                return socket.close(code, "", true, grace).await;
             }
             Some(Err(err)) => break close_code_for(err).ok(),
             None => break None,
             Some(Ok(_)) => continue,
         };
         // Bounded like the chat socket's writes: a peer that stops reading is dropped.
-        if !matches!(written, Ok(Ok(()))) {
+        if !matches!(
+            timeout(write_limit, socket.send(opcode, payload)).await,
+            Ok(Ok(()))
+        ) {
             break None;
         }
     };
     if let Some(code) = close_code {
-        let sent = timeout(grace, socket.send_close(code.code(), code.reason())).await;
-        if matches!(sent, Ok(Ok(()))) {
-            socket.finish(grace).await;
-        }
+        socket.close(code.code(), code.reason(), true, grace).await;
     }
 }

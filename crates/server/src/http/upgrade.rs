@@ -10,10 +10,14 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::OnUpgrade;
-use tracing::debug;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto::upgrade::downcast;
+use tokio::net::TcpStream;
+use tracing::{debug, error};
 
 use super::ApiError;
+use crate::outbound::QueueBounds;
 use crate::socket::{Socket, SocketLimits};
 use crate::App;
 
@@ -89,12 +93,18 @@ impl Upgrade {
         let limits = SocketLimits {
             max_frame_bytes: app.config.limits.max_frame_bytes,
             read_buffer_bytes: READ_BUFFER_BYTES,
+            queue: QueueBounds {
+                frames: app.config.limits.outbound_queue_frames,
+                bytes: app.config.limits.outbound_queue_bytes,
+            },
         };
         let on_upgrade = self.on_upgrade;
+        let sessions = app.sessions.clone();
         app.sessions.spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => serve(Socket::new(upgraded, limits).await).await,
-                Err(err) => debug!(error = %err, "upgrade failed"),
+            if let Some(socket) = upgraded_socket(on_upgrade.await, limits) {
+                // A task of its own, so the connection does not carry this one's state (the
+                // closure's captures stay reserved in a future even after they are moved out).
+                sessions.spawn(serve(socket));
             }
         });
         let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -109,7 +119,22 @@ impl Upgrade {
     }
 }
 
+/// The raw TCP socket back from hyper, as a [`Socket`]: parley reads and writes it itself.
+fn upgraded_socket(upgraded: hyper::Result<Upgraded>, limits: SocketLimits) -> Option<Socket> {
+    let upgraded = upgraded
+        .map_err(|err| debug!(error = %err, "upgrade failed"))
+        .ok()?;
+    match downcast::<TokioIo<TcpStream>>(upgraded) {
+        Ok(parts) => Some(Socket::new(parts.io.into_inner(), parts.read_buf, limits)),
+        Err(_) => {
+            error!("an upgraded connection that is not a TCP socket");
+            None
+        }
+    }
+}
+
 /// The read buffer a connection starts with. Chat frames are small; a bigger frame grows the
-/// buffer while it is read. Small on purpose: every connection holds one, and tungstenite
+/// buffer while it is read. Small on purpose: every connection holds one for its whole life (256
+/// bytes fit most chat frames; a bigger one takes a few more reads), and tungstenite
 /// zero-fills it before each read.
-const READ_BUFFER_BYTES: usize = 512;
+const READ_BUFFER_BYTES: usize = 256;

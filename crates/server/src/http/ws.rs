@@ -163,9 +163,8 @@ fn connect(
         auto_join,
         peer,
     };
-    upgrade.on_upgrade(&app.clone(), move |socket| async move {
-        session::run(socket, app, start).await;
-        drop(slot);
+    upgrade.on_upgrade(&app.clone(), move |socket| {
+        session::run(socket, app, start, slot)
     })
 }
 
