@@ -41,7 +41,7 @@ use crate::cluster::{self, room_key, room_of_channel, split_frame, Shards};
 use crate::config::HistoryConfig;
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
+use crate::outbound::{Batch, Outbound};
 use crate::store::sqlite::{Page, PageQuery, StoredRoom};
 
 /// Most sends one pipeline carries.
@@ -215,6 +215,7 @@ impl Inner {
                     next: 0,
                     epoch: String::new(),
                     subscribed: false,
+                    writes: Batch::default(),
                 };
                 inner.tasks.spawn(actor.run());
                 handle
@@ -993,6 +994,9 @@ struct RoomActor {
     /// The epoch the members' stream belongs to.
     epoch: String,
     subscribed: bool,
+    /// Events delivered but not yet written: everything that arrived together is written to
+    /// each member at once.
+    writes: Batch,
 }
 
 /// What the join script answers.
@@ -1008,16 +1012,32 @@ impl RoomActor {
                     None => break,
                 },
                 ev = self.events.recv() => match ev {
-                    Some(RoomEvent::Event(event)) => self.on_event(event).await,
+                    Some(RoomEvent::Event(event)) => {
+                        self.on_event(event).await;
+                        // Whatever else has arrived goes out with it, one write per member:
+                        // the busier the room, the more events per system call.
+                        while let Ok(next) = self.events.try_recv() {
+                            match next {
+                                RoomEvent::Event(event) => self.on_event(event).await,
+                                RoomEvent::Resync => {
+                                    self.write();
+                                    self.resync().await;
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     Some(RoomEvent::Resync) => self.resync().await,
                     None => break,
                 },
                 _ = self.inner.stop.cancelled() => break,
             }
+            self.write();
             if self.members.is_empty() && self.try_exit() {
                 return;
             }
         }
+        self.write();
         self.inner
             .rooms
             .lock()
@@ -1294,8 +1314,17 @@ impl RoomActor {
         self.deliver(event.seq, &event.frame);
     }
 
+    /// Writes what was delivered since the last write.
+    fn write(&mut self) {
+        std::mem::take(&mut self.writes).write();
+    }
+
     fn deliver(&mut self, seq: u64, frame: &Utf8Bytes) {
-        let members = self.inner.parts.hub.deliver(&self.room, seq, frame);
+        let members = self
+            .inner
+            .parts
+            .hub
+            .deliver_in(&self.room, seq, frame, &mut self.writes);
         self.inner.parts.metrics.messages_out.inc_by(members as u64);
         self.next = seq + 1;
     }
@@ -1306,6 +1335,8 @@ impl RoomActor {
         if self.next > target {
             return true;
         }
+        // What was delivered before the gap is not held back while the stream is read.
+        self.write();
         let mut conn = self.inner.shards.for_room(&self.room).conn.clone();
         let log = format!("{}:log", room_key(&self.room));
         let got: redis::RedisResult<Entries> = redis::cmd("XRANGE")
