@@ -83,6 +83,23 @@ struct State {
     in_batch: bool,
 }
 
+impl State {
+    /// Drops the frames waiting, but a partly written one: a close frame must not land inside
+    /// it.
+    fn drop_waiting(&mut self) {
+        let keep = usize::from(self.written > 0);
+        self.frames.truncate(keep);
+        self.bytes = self.frames.iter().map(|f| f.payload.len()).sum();
+    }
+
+    /// The peer is gone: nothing more is written.
+    fn fail(&mut self) {
+        self.failed = true;
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+    }
+}
+
 /// What the connection's task should do after [`Outbound::write_pending`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
@@ -138,23 +155,13 @@ impl Outbound {
     /// frame bigger than the byte bound is accepted into an empty queue. Returns whether the
     /// frame was queued.
     pub fn push(&self, frame: Utf8Bytes) -> bool {
-        let mut state = self.lock();
-        if !self.enqueue(&mut state, Opcode::Text, frame.into(), false) {
-            return false;
-        }
-        self.write_and_signal(&mut state);
-        true
+        self.push_now(Opcode::Text, frame.into(), false)
     }
 
     /// Queues a frame that must not trip the bounds and writes what the socket takes now; see
     /// [`push_unbounded_in`](Self::push_unbounded_in).
     pub fn push_unbounded(&self, frame: Utf8Bytes) -> bool {
-        let mut state = self.lock();
-        if !self.enqueue(&mut state, Opcode::Text, frame.into(), true) {
-            return false;
-        }
-        self.write_and_signal(&mut state);
-        true
+        self.push_now(Opcode::Text, frame.into(), true)
     }
 
     /// Like [`push`](Self::push), but the write waits until `batch` is written.
@@ -189,8 +196,12 @@ impl Outbound {
     /// Queues a control or binary frame (ping, pong, `/echo`'s answers) and writes what the
     /// socket takes now. Bounded like text frames.
     pub fn push_frame(&self, opcode: Opcode, payload: Bytes) -> bool {
+        self.push_now(opcode, payload, false)
+    }
+
+    fn push_now(&self, opcode: Opcode, payload: Bytes, unbounded: bool) -> bool {
         let mut state = self.lock();
-        if !self.enqueue(&mut state, opcode, payload, false) {
+        if !self.enqueue(&mut state, opcode, payload, unbounded) {
             return false;
         }
         self.write_and_signal(&mut state);
@@ -204,9 +215,7 @@ impl Outbound {
     pub fn close_with(&self, code: u16, reason: &str, keep_queued: bool) {
         let mut state = self.lock();
         if !keep_queued {
-            let keep = usize::from(state.written > 0);
-            state.frames.truncate(keep);
-            state.bytes = state.frames.iter().map(|f| f.payload.len()).sum();
+            state.drop_waiting();
         }
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());
@@ -288,10 +297,7 @@ impl Outbound {
     /// Ends the connection in both directions; later writes fail.
     pub fn shutdown(&self) {
         let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
-        let mut state = self.lock();
-        state.failed = true;
-        state.frames = VecDeque::new();
-        state.bytes = 0;
+        self.lock().fail();
     }
 
     /// Appends a frame, enforcing the bounds; `false` when the queue is closed or just
@@ -305,10 +311,7 @@ impl Outbound {
             || (state.frames.len() < self.bounds.frames && state.bytes + len <= self.bounds.bytes);
         if !fits && !unbounded {
             state.closed = Some(CloseCode::SlowConsumer);
-            // A partly written frame stays: the close frame must not land inside it.
-            let keep = usize::from(state.written > 0);
-            state.frames.truncate(keep);
-            state.bytes = state.frames.iter().map(|f| f.payload.len()).sum();
+            state.drop_waiting();
             self.ready.notify_one();
             return false;
         }
@@ -344,9 +347,7 @@ impl Outbound {
                     return true;
                 }
                 Err(_) => {
-                    state.failed = true;
-                    state.frames = VecDeque::new();
-                    state.bytes = 0;
+                    state.fail();
                     return true;
                 }
             }

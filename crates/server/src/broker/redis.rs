@@ -293,21 +293,14 @@ impl Broker for RedisBroker {
                         .await;
                     (range_or_empty(got)?, false)
                 }
-                (Some(before), None) => {
+                (before, None) => {
+                    let end = match before {
+                        Some(b) => format!("({}-0", clamp(b)),
+                        None => "+".to_owned(),
+                    };
                     let got = redis::cmd("XREVRANGE")
                         .arg(&log)
-                        .arg(format!("({}-0", clamp(before)))
-                        .arg("-")
-                        .arg("COUNT")
-                        .arg(take)
-                        .query_async(&mut conn)
-                        .await;
-                    (range_or_empty(got)?, true)
-                }
-                (None, None) => {
-                    let got = redis::cmd("XREVRANGE")
-                        .arg(&log)
-                        .arg("+")
+                        .arg(end)
                         .arg("-")
                         .arg("COUNT")
                         .arg(take)
