@@ -412,14 +412,42 @@ impl Member {
         let mut close_deadline: Option<Instant> = None;
         let mut stall_burst = false;
         let mut alive = true;
+        // The select below runs once per received frame, so its futures live across turns:
+        // a fresh `sleep_until` or `cancelled()` per turn registers and deregisters a timer or
+        // waiter each time (most of the bench's CPU per delivery before this).
+        let ctx = self.ctx.clone();
+        let (stop, go_now, stop_sending) = (
+            ctx.stop.cancelled(),
+            ctx.go.cancelled(),
+            ctx.stop_send.cancelled(),
+        );
+        tokio::pin!(stop, go_now, stop_sending);
+        let (send_timer, close_timer, reconnect_timer, churn_timer) = (
+            sleep_until(far),
+            sleep_until(far),
+            sleep_until(far),
+            sleep_until(far),
+        );
+        tokio::pin!(send_timer, close_timer, reconnect_timer, churn_timer);
         loop {
             let reading = alive && stall_until.is_none();
+            for (timer, at) in [
+                (send_timer.as_mut(), next_send),
+                (close_timer.as_mut(), close_deadline.unwrap_or(far)),
+                (reconnect_timer.as_mut(), next_reconnect),
+                (churn_timer.as_mut(), next_churn),
+            ] {
+                if timer.deadline() != at {
+                    timer.reset(at);
+                }
+            }
             // Biased: timers before the socket, so a member with a backlog to read still posts
-            // on time.
+            // on time. Each cancellation future completes once: `go` and `sending` turn its
+            // branch off after it fires.
             tokio::select! {
                 biased;
-                _ = self.ctx.stop.cancelled() => break,
-                _ = self.ctx.go.cancelled(), if !go => {
+                _ = &mut stop => break,
+                _ = &mut go_now, if !go => {
                     go = true;
                     sending = true;
                     let now = Instant::now();
@@ -439,7 +467,7 @@ impl Member {
                         next_churn = now + random_between(a, b);
                     }
                 }
-                _ = self.ctx.stop_send.cancelled(), if sending => {
+                _ = &mut stop_sending, if sending => {
                     sending = false;
                     if let (Some(SendPlan::Fixed(p)), Behaviour::Good) = (self.spec.send, self.spec.behaviour) {
                         let now = Instant::now();
@@ -458,7 +486,7 @@ impl Member {
                         close_deadline = Some(Instant::now() + Duration::from_secs(8));
                     }
                 }
-                _ = sleep_until(next_send), if sending && alive && membership == Membership::Joined => {
+                _ = &mut send_timer, if sending && alive && membership == Membership::Joined => {
                     let plan = self.spec.send.expect("a send time implies a plan");
                     match self.spec.behaviour {
                         Behaviour::Flood => {
@@ -525,14 +553,14 @@ impl Member {
                         next_send = Instant::now();
                     }
                 }
-                _ = sleep_until(close_deadline.unwrap_or(far)), if close_deadline.is_some() && alive => {
+                _ = &mut close_timer, if close_deadline.is_some() && alive => {
                     self.counts.stall_not_closed += 1;
                     close_deadline = None;
                     if let Some(plan) = self.spec.send {
                         next_send = Instant::now() + plan.next();
                     }
                 }
-                _ = sleep_until(next_reconnect), if sending && alive => {
+                _ = &mut reconnect_timer, if sending && alive => {
                     // Abrupt: drop the TCP connection without a close handshake.
                     drop(ws);
                     self.abandon_pending();
@@ -552,7 +580,7 @@ impl Member {
                         next_reconnect = Instant::now() + random_between(a, b);
                     }
                 }
-                _ = sleep_until(next_churn), if alive && go && matches!(membership, Membership::Joined | Membership::Out) => {
+                _ = &mut churn_timer, if alive && go && matches!(membership, Membership::Joined | Membership::Out) => {
                     let frame = if membership == Membership::Joined {
                         membership = Membership::Leaving;
                         self.ctx.busy.fetch_add(1, Ordering::Relaxed);
