@@ -103,29 +103,31 @@ pub fn run(
     };
     let Start {
         identity,
-        mut auto_join,
+        auto_join,
         peer,
     } = start;
+    info!(conn, %peer, "connection open");
+    if let Some(identity) = identity {
+        session.authenticated(identity);
+    }
+    // Boxed: it is kept (as 8 bytes) until the client authenticates, usually for no time at all.
+    let mut auto_join = auto_join.map(Box::new);
     let mut ws = ws;
     async move {
         let opened = Instant::now();
         let _open = session.app.metrics.connection_opened();
-        info!(conn, %peer, "connection open");
-        if let Some(identity) = identity {
-            session.authenticated(identity);
-        }
         if session.identity.is_some() {
-            if let Some((room, since)) = auto_join.take() {
+            if let Some((room, since)) = auto_join.take().map(|b| *b) {
                 let joining = Box::pin(session.join(room, since));
                 joining.await;
             }
         }
 
-        // Big futures are boxed in a statement of their own and awaited in the next: a temporary
-        // in the statement that awaits would keep its space in this future for the connection's
-        // whole life, even after it was moved into the box.
-        let serving = Box::pin(session.serve(&mut ws, &mut auto_join));
-        let end = serving.await;
+        // The serving loop lives as long as the connection, so it is part of this future (one
+        // allocation, the task's). Shorter phases are boxed in a statement of their own and
+        // awaited in the next: a temporary in the statement that awaits would keep its space
+        // in this future for the connection's whole life, even after it was moved into the box.
+        let end = session.serve(&mut ws, &mut auto_join).await;
         let reason = match &end {
             End::Close(code) => code.reason(),
             End::Gone(why) => why,
@@ -156,7 +158,7 @@ impl Session {
     async fn serve(
         &mut self,
         ws: &mut Socket,
-        auto_join: &mut Option<(String, Option<(u64, String)>)>,
+        auto_join: &mut Option<Box<(String, Option<(u64, String)>)>>,
     ) -> End {
         let heartbeat = &self.app.config.heartbeat;
         let interval = Duration::from_millis(heartbeat.interval_ms);
@@ -207,7 +209,7 @@ impl Session {
                                 return end;
                             }
                             if self.identity.is_some() {
-                                if let Some((room, since)) = auto_join.take() {
+                                if let Some((room, since)) = auto_join.take().map(|b| *b) {
                                     let joining = Box::pin(self.join(room, since));
                                     joining.await;
                                 }

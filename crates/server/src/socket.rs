@@ -6,8 +6,10 @@
 //! therefore never copied per member, and an idle connection keeps no output buffer
 //! (tungstenite's grows to the largest batch ever sent and keeps it).
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,20 +65,31 @@ impl Socket {
     ///
     /// tungstenite parses from the non-blocking socket; when it has read everything there is
     /// this waits for more. Dropping this future loses nothing: a partly read frame stays in
-    /// tungstenite's buffer.
-    pub async fn recv(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+    /// tungstenite's buffer. The future is a reference and nothing more (a `readable().await`
+    /// would keep a ~200-byte readiness future in every idle connection's task).
+    pub fn recv(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + '_ {
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
+    }
+
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, tungstenite::Error>>> {
         loop {
             match self.reader.read() {
-                Ok(message) => return Some(Ok(message)),
+                Ok(message) => return Poll::Ready(Some(Ok(message))),
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = self.out.stream().readable().await {
-                        return Some(Err(e.into()));
+                    // The failed read cleared the socket's readiness: this registers the waker.
+                    if let Err(e) = ready!(self.out.stream().poll_read_ready(cx)) {
+                        return Poll::Ready(Some(Err(e.into())));
                     }
                 }
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return None
+                    return Poll::Ready(None)
                 }
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
     }
