@@ -38,12 +38,15 @@ pub const MAX_PAGE: u32 = 200;
 /// History page when the request gives no limit.
 pub const DEFAULT_PAGE: u32 = 50;
 
+/// A room to join as soon as the client is authenticated (`/ws/{room}`), with `since`/`epoch`.
+pub type AutoJoin = (String, Option<(u64, String)>);
+
 /// How a connection starts: what the upgrade request already settled.
 pub struct Start {
     /// The identity from `?token=` or anonymous mode; `None` waits for an `auth` frame.
     pub identity: Option<Identity>,
     /// The room of `/ws/{room}`, with `since`/`epoch` from the query.
-    pub auto_join: Option<(String, Option<(u64, String)>)>,
+    pub auto_join: Option<AutoJoin>,
     /// The peer, for the log.
     pub peer: SocketAddr,
 }
@@ -155,11 +158,7 @@ pub fn run(
 }
 
 impl Session {
-    async fn serve(
-        &mut self,
-        ws: &mut Socket,
-        auto_join: &mut Option<Box<(String, Option<(u64, String)>)>>,
-    ) -> End {
+    async fn serve(&mut self, ws: &mut Socket, auto_join: &mut Option<Box<AutoJoin>>) -> End {
         let heartbeat = &self.app.config.heartbeat;
         let interval = Duration::from_millis(heartbeat.interval_ms);
         let timeout = Duration::from_millis(heartbeat.timeout_ms);
