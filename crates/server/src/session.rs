@@ -109,6 +109,8 @@ pub fn run(
         auto_join,
         peer,
     } = start;
+    let opened = Instant::now();
+    let open = session.app.metrics.connection_opened();
     info!(conn, %peer, "connection open");
     if let Some(identity) = identity {
         session.authenticated(identity);
@@ -117,8 +119,8 @@ pub fn run(
     let mut auto_join = auto_join.map(Box::new);
     let mut ws = ws;
     async move {
-        let opened = Instant::now();
-        let _open = session.app.metrics.connection_opened();
+        // Counted in `parley_connections` until this future ends (or is dropped unpolled).
+        let _open = open;
         if session.identity.is_some() {
             if let Some((room, since)) = auto_join.take().map(|b| *b) {
                 let joining = Box::pin(session.join(room, since));

@@ -940,3 +940,104 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
         ]
     );
 }
+
+/// A relay in front of Redis that can be shut: shut, it drops the connections it carries and
+/// every new one, so the node behind it is cut off from Redis while the others are not.
+struct Gate {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    async fn to(redis: &RedisServer) -> Gate {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = redis.port;
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, l) = (open.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                l.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Gate {
+            port,
+            open,
+            links,
+            _accept: accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+        if !open {
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+    }
+}
+
+/// Redis away for longer than `presence.ttl_ms`: every node's heartbeat key expires, and the
+/// nodes come back one after the other (node B later, behind a gate). The first one back must
+/// not take the other for dead (reap it, announcing its users' leaves) before that one had a
+/// whole ttl to refresh its key: nobody left, so nobody sees a leave.
+#[tokio::test]
+async fn a_redis_outage_all_nodes_shared_reaps_nobody() {
+    const TTL_MS: u64 = 5000;
+    let mut redis = RedisServer::start_persistent();
+    let gate = Gate::to(&redis).await;
+    let start = |url: String| {
+        TestServer::builder()
+            .set("redis.urls", toml::Value::Array(vec![url.into()]))
+            .set("presence.ttl_ms", TTL_MS as i64)
+            .start()
+    };
+    let (a, b) = (start(redis.url()).await, start(gate.url()).await);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    let _ = frames_until_marker(&mut alice, "r", "m0").await;
+    let _ = frames_until_marker(&mut bob, "r", "m0b").await;
+
+    // Down for longer than the ttl (the keys' expiry is absolute, so they are gone when the
+    // persisted data comes back), then back with its data: node A at once, node B 1.5 s later.
+    redis.kill();
+    gate.set_open(false);
+    tokio::time::sleep(Duration::from_millis(TTL_MS + 1000)).await;
+    redis.restart();
+    assert_eq!(wait_ready(&a, true).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gate.set_open(true);
+    assert_eq!(wait_ready(&b, true).await.0, 200);
+    // A reap would come within a ttl of node A's first heartbeat; give it that and more.
+    tokio::time::sleep(Duration::from_millis(TTL_MS + 1000)).await;
+
+    for (client, marker) in [(&mut alice, "m1"), (&mut bob, "m1b")] {
+        let before = frames_until_marker(client, "r", marker).await;
+        let presence: Vec<&Value> = before.iter().filter(|f| f["type"] == "system").collect();
+        assert!(presence.is_empty(), "nobody left: {presence:?}");
+    }
+    let mut eve = a.user("eve").await;
+    let joined = eve.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob", "eve"]));
+}
