@@ -50,16 +50,8 @@ impl Hub {
         }
     }
 
-    /// Delivers a sequenced event to every local member, writing to their sockets once the
+    /// Queues a sequenced event for every local member in `batch`, which writes them once the
     /// hub's lock is released. Returns how many received it.
-    pub fn deliver(&self, room: &str, seq: u64, frame: &Utf8Bytes) -> usize {
-        let mut batch = Batch::default();
-        let members = self.deliver_in(room, seq, frame, &mut batch);
-        batch.write();
-        members
-    }
-
-    /// Queues a sequenced event for every local member in `batch`, which writes them.
     pub fn deliver_in(&self, room: &str, seq: u64, frame: &Utf8Bytes, batch: &mut Batch) -> usize {
         let rooms = self.rooms.read().expect("hub lock");
         let Some(entry) = rooms.get(room) else {

@@ -104,7 +104,7 @@ impl Socket {
 
     /// Writes a close frame with `code` and `reason` after what is queued (or, unless
     /// `keep_queued`, after only a partly written frame), then ends the connection politely
-    /// ([`finish`](Self::finish)). Each step gets at most `grace`.
+    /// (`finish`). Each step gets at most `grace`.
     pub async fn close(self, code: u16, reason: &str, keep_queued: bool, grace: Duration) {
         self.out.close_with(code, reason, keep_queued);
         if let Ok(Ok(())) = tokio::time::timeout(grace, self.out.flush()).await {
@@ -116,7 +116,7 @@ impl Socket {
     /// then read and discard whatever the client still sends until it closes too, for at most
     /// `grace`. Dropping a socket with unread input would make the kernel reset it, and the
     /// client could lose the close frame (and the frames before it) it had not read yet.
-    pub async fn finish(self, grace: Duration) {
+    async fn finish(self, grace: Duration) {
         self.out.shutdown_write();
         let stream = self.out.stream();
         let _ = tokio::time::timeout(grace, async {

@@ -124,11 +124,7 @@ async fn cross_node_delivery_keeps_one_order() {
     }
     // One sender's messages keep their order.
     for who in ["alice", "bob"] {
-        let mine: Vec<String> = seen[0]
-            .iter()
-            .filter(|f| f["user"] == who)
-            .map(|f| f["content"].as_str().unwrap().to_owned())
-            .collect();
+        let mine = common::contents_by(&seen[0], who);
         let want: Vec<String> = (0..N).map(|i| format!("{who} {i}")).collect();
         assert_eq!(mine, want);
     }

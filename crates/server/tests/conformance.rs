@@ -264,11 +264,7 @@ async fn one_order_for_concurrent_senders(mode: Mode) {
         );
     }
     for who in ["alice", "bob"] {
-        let mine: Vec<String> = seen[0]
-            .iter()
-            .filter(|f| f["user"] == who)
-            .map(|f| f["content"].as_str().unwrap().to_owned())
-            .collect();
+        let mine = common::contents_by(&seen[0], who);
         let sent: Vec<String> = (0..N).map(|i| format!("{who} {i}")).collect();
         assert_eq!(mine, sent, "{who}'s messages keep their order");
     }

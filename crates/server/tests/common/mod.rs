@@ -344,6 +344,15 @@ impl Client {
     }
 }
 
+/// The contents of `user`'s messages among `frames`, in the order they appear.
+pub fn contents_by(frames: &[Value], user: &str) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f["user"] == user)
+        .map(|f| f["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// An HS256 token for `sub` expiring in `ttl_s` seconds, with extra claims merged in.
 pub fn token(sub: &str, ttl_s: i64, extra: Value) -> String {
     sign(
