@@ -14,6 +14,9 @@ pub enum ClientFrame {
     Auth {
         /// The JWT.
         token: String,
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// Join a room, optionally resuming after `since` in `epoch`.
     Join {
@@ -25,11 +28,17 @@ pub enum ClientFrame {
         /// The room epoch `since` belongs to.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<String>,
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// Leave a room.
     Leave {
         /// The room.
         room: String,
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// Post a message.
     Send {
@@ -37,7 +46,7 @@ pub enum ClientFrame {
         room: String,
         /// The text.
         content: String,
-        /// The client's id for the ack and de-duplication.
+        /// The client's id for the ack and de-duplication: unique per user and room.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
     },
@@ -54,27 +63,60 @@ pub enum ClientFrame {
         /// Page size, 1 to 200 (default 50).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// Ephemeral typing notice.
     Typing {
         /// The room.
         room: String,
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// Replace the connection's token.
     Refresh {
         /// The new JWT, for the same `sub`.
         token: String,
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// Application-level ping; answered with `pong`.
-    Ping,
+    Ping {
+        /// The request's id, echoed on its answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
 }
 
 impl ClientFrame {
-    /// The client's `id`, where the frame carries one.
+    /// The request's `id`, when it carries one; every answer to the request echoes it.
     pub fn id(&self) -> Option<&str> {
         match self {
-            ClientFrame::Send { id, .. } => id.as_deref(),
-            _ => None,
+            ClientFrame::Auth { id, .. }
+            | ClientFrame::Join { id, .. }
+            | ClientFrame::Leave { id, .. }
+            | ClientFrame::Send { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Typing { id, .. }
+            | ClientFrame::Refresh { id, .. }
+            | ClientFrame::Ping { id } => id.as_deref(),
+        }
+    }
+
+    /// The room the request is about, when it names one; an error about it names it too.
+    pub fn room(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Join { room, .. }
+            | ClientFrame::Leave { room, .. }
+            | ClientFrame::Send { room, .. }
+            | ClientFrame::History { room, .. }
+            | ClientFrame::Typing { room, .. } => Some(room),
+            ClientFrame::Auth { .. } | ClientFrame::Refresh { .. } | ClientFrame::Ping { .. } => {
+                None
+            }
         }
     }
 }
@@ -86,6 +128,8 @@ pub struct DecodeError {
     pub message: String,
     /// The request's `id`, when one could be read, so the error can echo it.
     pub id: Option<String>,
+    /// The request's `room`, when one could be read, so the error can name it.
+    pub room: Option<String>,
 }
 
 /// Decodes one text frame. Every failure says what is wrong: malformed JSON, not an object,
@@ -98,6 +142,7 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
         Ok(_) if !text.trim_start().starts_with('{') => Err(DecodeError {
             message: "a frame must be a JSON object".to_owned(),
             id: None,
+            room: None,
         }),
         Ok(frame) => {
             if let Some(id) = frame.id() {
@@ -105,15 +150,20 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
                     return Err(DecodeError {
                         message: format!("id must be 1 to {MAX_CLIENT_ID} characters"),
                         id: None,
+                        room: frame.room().map(str::to_owned),
                     });
                 }
             }
             Ok(frame)
         }
-        Err(err) => Err(DecodeError {
-            message: describe(text, &err),
-            id: salvage_id(text),
-        }),
+        Err(err) => {
+            let (id, room) = salvage(text);
+            Err(DecodeError {
+                message: describe(text, &err),
+                id,
+                room,
+            })
+        }
     }
 }
 
@@ -139,10 +189,15 @@ fn describe(text: &str, err: &serde_json::Error) -> String {
     }
 }
 
-fn salvage_id(text: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    let id = value.get("id")?.as_str()?;
-    (id.chars().count() <= MAX_CLIENT_ID).then(|| id.to_owned())
+/// The `id` and `room` of a frame that did not decode, when they are strings (and the id is
+/// not over-long), so the error can still echo them.
+fn salvage(text: &str) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+        return (None, None);
+    };
+    let string = |key: &str| value.get(key)?.as_str().map(str::to_owned);
+    let id = string("id").filter(|id| (1..=MAX_CLIENT_ID).contains(&id.chars().count()));
+    (id, string("room"))
 }
 
 #[cfg(test)]
@@ -156,10 +211,16 @@ mod tests {
             ClientFrame::Join {
                 room: "g".into(),
                 since: Some(4),
-                epoch: Some("e".into())
+                epoch: Some("e".into()),
+                id: None,
             }
         );
-        assert_eq!(decode(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
+        assert_eq!(
+            decode(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping { id: None }
+        );
+        let join = decode(r#"{"type":"join","room":"g","id":"j1"}"#).unwrap();
+        assert_eq!((join.id(), join.room()), (Some("j1"), Some("g")));
         assert!(matches!(
             decode(r#"{"type":"send","room":"g","content":"hi","id":"c1"}"#).unwrap(),
             ClientFrame::Send { .. }
@@ -184,6 +245,7 @@ mod tests {
         let err = decode(r#"{"type":"send","room":"g","id":"c9"}"#).unwrap_err();
         assert!(err.message.contains("content"), "{}", err.message);
         assert_eq!(err.id.as_deref(), Some("c9"));
+        assert_eq!(err.room.as_deref(), Some("g"));
         let long = format!(
             r#"{{"type":"send","room":"g","content":"x","id":"{}"}}"#,
             "i".repeat(65)
@@ -203,14 +265,15 @@ mod tests {
                 decode(text).unwrap_err(),
                 DecodeError {
                     message: "a frame must be a JSON object".into(),
-                    id: None
+                    id: None,
+                    room: None,
                 },
                 "{text}"
             );
         }
         assert_eq!(
             decode(" \n\t{\"type\":\"ping\"}").unwrap(),
-            ClientFrame::Ping
+            ClientFrame::Ping { id: None }
         );
     }
 }

@@ -24,8 +24,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The store cannot take the write now: nothing was stored, retry.
     Unavailable,
-    /// A bug or an unexpected failure; details are in the server log, never in the frame.
-    Internal,
+    /// A `send` reused an `id` of a stored message with different content: nothing was stored.
+    IdConflict,
 }
 
 impl ErrorCode {
@@ -40,7 +40,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
+            ErrorCode::IdConflict => "id_conflict",
         }
     }
 }
@@ -58,8 +58,6 @@ pub enum CloseCode {
     InvalidPayload = 1007,
     /// A frame or message over `limits.max_frame_bytes`.
     TooBig = 1009,
-    /// The server failed unexpectedly.
-    Internal = 1011,
     /// No valid authentication. Terminal.
     Unauthorized = 4001,
     /// Too many refused requests in a short window. Terminal.
@@ -84,7 +82,6 @@ impl CloseCode {
             CloseCode::GoingAway => "server shutting down",
             CloseCode::InvalidPayload => "invalid utf-8",
             CloseCode::TooBig => "frame too big",
-            CloseCode::Internal => "internal error",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::RateLimitAbuse => "rate limit abuse",
             CloseCode::SlowConsumer => "slow consumer",

@@ -6,11 +6,13 @@
 //! - [`client`]: frames a client sends, and [`client::decode`] which turns any text into a frame
 //!   or a `bad_request` explanation.
 //! - [`server`]: frames the server sends, with borrowed fields so one event is encoded once.
+//! - [`received`]: the same frames owned and deserializable, as a client parses them.
 //! - [`codes`]: [`ErrorCode`] and [`CloseCode`], one enum each, with their documented meanings.
 //! - [`room`]: the room-name rule.
 
 pub mod client;
 pub mod codes;
+pub mod received;
 pub mod room;
 pub mod server;
 

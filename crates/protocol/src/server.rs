@@ -2,7 +2,7 @@
 //! bytes and hands the same bytes to every member. Clients that want owned values parse frames
 //! as `serde_json::Value` or their own types.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::codes::ErrorCode;
@@ -19,6 +19,20 @@ pub enum ServerFrame<'a> {
         name: &'a str,
         /// How often the server pings; a client may use it to size its own timeouts.
         heartbeat_ms: u64,
+        /// The limits that apply to this connection.
+        limits: &'a Limits,
+        /// When the token expires, in unix seconds; absent in anonymous mode.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
+    },
+    /// A `refresh` took effect.
+    Refreshed {
+        /// When the new token expires, in unix seconds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
     },
     /// A join took effect.
     Joined {
@@ -40,6 +54,9 @@ pub enum ServerFrame<'a> {
         /// Only with `since`: whether `history` continues exactly from it.
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
     },
     /// A chat message.
     Message {
@@ -78,6 +95,13 @@ pub enum ServerFrame<'a> {
     Left {
         /// The room.
         room: &'a str,
+        /// Why the server took the connection out when it did so unasked: `forbidden` (a
+        /// refreshed token no longer allows the room).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
     },
     /// A message was stored durably.
     Ack {
@@ -88,6 +112,9 @@ pub enum ServerFrame<'a> {
         room: &'a str,
         /// The message's seq.
         seq: u64,
+        /// A resend of a stored message: `seq` is the original one and nothing was posted.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
     /// An answer to `history`.
     History {
@@ -97,6 +124,9 @@ pub enum ServerFrame<'a> {
         messages: &'a RawValue,
         /// Further events remain in the direction of paging.
         more: bool,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
     },
     /// Someone is typing.
     Typing {
@@ -106,7 +136,11 @@ pub enum ServerFrame<'a> {
         user: &'a str,
     },
     /// Answer to `ping`.
-    Pong,
+    Pong {
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
     /// A request failed; the connection stays open unless a close follows.
     Error {
         /// What kind of failure.
@@ -116,6 +150,9 @@ pub enum ServerFrame<'a> {
         /// The request's `id`, when it had one.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
+        /// The room the request was about, when it named one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
         /// With `rate_limited`: when to try again.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
@@ -129,16 +166,35 @@ impl ServerFrame<'_> {
         serde_json::to_string(self).expect("server frames always serialize")
     }
 
-    /// An `error` frame without id or retry hint.
+    /// An `error` frame without id, room or retry hint.
     pub fn error(code: ErrorCode, message: &str) -> String {
         ServerFrame::Error {
             code,
             message,
             id: None,
+            room: None,
             retry_after_ms: None,
         }
         .encode()
     }
+}
+
+/// The limits that apply to a connection, sent in `authenticated` so a client need not
+/// hard-code what an operator can change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Longest `send` content, in bytes of UTF-8.
+    pub max_content_bytes: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Sends per second, sustained.
+    pub send_rate: f64,
+    /// Sends allowed in a burst.
+    pub send_burst: u32,
+    /// Joins and leaves per second, sustained.
+    pub join_rate: f64,
+    /// Joins and leaves allowed in a burst.
+    pub join_burst: u32,
 }
 
 /// Joins already-encoded frames into one JSON array, for `history` fields.
@@ -164,6 +220,7 @@ mod tests {
             id: Some("c-17"),
             room: "general",
             seq: 121,
+            duplicate: false,
         };
         assert_eq!(
             frame.encode(),
@@ -179,11 +236,19 @@ mod tests {
             history: &history,
             truncated: false,
             recovered: None,
+            id: None,
         };
         assert_eq!(
             frame.encode(),
             r#"{"type":"joined","room":"g","seq":2,"epoch":"e","users":["alice"],"user_count":1,"history":[{"a":1},{"b":2}],"truncated":false}"#
         );
-        assert_eq!(ServerFrame::Pong.encode(), r#"{"type":"pong"}"#);
+        assert_eq!(
+            ServerFrame::Pong { id: None }.encode(),
+            r#"{"type":"pong"}"#
+        );
+        assert_eq!(
+            ServerFrame::Pong { id: Some("p1") }.encode(),
+            r#"{"type":"pong","id":"p1"}"#
+        );
     }
 }

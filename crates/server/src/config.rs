@@ -123,6 +123,11 @@ impl Default for AuthConfig {
     }
 }
 
+/// Slowest and fastest rate a `limits.*_rate` setting takes, per second.
+pub const MIN_RATE: f64 = 0.001;
+/// See [`MIN_RATE`].
+pub const MAX_RATE: f64 = 1_000_000.0;
+
 /// `[limits]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -143,6 +148,10 @@ pub struct LimitsConfig {
     pub send_rate: f64,
     /// Sends a connection may make at once (token bucket size).
     pub send_burst: u32,
+    /// Joins and leaves per second per connection (one bucket for both).
+    pub join_rate: f64,
+    /// Joins and leaves a connection may make at once.
+    pub join_burst: u32,
     /// Typing notices per second per connection; past it they are dropped silently.
     pub typing_rate: f64,
     /// Typing notices a connection may make at once.
@@ -170,6 +179,8 @@ impl Default for LimitsConfig {
             close_grace_ms: 2000,
             send_rate: 10.0,
             send_burst: 20,
+            join_rate: 5.0,
+            join_burst: 20,
             typing_rate: 20.0,
             typing_burst: 40,
             abuse_refusals: 50,
@@ -377,6 +388,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "sends a connection may make at once",
     ),
     (
+        "limits.join_rate",
+        "5",
+        "joins and leaves per second per connection; past it error rate_limited",
+    ),
+    (
+        "limits.join_burst",
+        "20",
+        "joins and leaves a connection may make at once",
+    ),
+    (
         "limits.typing_rate",
         "20",
         "typing notices per second per connection; past it dropped",
@@ -558,8 +579,17 @@ impl Config {
         if self.limits.outbound_queue_frames == 0 || self.limits.outbound_queue_bytes == 0 {
             return invalid("limits.outbound_queue_* must be positive");
         }
-        if !(self.limits.send_rate > 0.0 && self.limits.typing_rate > 0.0) {
-            return invalid("limits.send_rate and limits.typing_rate must be positive");
+        for (name, rate) in [
+            ("limits.send_rate", self.limits.send_rate),
+            ("limits.join_rate", self.limits.join_rate),
+            ("limits.typing_rate", self.limits.typing_rate),
+        ] {
+            // A token bucket's period is 1/rate: past a million a second it rounds to nothing.
+            if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} is {rate}; it must be {MIN_RATE} to {MAX_RATE} per second"
+                )));
+            }
         }
         if self.history.max_len == 0 {
             return invalid("history.max_len must be positive");

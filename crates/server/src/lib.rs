@@ -34,6 +34,7 @@ pub mod presence;
 pub mod session;
 pub mod socket;
 pub mod store;
+pub mod validate;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use parley_protocol::client::{decode, ClientFrame};
-use parley_protocol::server::{json_array, ServerFrame};
-use parley_protocol::{valid_room_name, CloseCode, ErrorCode};
+use parley_protocol::server::{json_array, Limits, ServerFrame};
+use parley_protocol::{CloseCode, ErrorCode};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::auth::{now_unix, Identity};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
@@ -29,14 +29,9 @@ use crate::limits::{AbuseCounter, Bucket, ConnectionSlot};
 use crate::metrics::AuthFailure;
 use crate::outbound::{Outbound, Progress};
 use crate::socket::{Message, Opcode, Socket};
-use crate::store::sqlite::PageQuery;
+use crate::validate::{self, Refusal};
 use crate::App;
 use bytes::Bytes;
-
-/// Largest history page.
-pub const MAX_PAGE: u32 = 200;
-/// History page when the request gives no limit.
-pub const DEFAULT_PAGE: u32 = 50;
 
 /// A room to join as soon as the client is authenticated (`/ws/{room}`), with `since`/`epoch`.
 pub type AutoJoin = (String, Option<(u64, String)>);
@@ -67,6 +62,8 @@ struct Session {
     deadline: Option<Instant>,
     /// `limits.send_rate` / `limits.send_burst`.
     sends: Bucket,
+    /// `limits.join_rate` / `limits.join_burst`, for joins and leaves.
+    joins: Bucket,
     /// `limits.typing_rate` / `limits.typing_burst`.
     typing: Bucket,
     /// Rate-limit refusals; too many in the window close with 4008.
@@ -93,6 +90,7 @@ pub fn run(
         conn,
         outbound: ws.outbound().clone(),
         sends: Bucket::new(limits.send_rate, limits.send_burst),
+        joins: Bucket::new(limits.join_rate, limits.join_burst),
         typing: Bucket::new(limits.typing_rate, limits.typing_burst),
         abuse: AbuseCounter::new(
             limits.abuse_refusals,
@@ -123,8 +121,9 @@ pub fn run(
         let _open = open;
         if session.identity.is_some() {
             if let Some((room, since)) = auto_join.take().map(|b| *b) {
-                let joining = Box::pin(session.join(room, since));
-                joining.await;
+                let joining = Box::pin(session.join(room, since, None));
+                // An auto-join is the connection's first: no rate limit can refuse it.
+                let _ = joining.await;
             }
         }
 
@@ -211,18 +210,20 @@ impl Session {
                             }
                             if self.identity.is_some() {
                                 if let Some((room, since)) = auto_join.take().map(|b| *b) {
-                                    let joining = Box::pin(self.join(room, since));
-                                    joining.await;
+                                    let joining = Box::pin(self.join(room, since, None));
+                                    if let Some(end) = joining.await {
+                                        return end;
+                                    }
                                 }
                             }
                         }
                         Message::Binary(_) => {
                             if self.identity.is_none() {
                                 self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
-                                self.reply_error(ErrorCode::Unauthorized, "authenticate first", None);
+                                self.reply_error(ErrorCode::Unauthorized, "authenticate first", Req::none());
                                 return End::Close(CloseCode::Unauthorized);
                             }
-                            self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
+                            self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", Req::none());
                         }
                         Message::Ping(data) => {
                             outbound.push_frame(Opcode::Pong, data);
@@ -249,7 +250,7 @@ impl Session {
                     if self.deadline.is_some_and(|d| now >= d) {
                         if self.identity.is_none() {
                             self.app.metrics.auth_failure(AuthFailure::Timeout);
-                            self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", None);
+                            self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", Req::none());
                             return End::Close(CloseCode::Unauthorized);
                         }
                         return End::Close(CloseCode::TokenExpired);
@@ -312,16 +313,54 @@ impl Session {
         self.outbound.push(Utf8Bytes::from(frame));
     }
 
-    fn reply_error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
+    fn reply_error(&self, code: ErrorCode, message: &str, req: Req<'_>) {
         self.push(
             ServerFrame::Error {
                 code,
                 message,
-                id,
+                id: req.id,
+                room: req.room,
                 retry_after_ms: None,
             }
             .encode(),
         );
+    }
+
+    fn refuse(&self, refusal: Refusal, req: Req<'_>) {
+        self.reply_error(refusal.code, &refusal.message, req);
+    }
+
+    /// `error rate_limited` with when to retry; `Some` ends the session when this refusal
+    /// reaches the abuse limit (4008).
+    fn rate_limited(&mut self, wait: Duration, message: &str, req: Req<'_>) -> Option<End> {
+        self.app.metrics.rate_limited.inc();
+        // Rounded up, so a client that waits exactly this long finds a token.
+        let retry_after_ms = wait.as_micros().div_ceil(1000).max(1) as u64;
+        self.push(
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                message,
+                id: req.id,
+                room: req.room,
+                retry_after_ms: Some(retry_after_ms),
+            }
+            .encode(),
+        );
+        self.abuse
+            .refuse()
+            .then_some(End::Close(CloseCode::RateLimitAbuse))
+    }
+
+    fn limits(&self) -> Limits {
+        let limits = &self.app.config.limits;
+        Limits {
+            max_content_bytes: limits.max_content_bytes,
+            max_rooms_per_connection: limits.max_rooms_per_connection,
+            send_rate: limits.send_rate,
+            send_burst: limits.send_burst,
+            join_rate: limits.join_rate,
+            join_burst: limits.join_burst,
+        }
     }
 
     fn authenticated(&mut self, identity: Identity) {
@@ -330,6 +369,8 @@ impl Session {
                 user_id: &identity.user,
                 name: &identity.name,
                 heartbeat_ms: self.app.config.heartbeat.interval_ms,
+                limits: &self.limits(),
+                exp: identity.expires_at,
             }
             .encode(),
         );
@@ -347,21 +388,25 @@ impl Session {
                     self.reply_error(
                         ErrorCode::Unauthorized,
                         "the first frame must be auth",
-                        None,
+                        Req::none(),
                     );
                     return Some(End::Close(CloseCode::Unauthorized));
                 }
-                self.reply_error(ErrorCode::BadRequest, &err.message, err.id.as_deref());
+                let req = Req {
+                    id: err.id.as_deref(),
+                    room: err.room.as_deref(),
+                };
+                self.reply_error(ErrorCode::BadRequest, &err.message, req);
                 return None;
             }
         };
         let Some(identity) = self.identity.clone() else {
-            let ClientFrame::Auth { token } = frame else {
+            let ClientFrame::Auth { token, id } = frame else {
                 self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
                 self.reply_error(
                     ErrorCode::Unauthorized,
                     "the first frame must be auth",
-                    None,
+                    Req::of(frame.id(), None),
                 );
                 return Some(End::Close(CloseCode::Unauthorized));
             };
@@ -372,32 +417,34 @@ impl Session {
                 }
                 Err(err) => {
                     self.app.metrics.auth_failure(&err);
-                    self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None);
+                    self.reply_error(
+                        ErrorCode::Unauthorized,
+                        &err.to_string(),
+                        Req::of(id.as_deref(), None),
+                    );
                     Some(End::Close(CloseCode::Unauthorized))
                 }
             };
         };
         match frame {
-            ClientFrame::Auth { .. } => {
-                self.reply_error(ErrorCode::BadRequest, "already authenticated", None)
+            ClientFrame::Auth { id, .. } => self.reply_error(
+                ErrorCode::BadRequest,
+                "already authenticated",
+                Req::of(id.as_deref(), None),
+            ),
+            ClientFrame::Refresh { token, id } => {
+                return self.refresh(&identity, &token, id.as_deref()).await;
             }
-            ClientFrame::Refresh { token } => self.refresh(&identity, &token),
-            ClientFrame::Join { room, since, epoch } => {
-                let since = match (since, epoch) {
-                    (Some(since), Some(epoch)) => Some((since, epoch)),
-                    (None, None) => None,
-                    _ => {
-                        self.reply_error(
-                            ErrorCode::BadRequest,
-                            "`since` and `epoch` go together",
-                            None,
-                        );
-                        return None;
-                    }
-                };
-                self.join(room, since).await;
-            }
-            ClientFrame::Leave { room } => self.leave(&identity, &room).await,
+            ClientFrame::Join {
+                room,
+                since,
+                epoch,
+                id,
+            } => match validate::resume(since, epoch) {
+                Ok(since) => return self.join(room, since, id).await,
+                Err(refusal) => self.refuse(refusal, Req::of(id.as_deref(), Some(&room))),
+            },
+            ClientFrame::Leave { room, id } => return self.leave(&identity, &room, id).await,
             ClientFrame::Send { room, content, id } => {
                 return self.send(&identity, &room, content, id).await;
             }
@@ -406,53 +453,89 @@ impl Session {
                 before,
                 after,
                 limit,
-            } => self.history(&identity, &room, before, after, limit).await,
-            ClientFrame::Typing { room } => {
-                if !self.check_room(&room, None) {
-                    return None;
-                }
-                let Some(room) = self.joined(&room) else {
-                    self.reply_error(ErrorCode::NotJoined, "join the room first", None);
-                    return None;
-                };
-                // Typing is ephemeral: past its bucket it is dropped without a word.
-                if self.typing.take().is_err() {
-                    return None;
-                }
-                let frame = ServerFrame::Typing {
-                    room: &room,
-                    user: &identity.user,
-                }
-                .encode();
-                let frame = Utf8Bytes::from(frame);
-                self.app.hub.broadcast_except(&room, self.conn, &frame);
-                // In a cluster, members on other nodes see it too.
-                self.app.broker.typing(&room, &frame);
+                id,
+            } => {
+                let req = Req::of(id.as_deref(), Some(&room));
+                self.history(&identity, &room, before, after, limit, req)
+                    .await
             }
-            ClientFrame::Ping => self.push(ServerFrame::Pong.encode()),
+            ClientFrame::Typing { room, id } => {
+                self.typing(&identity, &room, Req::of(id.as_deref(), Some(&room)))
+            }
+            ClientFrame::Ping { id } => self.push(ServerFrame::Pong { id: id.as_deref() }.encode()),
         }
         None
     }
 
-    fn refresh(&mut self, identity: &Identity, token: &str) {
-        match self.app.auth.verify(token) {
-            Ok(fresh) if fresh.user == identity.user => {
-                self.deadline = self.expiry(&fresh);
-                self.identity = Some(fresh);
-            }
+    fn typing(&mut self, identity: &Identity, room: &str, req: Req<'_>) {
+        if let Err(refusal) = validate::room(room) {
+            return self.refuse(refusal, req);
+        }
+        let Some(room) = self.joined(room) else {
+            return self.reply_error(ErrorCode::NotJoined, "join the room first", req);
+        };
+        // Typing is ephemeral: past its bucket it is dropped without a word.
+        if self.typing.take().is_err() {
+            return;
+        }
+        let frame = ServerFrame::Typing {
+            room: &room,
+            user: &identity.user,
+        }
+        .encode();
+        let frame = Utf8Bytes::from(frame);
+        self.app.hub.broadcast_except(&room, self.conn, &frame);
+        // In a cluster, members on other nodes see it too.
+        self.app.broker.typing(&room, &frame);
+    }
+
+    /// Replaces the token. Rooms the new token's `rooms` claim no longer allows are left, each
+    /// answered `left` with `reason: forbidden` and announced like any leave.
+    async fn refresh(&mut self, identity: &Identity, token: &str, id: Option<&str>) -> Option<End> {
+        let req = Req::of(id, None);
+        let fresh = match self.app.auth.verify(token) {
+            Ok(fresh) if fresh.user == identity.user => fresh,
             Ok(_) => {
                 self.app.metrics.auth_failure(AuthFailure::WrongUser);
                 self.reply_error(
                     ErrorCode::Unauthorized,
                     "the new token is for another user",
-                    None,
-                )
+                    req,
+                );
+                return None;
             }
             Err(err) => {
                 self.app.metrics.auth_failure(&err);
-                self.reply_error(ErrorCode::Unauthorized, &err.to_string(), None)
+                self.reply_error(ErrorCode::Unauthorized, &err.to_string(), req);
+                return None;
+            }
+        };
+        self.deadline = self.expiry(&fresh);
+        self.push(
+            ServerFrame::Refreshed {
+                exp: fresh.expires_at,
+                id,
+            }
+            .encode(),
+        );
+        let (kept, excluded): (Vec<_>, Vec<_>) =
+            self.rooms.drain(..).partition(|room| fresh.may_join(room));
+        self.rooms = kept;
+        self.identity = Some(fresh);
+        for room in excluded {
+            let request = LeaveRequest {
+                room,
+                user: identity.user.clone(),
+                conn: self.conn,
+                outbound: Some(self.outbound.clone()),
+                request_id: None,
+                reason: Some("forbidden"),
+            };
+            if let Err(err) = self.app.broker.leave(request).await {
+                self.broker_error(err, req);
             }
         }
+        None
     }
 
     /// When the connection's token stops being valid: `exp` plus the `auth.leeway_s` that
@@ -468,45 +551,35 @@ impl Session {
         self.rooms.iter().find(|r| &***r == room).cloned()
     }
 
-    fn check_room(&self, room: &str, id: Option<&str>) -> bool {
-        if !valid_room_name(room) {
-            self.reply_error(
-                ErrorCode::BadRequest,
-                "invalid room name: 1 to 64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit",
-                id,
-            );
-            return false;
-        }
-        true
-    }
-
-    async fn join(&mut self, room: String, since: Option<(u64, String)>) {
+    /// Joins a room; `Some` ends the session (rate-limit abuse).
+    async fn join(
+        &mut self,
+        room: String,
+        since: Option<(u64, String)>,
+        id: Option<String>,
+    ) -> Option<End> {
         let identity = self.identity.clone().expect("join after auth");
-        if !self.check_room(&room, None) {
-            return;
+        let req = Req::of(id.as_deref(), Some(&room));
+        if let Err(refusal) = validate::room(&room) {
+            self.refuse(refusal, req);
+            return None;
         }
         if !identity.may_join(&room) {
-            self.reply_error(
-                ErrorCode::Forbidden,
-                "your token does not allow this room",
-                None,
-            );
-            return;
+            self.reply_error(ErrorCode::Forbidden, FORBIDDEN, req);
+            return None;
         }
         if self.joined(&room).is_some() {
-            self.reply_error(ErrorCode::BadRequest, "already joined", None);
-            return;
+            self.reply_error(ErrorCode::BadRequest, "already joined", req);
+            return None;
         }
-        if self.rooms.len() >= self.app.config.limits.max_rooms_per_connection {
-            self.reply_error(
-                ErrorCode::TooManyRooms,
-                &format!(
-                    "at most {} rooms per connection",
-                    self.app.config.limits.max_rooms_per_connection
-                ),
-                None,
-            );
-            return;
+        let max_rooms = self.app.config.limits.max_rooms_per_connection;
+        if self.rooms.len() >= max_rooms {
+            let message = format!("at most {max_rooms} rooms per connection");
+            self.reply_error(ErrorCode::TooManyRooms, &message, req);
+            return None;
+        }
+        if let Err(wait) = self.joins.take() {
+            return self.rate_limited(wait, "too many joins and leaves; retry later", req);
         }
         let room: Arc<str> = room.into();
         let request = JoinRequest {
@@ -515,31 +588,42 @@ impl Session {
             conn: self.conn,
             outbound: self.outbound.clone(),
             since,
+            request_id: id.as_deref().map(Box::from),
         };
         match self.app.broker.join(request).await {
             Ok(()) => self.rooms.push(room),
-            Err(err) => self.broker_error(err, None),
+            Err(err) => self.broker_error(err, Req::of(id.as_deref(), Some(&room))),
         }
+        None
     }
 
-    async fn leave(&mut self, identity: &Identity, room: &str) {
-        if !self.check_room(room, None) {
-            return;
+    /// Leaves a room; `Some` ends the session (rate-limit abuse).
+    async fn leave(&mut self, identity: &Identity, room: &str, id: Option<String>) -> Option<End> {
+        let req = Req::of(id.as_deref(), Some(room));
+        if let Err(refusal) = validate::room(room) {
+            self.refuse(refusal, req);
+            return None;
         }
         let Some(at) = self.rooms.iter().position(|r| &**r == room) else {
-            self.reply_error(ErrorCode::NotJoined, "not in this room", None);
-            return;
+            self.reply_error(ErrorCode::NotJoined, "not in this room", req);
+            return None;
         };
+        if let Err(wait) = self.joins.take() {
+            return self.rate_limited(wait, "too many joins and leaves; retry later", req);
+        }
         let room = self.rooms.swap_remove(at);
         let request = LeaveRequest {
             room,
             user: identity.user.clone(),
             conn: self.conn,
             outbound: Some(self.outbound.clone()),
+            request_id: id.as_deref().map(Box::from),
+            reason: None,
         };
         if let Err(err) = self.app.broker.leave(request).await {
-            self.broker_error(err, None);
+            self.broker_error(err, req);
         }
+        None
     }
 
     /// Posts a message; `Some` ends the session (rate-limit abuse).
@@ -551,44 +635,22 @@ impl Session {
         id: Option<String>,
     ) -> Option<End> {
         let received = std::time::Instant::now();
-        let id_ref = id.as_deref();
-        if !self.check_room(room, id_ref) {
+        let req = Req::of(id.as_deref(), Some(room));
+        if let Err(refusal) = validate::room(room) {
+            self.refuse(refusal, req);
             return None;
         }
         let Some(room) = self.joined(room) else {
-            self.reply_error(ErrorCode::NotJoined, "join the room first", id_ref);
+            self.reply_error(ErrorCode::NotJoined, "join the room first", req);
             return None;
         };
-        let max = self.app.config.limits.max_content_bytes;
-        if content.len() > max {
-            self.reply_error(
-                ErrorCode::TooLarge,
-                &format!("content is {} bytes; the limit is {max}", content.len()),
-                id_ref,
-            );
-            return None;
-        }
-        if content.is_empty() {
-            self.reply_error(ErrorCode::BadRequest, "content is empty", id_ref);
+        if let Err(refusal) = validate::content(&content, self.app.config.limits.max_content_bytes)
+        {
+            self.refuse(refusal, req);
             return None;
         }
         if let Err(wait) = self.sends.take() {
-            self.app.metrics.rate_limited.inc();
-            // Rounded up, so a client that waits exactly this long finds a token.
-            let retry_after_ms = wait.as_micros().div_ceil(1000).max(1) as u64;
-            self.push(
-                ServerFrame::Error {
-                    code: ErrorCode::RateLimited,
-                    message: "too many messages; retry later",
-                    id: id_ref,
-                    retry_after_ms: Some(retry_after_ms),
-                }
-                .encode(),
-            );
-            if self.abuse.refuse() {
-                return Some(End::Close(CloseCode::RateLimitAbuse));
-            }
-            return None;
+            return self.rate_limited(wait, "too many messages; retry later", req);
         }
         let request = PublishRequest {
             room,
@@ -601,7 +663,8 @@ impl Session {
         self.app.metrics.messages_in.inc();
         let reply = PublishReply::Connection(self.outbound.clone());
         if let Err(err) = self.app.broker.publish(request, reply).await {
-            self.broker_error(err, id.as_deref());
+            // The request went with the failed call; only its id and room are needed here.
+            self.broker_error(err, req);
         }
         None
     }
@@ -613,31 +676,17 @@ impl Session {
         before: Option<u64>,
         after: Option<u64>,
         limit: Option<u32>,
+        req: Req<'_>,
     ) {
-        if !self.check_room(room, None) {
-            return;
+        if let Err(refusal) = validate::room(room) {
+            return self.refuse(refusal, req);
         }
         if !identity.may_join(room) {
-            self.reply_error(
-                ErrorCode::Forbidden,
-                "your token does not allow this room",
-                None,
-            );
-            return;
+            return self.reply_error(ErrorCode::Forbidden, FORBIDDEN, req);
         }
-        let limit = limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            self.reply_error(
-                ErrorCode::BadRequest,
-                &format!("limit must be 1 to {MAX_PAGE}"),
-                None,
-            );
-            return;
-        }
-        let query = PageQuery {
-            before,
-            after,
-            limit,
+        let query = match validate::page(before, after, limit) {
+            Ok(query) => query,
+            Err(refusal) => return self.refuse(refusal, req),
         };
         match self.app.broker.history(room, query).await {
             Ok(page) => {
@@ -647,19 +696,25 @@ impl Session {
                         room,
                         messages: &messages,
                         more: page.more,
+                        id: req.id,
                     }
                     .encode(),
                 );
             }
-            Err(err) => self.broker_error(err, None),
+            Err(err) => self.broker_error(err, req),
         }
     }
 
-    fn broker_error(&self, err: BrokerError, id: Option<&str>) {
-        let code = match err {
-            BrokerError::Unavailable(_) | BrokerError::Closed => ErrorCode::Unavailable,
-        };
-        self.reply_error(code, &err.to_string(), id);
+    fn broker_error(&self, err: BrokerError, req: Req<'_>) {
+        if let BrokerError::Unavailable(detail) = &err {
+            warn!(
+                conn = self.conn,
+                room = req.room,
+                detail,
+                "request refused: store unavailable"
+            );
+        }
+        self.reply_error(err.code(), &err.to_string(), req);
     }
 
     async fn leave_all(&mut self) {
@@ -672,10 +727,35 @@ impl Session {
                 user: identity.user.clone(),
                 conn: self.conn,
                 outbound: None,
+                request_id: None,
+                reason: None,
             };
             if let Err(err) = self.app.broker.leave(request).await {
                 debug!(conn = self.conn, error = %err, "leave on close failed");
             }
+        }
+    }
+}
+
+/// The message of `error forbidden`.
+const FORBIDDEN: &str = "your token does not allow this room";
+
+/// What an answer needs of its request: the `id` to echo and the `room` an error names.
+#[derive(Clone, Copy)]
+struct Req<'a> {
+    id: Option<&'a str>,
+    room: Option<&'a str>,
+}
+
+impl<'a> Req<'a> {
+    fn of(id: Option<&'a str>, room: Option<&'a str>) -> Req<'a> {
+        Req { id, room }
+    }
+
+    fn none() -> Req<'static> {
+        Req {
+            id: None,
+            room: None,
         }
     }
 }
@@ -688,23 +768,10 @@ fn expiry_instant(exp_unix: u64) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
-/// Maps a read error to how the session ends: oversize frames close with 1009, invalid UTF-8
-/// with 1007 (RFC 6455), anything else means the peer is gone.
+/// Maps a read error to how the session ends.
 fn classify(err: tungstenite::Error) -> End {
-    match close_code_for(err) {
+    match validate::read_error(err) {
         Ok(code) => End::Close(code),
         Err(why) => End::Gone(why),
-    }
-}
-
-/// The close code a read error calls for, or why there is no one to send it to. Shared with
-/// `/echo`, so both sockets answer bad frames alike.
-pub(crate) fn close_code_for(err: tungstenite::Error) -> Result<CloseCode, &'static str> {
-    use tungstenite::Error;
-    match err {
-        Error::Capacity(_) => Ok(CloseCode::TooBig),
-        Error::Utf8(_) => Ok(CloseCode::InvalidPayload),
-        Error::Protocol(_) => Err("protocol violation"),
-        _ => Err("read failed"),
     }
 }

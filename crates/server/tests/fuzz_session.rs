@@ -522,7 +522,7 @@ impl Seen {
 
 /// Sends a text frame, counting it when the server will answer it with `pong`.
 async fn send(client: &mut Client, seen: &mut Seen, text: &str) {
-    if matches!(decode(text), Ok(ClientFrame::Ping)) {
+    if matches!(decode(text), Ok(ClientFrame::Ping { .. })) {
         seen.pings += 1;
     }
     client.send_text(text).await;

@@ -15,18 +15,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use parley_protocol::server::{json_array, ServerFrame};
-use parley_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
-use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
+use super::log::{Page, PageQuery, StoredRoom};
+use super::{
+    announce, Broker, BrokerError, JoinRequest, LeaveRequest, Posted, PublishReply, PublishRequest,
+};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
 use crate::presence::Presence;
-use crate::store::sqlite::{
-    Draft, JoinWindow, LogReader, LogWriter, Page, PageQuery, StoredRoom, Written,
-};
+use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, Written};
 
 /// Requests waiting for the sequencer; past this, callers wait (backpressure).
 const QUEUE_DEPTH: usize = 65_536;
@@ -212,7 +212,9 @@ async fn run_batch(
             Op::Join(req, _) => plan_join(req, parts, &mut drafts).await,
             Op::Leave(req, _) => {
                 let announced = match parts.presence.remove(&req.room, &req.user).await {
-                    Ok(change) => change.transition && change.users < parts.announce_max,
+                    Ok(change) => {
+                        announce(change.transition, false, change.users, parts.announce_max)
+                    }
                     Err(e) => {
                         warn!(room = %req.room, error = %e, "presence remove failed");
                         false
@@ -281,7 +283,7 @@ async fn run_batch(
 async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {
     let (announced, user_count) = match parts.presence.add(&req.room, &req.user).await {
         Ok(change) => (
-            change.transition && change.users <= parts.announce_max,
+            announce(change.transition, true, change.users, parts.announce_max),
             change.users,
         ),
         Err(e) => {
@@ -357,6 +359,7 @@ fn finish(
                 history: &array,
                 truncated: history.truncated,
                 recovered: history.recovered,
+                id: req.request_id.as_deref(),
             }
             .encode();
             req.outbound
@@ -372,15 +375,14 @@ fn finish(
                 deliver(parts, &req.room, written.next(), writes);
             }
             if let Some(outbound) = &req.outbound {
-                let left = ServerFrame::Left { room: &req.room }.encode();
-                outbound.push_in(Utf8Bytes::from(left), writes);
+                outbound.push_in(req.left_frame(), writes);
             }
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }
         }
         (Op::Publish(req, reply), Plan::Publish) => {
-            let seq = match written.next() {
+            let outcome = match written.next() {
                 Some(Written::Event { seq, frame }) => {
                     deliver(
                         parts,
@@ -388,25 +390,22 @@ fn finish(
                         Some(Written::Event { seq, frame }),
                         writes,
                     );
-                    seq
-                }
-                Some(Written::Duplicate { seq }) => seq,
-                _ => unreachable!("a publish is stored or a duplicate"),
-            };
-            Metrics::observe(&parts.metrics.send_latency, req.received.elapsed());
-            match reply {
-                PublishReply::Connection(outbound) => {
-                    let ack = ServerFrame::Ack {
-                        id: req.client_id.as_deref(),
-                        room: &req.room,
+                    Ok(Posted {
                         seq,
-                    };
-                    outbound.push_in(Utf8Bytes::from(ack.encode()), writes);
+                        duplicate: false,
+                    })
                 }
-                PublishReply::Caller(tx) => {
-                    let _ = tx.send(Ok(seq));
-                }
+                Some(Written::Duplicate { seq }) => Ok(Posted {
+                    seq,
+                    duplicate: true,
+                }),
+                Some(Written::Conflict) => Err(BrokerError::IdConflict),
+                _ => unreachable!("a publish is stored, a duplicate or a conflict"),
+            };
+            if outcome.is_ok() {
+                Metrics::observe(&parts.metrics.send_latency, req.received.elapsed());
             }
+            reply.answer(&req, outcome, Some(writes));
         }
         _ => unreachable!("plans follow their requests"),
     }
@@ -425,28 +424,13 @@ async fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
             parts.hub.remove(&req.room, req.conn);
             parts.metrics.memberships.dec();
             if let Some(outbound) = &req.outbound {
-                outbound.push(Utf8Bytes::from(
-                    ServerFrame::Left { room: &req.room }.encode(),
-                ));
+                outbound.push(req.left_frame());
             }
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }
         }
-        (Op::Publish(req, reply), _) => match reply {
-            PublishReply::Connection(outbound) => {
-                let frame = ServerFrame::Error {
-                    code: ErrorCode::Unavailable,
-                    message: &err.to_string(),
-                    id: req.client_id.as_deref(),
-                    retry_after_ms: None,
-                };
-                outbound.push(Utf8Bytes::from(frame.encode()));
-            }
-            PublishReply::Caller(tx) => {
-                let _ = tx.send(Err(err.clone()));
-            }
-        },
+        (Op::Publish(req, reply), _) => reply.answer(&req, Err(err.clone()), None),
         (Op::Close(_), _) => {}
     }
 }

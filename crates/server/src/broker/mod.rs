@@ -7,12 +7,14 @@
 //!   and only after they are stored, so an `ack` (sent after the store returns) means durable;
 //! - a joiner is registered with the hub exactly after its `joined.seq`: it receives every later
 //!   event live and none of the earlier ones twice;
-//! - a resend of a client id (same user, same room, within [`crate::store::sqlite::DEDUP_WINDOW`])
-//!   returns the original seq and posts nothing.
+//! - a resend of a client id (same user, same room, within [`log::DEDUP_WINDOW`]) with the same
+//!   content returns the original seq (`duplicate`) and posts nothing; with different content it
+//!   is refused ([`BrokerError::IdConflict`]) and posts nothing.
 //!
 //! [`memory::MemoryBroker`] is the single-node implementation over the SQLite log;
 //! [`redis::RedisBroker`] the cluster one over Redis.
 
+pub mod log;
 pub mod memory;
 pub mod redis;
 
@@ -22,35 +24,47 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use crate::hub::ConnId;
-use crate::outbound::Outbound;
-use crate::store::sqlite::{Page, PageQuery, StoredRoom};
+use axum::extract::ws::Utf8Bytes;
+use parley_protocol::server::ServerFrame;
+use parley_protocol::ErrorCode;
 
-/// Cuts a `since` replay to at most `max_bytes` of frames (keeping at least one, oldest first).
-/// Returns whether anything was cut, i.e. whether `truncated` must be set.
-pub fn cap_replay(frames: &mut Vec<String>, max_bytes: usize) -> bool {
-    let mut total = 0usize;
-    let keep = frames
-        .iter()
-        .position(|f| {
-            total += f.len();
-            total > max_bytes
-        })
-        .map_or(frames.len(), |at| at.max(1));
-    let cut = keep < frames.len();
-    frames.truncate(keep);
-    cut
-}
+use crate::hub::ConnId;
+use crate::outbound::{Batch, Outbound};
+pub use log::announce;
+use log::{Page, PageQuery, StoredRoom};
 
 /// Why a broker call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    /// The store cannot take the request now; nothing was stored. The client may retry.
-    #[error("{0}")]
+    /// The store cannot take the request now; nothing was stored. The client may retry. The
+    /// text is the driver's reason, for the log and `/readyz`; clients read the fixed message.
+    #[error("storage unavailable; the request had no effect, retry")]
     Unavailable(String),
     /// The broker has shut down.
     #[error("server shutting down")]
     Closed,
+    /// A message with this client id and different content is stored; nothing was posted.
+    #[error("this id was used for a different message; use a new id for new content")]
+    IdConflict,
+}
+
+impl BrokerError {
+    /// The error code a client sees.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::Unavailable(_) | BrokerError::Closed => ErrorCode::Unavailable,
+            BrokerError::IdConflict => ErrorCode::IdConflict,
+        }
+    }
+}
+
+/// A stored message: its seq, and whether it was stored before (a resend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Posted {
+    /// The message's seq.
+    pub seq: u64,
+    /// The message was already stored under this client id; nothing was posted now.
+    pub duplicate: bool,
 }
 
 /// A connection joining a room.
@@ -65,6 +79,8 @@ pub struct JoinRequest {
     pub outbound: Arc<Outbound>,
     /// `since` and `epoch` from the join frame.
     pub since: Option<(u64, String)>,
+    /// The request's id, echoed on `joined`.
+    pub request_id: Option<Box<str>>,
 }
 
 /// A connection leaving a room (by request or by disconnecting).
@@ -77,6 +93,24 @@ pub struct LeaveRequest {
     pub conn: ConnId,
     /// Where to queue `left`; `None` when the connection is gone.
     pub outbound: Option<Arc<Outbound>>,
+    /// The request's id, echoed on `left`.
+    pub request_id: Option<Box<str>>,
+    /// Why the server takes the connection out unasked (`forbidden`), for `left`.
+    pub reason: Option<&'static str>,
+}
+
+impl LeaveRequest {
+    /// The `left` frame for the leaver.
+    pub fn left_frame(&self) -> Utf8Bytes {
+        Utf8Bytes::from(
+            ServerFrame::Left {
+                room: &self.room,
+                reason: self.reason,
+                id: self.request_id.as_deref(),
+            }
+            .encode(),
+        )
+    }
 }
 
 /// A chat message to post.
@@ -100,7 +134,51 @@ pub enum PublishReply {
     /// Queue an `ack` or `error` frame to the sending connection.
     Connection(Arc<Outbound>),
     /// Hand the outcome to a waiting caller (the HTTP API).
-    Caller(oneshot::Sender<Result<u64, BrokerError>>),
+    Caller(oneshot::Sender<Result<Posted, BrokerError>>),
+}
+
+impl PublishReply {
+    /// Answers `request`: an `ack` (or the error) to the connection, queued in `batch` when one
+    /// is given, or the outcome to the caller.
+    pub fn answer(
+        self,
+        request: &PublishRequest,
+        outcome: Result<Posted, BrokerError>,
+        batch: Option<&mut Batch>,
+    ) {
+        match self {
+            PublishReply::Connection(outbound) => {
+                let frame = match &outcome {
+                    Ok(posted) => ServerFrame::Ack {
+                        id: request.client_id.as_deref(),
+                        room: &request.room,
+                        seq: posted.seq,
+                        duplicate: posted.duplicate,
+                    }
+                    .encode(),
+                    Err(err) => ServerFrame::Error {
+                        code: err.code(),
+                        message: &err.to_string(),
+                        id: request.client_id.as_deref(),
+                        room: Some(&request.room),
+                        retry_after_ms: None,
+                    }
+                    .encode(),
+                };
+                match batch {
+                    Some(batch) => {
+                        outbound.push_in(Utf8Bytes::from(frame), batch);
+                    }
+                    None => {
+                        outbound.push(Utf8Bytes::from(frame));
+                    }
+                }
+            }
+            PublishReply::Caller(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
 }
 
 /// Sequencing, storage, history and fan-out of room events.
@@ -140,23 +218,4 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Finishes every queued write and stops. Later calls fail with [`BrokerError::Closed`].
     async fn close(&self);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cap_replay;
-
-    #[test]
-    fn replays_are_capped_by_bytes_keeping_at_least_one() {
-        let frame = |n: usize| "x".repeat(n);
-        let mut frames = vec![frame(10), frame(10), frame(10)];
-        assert!(cap_replay(&mut frames, 25));
-        assert_eq!(frames.len(), 2);
-        let mut frames = vec![frame(100), frame(1)];
-        assert!(cap_replay(&mut frames, 10));
-        assert_eq!(frames.len(), 1, "one frame always goes, however big");
-        let mut frames = vec![frame(5), frame(5)];
-        assert!(!cap_replay(&mut frames, 10));
-        assert_eq!(frames.len(), 2);
-    }
 }

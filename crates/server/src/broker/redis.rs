@@ -29,20 +29,20 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use parley_protocol::server::{json_array, ServerFrame};
-use parley_protocol::{CloseCode, ErrorCode};
+use parley_protocol::CloseCode;
 use redis::{FromRedisValue, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
+use super::log::{cap_replay, Page, PageQuery, StoredRoom};
+use super::{Broker, BrokerError, JoinRequest, LeaveRequest, Posted, PublishReply, PublishRequest};
 use crate::cluster::{self, room_key, room_of_channel, split_frame, Shards};
 use crate::config::HistoryConfig;
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
 use crate::outbound::{Batch, Outbound};
-use crate::store::sqlite::{Page, PageQuery, StoredRoom};
 
 /// Most sends one pipeline carries.
 const MAX_BATCH: usize = 256;
@@ -591,7 +591,10 @@ async fn publisher(inner: Arc<Inner>, shard: usize, mut rx: mpsc::Receiver<Publi
                             Err(unavailable(e.details().unwrap_or(e.code()).to_owned()))
                         }
                         value => <(u64, String, u8)>::from_redis_value(value)
-                            .map(|(seq, _, _)| seq)
+                            .map(|(seq, _, dup)| Posted {
+                                seq,
+                                duplicate: dup == 1,
+                            })
                             .map_err(unavailable),
                     };
                     answer(&inner, op, outcome);
@@ -611,7 +614,7 @@ async fn publisher(inner: Arc<Inner>, shard: usize, mut rx: mpsc::Receiver<Publi
     }
 }
 
-fn answer(inner: &Inner, op: Publish, outcome: Result<u64, BrokerError>) {
+fn answer(inner: &Inner, op: Publish, outcome: Result<Posted, BrokerError>) {
     let Publish { request, reply } = op;
     if outcome.is_ok() {
         Metrics::observe(
@@ -619,29 +622,7 @@ fn answer(inner: &Inner, op: Publish, outcome: Result<u64, BrokerError>) {
             request.received.elapsed(),
         );
     }
-    match reply {
-        PublishReply::Connection(outbound) => {
-            let frame = match &outcome {
-                Ok(seq) => ServerFrame::Ack {
-                    id: request.client_id.as_deref(),
-                    room: &request.room,
-                    seq: *seq,
-                }
-                .encode(),
-                Err(err) => ServerFrame::Error {
-                    code: ErrorCode::Unavailable,
-                    message: &err.to_string(),
-                    id: request.client_id.as_deref(),
-                    retry_after_ms: None,
-                }
-                .encode(),
-            };
-            outbound.push(Utf8Bytes::from(frame));
-        }
-        PublishReply::Caller(tx) => {
-            let _ = tx.send(outcome);
-        }
-    }
+    reply.answer(&request, outcome, None);
 }
 
 async fn subscriber(inner: Arc<Inner>, shard: usize, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
@@ -1118,7 +1099,7 @@ impl RoomActor {
         let (head, epoch, _announced, people, users, mut history, truncated, recovered) =
             reply.inspect_err(|_| self.inner.presence_dirty(&self.room))?;
         let truncated = (recovered == 1
-            && super::cap_replay(&mut history, self.inner.parts.history.max_replay_bytes))
+            && cap_replay(&mut history, self.inner.parts.history.max_replay_bytes))
             || truncated == 1;
         // Bring the present members to `head` so the joiner starts exactly after it.
         if self.members.is_empty() || epoch != self.epoch {
@@ -1150,6 +1131,7 @@ impl RoomActor {
                 -1 => None,
                 r => Some(r == 1),
             },
+            id: req.request_id.as_deref(),
         }
         .encode();
         req.outbound.push_unbounded(Utf8Bytes::from(frame));
@@ -1203,9 +1185,7 @@ impl RoomActor {
         self.inner.parts.hub.remove(&req.room, req.conn);
         self.inner.parts.metrics.memberships.dec();
         if let Some(outbound) = &req.outbound {
-            outbound.push(Utf8Bytes::from(
-                ServerFrame::Left { room: &req.room }.encode(),
-            ));
+            outbound.push(req.left_frame());
         }
     }
 

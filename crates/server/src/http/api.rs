@@ -19,20 +19,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use parley_protocol::client::MAX_CLIENT_ID;
 use parley_protocol::server::json_array;
-use parley_protocol::valid_room_name;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::ApiError;
-use crate::auth::{mint_for_node, MAX_USER_ID};
+use crate::auth::mint_for_node;
 use crate::broker::{BrokerError, PublishReply, PublishRequest};
 use crate::metrics::AuthFailure;
-use crate::session::{DEFAULT_PAGE, MAX_PAGE};
-use crate::store::sqlite::PageQuery;
+use crate::validate::{self, MAX_TOKEN_NAME, MAX_USER_ID};
 use crate::App;
 
 /// Lifetime of a minted token when the request gives none (as `parley token`).
@@ -40,9 +37,6 @@ const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 /// Longest lifetime a minted token may have: a year. Longer-lived credentials belong in a
 /// key-management system, not in a chat token.
 const MAX_TOKEN_TTL_S: u64 = 366 * 86_400;
-
-const ROOM_RULE: &str =
-    "invalid room name: 1 to 64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit";
 
 /// The `/api` routes, to be nested under `/api`.
 pub(super) fn router(app: &App) -> Router<App> {
@@ -151,9 +145,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RoomPath {
         let Path(room) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        if !valid_room_name(&room) {
-            return Err(ApiError::bad_request(ROOM_RULE));
-        }
+        validate::room(&room)?;
         Ok(RoomPath(room))
     }
 }
@@ -172,8 +164,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-fn unavailable(err: BrokerError) -> ApiError {
-    ApiError::unavailable(err.to_string())
+fn broker_error(err: BrokerError) -> ApiError {
+    if let BrokerError::Unavailable(detail) = &err {
+        tracing::warn!(detail, "API request refused: store unavailable");
+    }
+    ApiError::from_code(err.code(), err.to_string())
+}
+
+fn presence_error(err: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(detail = %err, "API request refused: presence unavailable");
+    ApiError::unavailable("presence unavailable; retry")
 }
 
 /// `POST /api/rooms/{room}/messages`.
@@ -196,39 +196,18 @@ async fn post_message(
     ApiJson(body): ApiJson<PostMessage>,
 ) -> Result<Response, ApiError> {
     let received = std::time::Instant::now();
-    let user_len = body.user.chars().count();
-    if user_len == 0 || user_len > MAX_USER_ID || body.user.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(format!(
-            "user must be 1 to {MAX_USER_ID} printable characters"
-        )));
-    }
+    validate::user_text("user", &body.user, false, MAX_USER_ID)?;
     if let Some(id) = &body.id {
-        let len = id.chars().count();
-        if len == 0 || len > MAX_CLIENT_ID {
-            return Err(ApiError::bad_request(format!(
-                "id must be 1 to {MAX_CLIENT_ID} characters"
-            )));
-        }
+        validate::client_id(id)?;
+    }
+    if let Some(name) = &body.name {
+        validate::user_text("name", name, true, MAX_USER_ID)?;
     }
     let name = match body.name {
-        Some(name) if name.chars().count() > MAX_USER_ID || name.chars().any(char::is_control) => {
-            return Err(ApiError::bad_request(format!(
-                "name must be at most {MAX_USER_ID} printable characters"
-            )));
-        }
         Some(name) if !name.is_empty() => name,
         _ => body.user.clone(),
     };
-    let max = app.config.limits.max_content_bytes;
-    if body.content.len() > max {
-        return Err(ApiError::too_large(format!(
-            "content is {} bytes; the limit is {max}",
-            body.content.len()
-        )));
-    }
-    if body.content.is_empty() {
-        return Err(ApiError::bad_request("content is empty"));
-    }
+    validate::content(&body.content, app.config.limits.max_content_bytes)?;
     let (tx, rx) = oneshot::channel();
     let request = PublishRequest {
         room: room.as_str().into(),
@@ -242,12 +221,17 @@ async fn post_message(
     app.broker
         .publish(request, PublishReply::Caller(tx))
         .await
-        .map_err(unavailable)?;
-    let seq = rx
+        .map_err(broker_error)?;
+    let posted = rx
         .await
-        .map_err(|_| unavailable(BrokerError::Closed))?
-        .map_err(unavailable)?;
-    Ok(Json(json!({ "room": room, "seq": seq })).into_response())
+        .map_err(|_| broker_error(BrokerError::Closed))?
+        .map_err(broker_error)?;
+    let body = if posted.duplicate {
+        json!({ "room": room, "seq": posted.seq, "duplicate": true })
+    } else {
+        json!({ "room": room, "seq": posted.seq })
+    };
+    Ok(Json(body).into_response())
 }
 
 /// One entry of `GET /api/rooms`.
@@ -260,12 +244,8 @@ struct RoomEntry {
 
 /// `GET /api/rooms`: rooms with people in them or with events in their log, sorted by name.
 async fn list_rooms(State(app): State<App>) -> Result<Response, ApiError> {
-    let stored = app.broker.rooms().await.map_err(unavailable)?;
-    let people = app
-        .presence
-        .rooms()
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let stored = app.broker.rooms().await.map_err(broker_error)?;
+    let people = app.presence.rooms().await.map_err(presence_error)?;
     let mut rooms: BTreeMap<String, RoomEntry> = BTreeMap::new();
     for head in stored {
         rooms.entry(head.room.clone()).or_default().seq = head.seq;
@@ -286,11 +266,7 @@ async fn room_users(
     State(app): State<App>,
     RoomPath(room): RoomPath,
 ) -> Result<Response, ApiError> {
-    let users = app
-        .presence
-        .users(&room)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let users = app.presence.users(&room).await.map_err(presence_error)?;
     let users: Vec<&str> = users.iter().map(|u| &**u).collect();
     Ok(Json(json!({ "room": room, "users": users })).into_response())
 }
@@ -310,22 +286,12 @@ async fn history(
     RoomPath(room): RoomPath,
     ApiQuery(params): ApiQuery<HistoryParams>,
 ) -> Result<Response, ApiError> {
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::bad_request(format!(
-            "limit must be 1 to {MAX_PAGE}"
-        )));
-    }
-    let query = PageQuery {
-        before: params.before,
-        after: params.after,
-        limit,
-    };
+    let query = validate::page(params.before, params.after, params.limit)?;
     let page = app
         .broker
         .history(&room, query)
         .await
-        .map_err(unavailable)?;
+        .map_err(broker_error)?;
     let messages = json_array(page.frames.iter().map(String::as_str));
     let room = serde_json::to_string(&room).expect("a string encodes");
     let body = format!(
@@ -367,11 +333,9 @@ async fn mint_token(
             "token minting needs HS256 mode (auth.jwt_secret); this node has no secret to sign with",
         ));
     };
-    let sub_len = body.sub.chars().count();
-    if sub_len == 0 || sub_len > MAX_USER_ID {
-        return Err(ApiError::bad_request(format!(
-            "sub must be 1 to {MAX_USER_ID} characters"
-        )));
+    validate::user_text("sub", &body.sub, false, MAX_USER_ID)?;
+    if let Some(name) = &body.name {
+        validate::user_text("name", name, true, MAX_TOKEN_NAME)?;
     }
     let ttl = body.ttl_s.unwrap_or(DEFAULT_TOKEN_TTL_S);
     if ttl == 0 || ttl > MAX_TOKEN_TTL_S {

@@ -20,8 +20,8 @@ use serde::Deserialize;
 
 use super::upgrade::Upgrade;
 use crate::limits::ConnectionSlot;
-use crate::session::close_code_for;
 use crate::socket::{Message, Opcode, Socket};
+use crate::validate;
 use crate::App;
 
 /// Query parameters of the echo upgrade.
@@ -74,7 +74,7 @@ async fn echo_socket(mut socket: Socket, app: App, raw: bool, _slot: ConnectionS
                 };
                 return socket.close(code, "", true, grace).await;
             }
-            Some(Err(err)) => break close_code_for(err).ok(),
+            Some(Err(err)) => break validate::read_error(err).ok(),
             None => break None,
             Some(Ok(_)) => continue,
         };

@@ -4,6 +4,9 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use parley_protocol::ErrorCode;
+
+use crate::validate::Refusal;
 
 /// An HTTP error answer.
 #[derive(Debug)]
@@ -84,6 +87,33 @@ impl ApiError {
             code: "not_found",
             message: message.into(),
         }
+    }
+}
+
+impl ApiError {
+    /// The HTTP answer for an error code a socket would get as an `error` frame: the one
+    /// mapping from protocol codes to statuses.
+    pub fn from_code(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        let status = match code {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotJoined | ErrorCode::IdConflict => StatusCode::CONFLICT,
+            ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooManyRooms | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError {
+            status,
+            code: code.as_str(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        ApiError::from_code(refusal.code, refusal.message)
     }
 }
 

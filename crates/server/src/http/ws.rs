@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use parley_protocol::valid_room_name;
 use serde::Deserialize;
 
 use super::upgrade::Upgrade;
@@ -15,6 +14,7 @@ use super::ApiError;
 use crate::auth::{anonymous_identity, Identity};
 use crate::limits::{CapRefusal, ConnectionSlot};
 use crate::session::{self, Start};
+use crate::validate;
 use crate::App;
 
 /// Query parameters of the upgrade request.
@@ -136,21 +136,13 @@ fn connect(
         Err(err) => return err.into_response(),
     };
     let auto_join = match room {
-        Some(room) if !valid_room_name(&room) => {
-            return ApiError::bad_request(
-                "invalid room name: 1 to 64 of A-Z a-z 0-9 _ . : -, starting with a letter or digit",
-            )
-            .into_response();
-        }
         Some(room) => {
-            let since = match (query.since, query.epoch.clone()) {
-                (Some(since), Some(epoch)) => Some((since, epoch)),
-                (None, None) => None,
-                _ => {
-                    return ApiError::bad_request("`since` and `epoch` go together").into_response()
-                }
-            };
-            Some((room, since))
+            let checked = validate::room(&room)
+                .and_then(|()| validate::resume(query.since, query.epoch.clone()));
+            match checked {
+                Ok(since) => Some((room, since)),
+                Err(refusal) => return ApiError::from(refusal).into_response(),
+            }
         }
         None => None,
     };

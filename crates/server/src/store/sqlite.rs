@@ -16,10 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parley_protocol::server::ServerFrame;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::broker::log::{
+    cap_replay, system_event, JoinHistory, Page, PageQuery, StoredRoom, DEDUP_WINDOW,
+};
 use crate::config::{HistoryConfig, Synchronous};
-
-/// How long a client id keeps de-duplicating resends.
-pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -86,11 +86,14 @@ pub enum Written {
         /// Its frame, as delivered and as stored.
         frame: String,
     },
-    /// A resent message: the original's seq; nothing was stored.
+    /// A resent message (same client id, same content): the original's seq; nothing was
+    /// stored.
     Duplicate {
         /// The original's seq.
         seq: u64,
     },
+    /// The client id is taken by a stored message with other content; nothing was stored.
+    Conflict,
     /// The room head, with the join history when asked for.
     Head {
         /// Head and epoch after everything before it in the batch.
@@ -98,46 +101,6 @@ pub enum Written {
         /// The history for the joiner.
         history: Option<JoinHistory>,
     },
-}
-
-/// The `history`, `truncated` and `recovered` fields of a `joined` frame.
-#[derive(Debug, Default)]
-pub struct JoinHistory {
-    /// Encoded frames, oldest first.
-    pub frames: Vec<String>,
-    /// More events follow the replayed ones.
-    pub truncated: bool,
-    /// With `since`: whether the history continues exactly from it.
-    pub recovered: Option<bool>,
-}
-
-/// A page of a room's log.
-#[derive(Debug, Default)]
-pub struct Page {
-    /// Encoded frames, oldest first.
-    pub frames: Vec<String>,
-    /// Further events remain in the direction of paging.
-    pub more: bool,
-}
-
-/// A room the log knows, with its head, for the HTTP API's room list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRoom {
-    /// The room.
-    pub room: String,
-    /// Its latest seq; 0 when it has had members but never an event.
-    pub seq: u64,
-}
-
-/// Which page of history.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PageQuery {
-    /// Events below this seq.
-    pub before: Option<u64>,
-    /// Events above this seq.
-    pub after: Option<u64>,
-    /// At most this many.
-    pub limit: u32,
 }
 
 const SCHEMA: &str = "
@@ -163,7 +126,7 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms);
 /// The original seq of a client id. INDEXED BY: without statistics SQLite prefers the primary
 /// key's `room` prefix and would scan the room's whole log for every message with an id (a soak
 /// run found it: p99 latency of 44 s once one room held 35 MB).
-const DEDUP_LOOKUP: &str = "SELECT seq FROM events INDEXED BY events_client_id \
+const DEDUP_LOOKUP: &str = "SELECT seq, frame FROM events INDEXED BY events_client_id \
      WHERE room = ?1 AND user = ?2 AND client_id = ?3 AND ts_ms >= ?4 LIMIT 1";
 
 fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
@@ -269,15 +232,18 @@ impl LogWriter {
                 } => {
                     if let Some(id) = client_id {
                         let since = now.saturating_sub(DEDUP_WINDOW.as_millis() as u64);
-                        let original: Option<u64> = tx
+                        let original: Option<(i64, String)> = tx
                             .prepare_cached(DEDUP_LOOKUP)?
                             .query_row(params![&**room, &**user, id, since as i64], |r| {
-                                r.get::<_, i64>(0)
+                                Ok((r.get(0)?, r.get(1)?))
                             })
-                            .optional()?
-                            .map(|s| s as u64);
-                        if let Some(seq) = original {
-                            out.push(Written::Duplicate { seq });
+                            .optional()?;
+                        if let Some((seq, frame)) = original {
+                            out.push(if same_content(&frame, content) {
+                                Written::Duplicate { seq: seq as u64 }
+                            } else {
+                                Written::Conflict
+                            });
                             continue;
                         }
                     }
@@ -310,21 +276,7 @@ impl LogWriter {
                     let head = head_of(&tx, &mut self.heads, room)?;
                     head.seq += 1;
                     let seq = head.seq;
-                    let (event, verb) = if *joined {
-                        ("join", "joined")
-                    } else {
-                        ("leave", "left")
-                    };
-                    let content = format!("{user} {verb} the room");
-                    let frame = ServerFrame::System {
-                        room,
-                        seq,
-                        event,
-                        user,
-                        content: &content,
-                        ts: &ts,
-                    }
-                    .encode();
+                    let frame = system_event(room, seq, user, *joined, &ts);
                     insert(&tx, room, seq, now, Some(user), None, &frame)?;
                     note(&mut touched, room);
                     Written::Event { seq, frame }
@@ -394,7 +346,7 @@ fn join_history(
             let mut frames = frames;
             let truncated = frames.len() > limit;
             frames.truncate(limit);
-            let truncated = crate::broker::cap_replay(&mut frames, max_replay_bytes) || truncated;
+            let truncated = cap_replay(&mut frames, max_replay_bytes) || truncated;
             return Ok(JoinHistory {
                 frames,
                 truncated,
@@ -582,6 +534,14 @@ impl LogReader {
             Ok(())
         })
     }
+}
+
+/// Whether a stored message frame carries `content`: a resend, or new text under a used id.
+fn same_content(frame: &str, content: &str) -> bool {
+    matches!(
+        parley_protocol::received::parse(frame),
+        Ok(parley_protocol::received::Received::Message(m)) if m.content == content
+    )
 }
 
 #[cfg(test)]

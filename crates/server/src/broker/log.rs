@@ -1,0 +1,122 @@
+//! The broker's vocabulary, shared by both brokers, the session and the HTTP API: history pages
+//! and their queries, room listings, the replay cap, the de-duplication window, the text of
+//! join/leave events and the rule for announcing them. Storage modules use these types; nothing
+//! here knows how a log is stored.
+
+use std::time::Duration;
+
+use parley_protocol::server::ServerFrame;
+
+/// How long a client id keeps de-duplicating resends.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+
+/// The `history`, `truncated` and `recovered` fields of a `joined` frame.
+#[derive(Debug, Default)]
+pub struct JoinHistory {
+    /// Encoded frames, oldest first.
+    pub frames: Vec<String>,
+    /// More events follow the replayed ones.
+    pub truncated: bool,
+    /// With `since`: whether the history continues exactly from it.
+    pub recovered: Option<bool>,
+}
+
+/// A page of a room's log.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Encoded frames, oldest first.
+    pub frames: Vec<String>,
+    /// Further events remain in the direction of paging.
+    pub more: bool,
+}
+
+/// A room the log knows, with its head, for the HTTP API's room list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRoom {
+    /// The room.
+    pub room: String,
+    /// Its latest seq; 0 when it has had members but never an event.
+    pub seq: u64,
+}
+
+/// Which page of history.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PageQuery {
+    /// Events below this seq.
+    pub before: Option<u64>,
+    /// Events above this seq.
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// Largest history page.
+pub const MAX_PAGE: u32 = 200;
+/// History page when the request gives no limit.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// Cuts a `since` replay to at most `max_bytes` of frames (keeping at least one, oldest first).
+/// Returns whether anything was cut, i.e. whether `truncated` must be set.
+pub fn cap_replay(frames: &mut Vec<String>, max_bytes: usize) -> bool {
+    let mut total = 0usize;
+    let keep = frames
+        .iter()
+        .position(|f| {
+            total += f.len();
+            total > max_bytes
+        })
+        .map_or(frames.len(), |at| at.max(1));
+    let cut = keep < frames.len();
+    frames.truncate(keep);
+    cut
+}
+
+/// The `system` frame of a join (`joined`) or leave event: the one place its text is written.
+pub fn system_event(room: &str, seq: u64, user: &str, joined: bool, ts: &str) -> String {
+    let (event, verb) = if joined {
+        ("join", "joined")
+    } else {
+        ("leave", "left")
+    };
+    let content = format!("{user} {verb} the room");
+    ServerFrame::System {
+        room,
+        seq,
+        event,
+        user,
+        content: &content,
+        ts,
+    }
+    .encode()
+}
+
+/// The announce rule: whether a presence change is broadcast as a sequenced `join`/`leave`
+/// event. Only a user's first connection joining, or last leaving, is a change (`transition`);
+/// and only while the room, counted in people after the change and including a joiner, has at
+/// most `announce_max` of them. The cluster's Lua script applies the same rule and its test
+/// checks the two agree.
+pub fn announce(transition: bool, joined: bool, users_after: usize, announce_max: usize) -> bool {
+    // A leaver is counted as still present: a room of `announce_max` announces both the
+    // join that made it so and the leave that undoes it.
+    let counted = if joined { users_after } else { users_after + 1 };
+    transition && counted <= announce_max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replays_are_capped_by_bytes_keeping_at_least_one() {
+        let frame = |n: usize| "x".repeat(n);
+        let mut frames = vec![frame(10), frame(10), frame(10)];
+        assert!(cap_replay(&mut frames, 25));
+        assert_eq!(frames.len(), 2);
+        let mut frames = vec![frame(100), frame(1)];
+        assert!(cap_replay(&mut frames, 10));
+        assert_eq!(frames.len(), 1, "one frame always goes, however big");
+        let mut frames = vec![frame(5), frame(5)];
+        assert!(!cap_replay(&mut frames, 10));
+        assert_eq!(frames.len(), 2);
+    }
+}
