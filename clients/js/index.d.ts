@@ -172,6 +172,8 @@ export interface RoomEvents {
   presence: (users: string[], info: PresenceInfo) => void;
   reset: (info: ResetInfo) => void;
   left: (info: LeftInfo) => void;
+  /** Every `joined`: the first join and each rejoin after a reconnect. */
+  joined: (info: JoinedInfo) => void;
 }
 
 export class Room {

@@ -479,6 +479,8 @@ export class Parley extends Emitter {
     }
     if (p.kind === "history" || p.kind === "join" || p.kind === "leave") p.frame.id = id;
     p.sent = this._sendRaw(p.frame);
+    this._sentCount = (this._sentCount || 0) + 1;
+    p.order = this._sentCount; // for answers without an id (1.0 servers answer in order)
   }
 
   _settle(id) {
@@ -670,11 +672,15 @@ export class Parley extends Emitter {
     if (send) return this._onSendError(send, err);
     let key = id !== null && this._pending.has(id) ? id : null;
     if (key === null && id === null) {
-      // A 1.0 server does not echo ids: an error naming a room belongs to that room's pending
-      // request; with no room, only an unambiguous single pending request is matched.
-      const open = [...this._pending.entries()].filter(([, p]) => p.sent && p.kind !== "refresh" && p.kind !== "ping");
-      const byRoom = f.room !== undefined ? open.filter(([, p]) => p.room === f.room) : open;
-      if (byRoom.length === 1) key = byRoom[0][0];
+      // A 1.0 server does not echo ids. It answers joins, leaves and history requests one
+      // after the other, in the order they were sent: the error is the oldest unanswered one's
+      // (of its room, when it names one).
+      let best = null;
+      for (const [k, p] of this._pending) {
+        if (!p.sent || p.kind === "refresh" || (f.room !== undefined && p.room !== f.room)) continue;
+        if (best === null || p.order < this._pending.get(best).order) best = k;
+      }
+      key = best;
     }
     const p = key !== null ? this._pending.get(key) : null;
     if (!p) {
@@ -945,6 +951,7 @@ class Room extends Emitter {
     for (const ev of history) this._deliver(ev);
     if (pending) pending.resolve(this._info);
     this._joinWaiters(null, this._info);
+    this._emit("joined", this._info);
     if (this._catchingUp) this._pageForward();
   }
 
