@@ -599,7 +599,9 @@ export class Parley extends Emitter {
     if (typeof f.heartbeat_ms === "number" && f.heartbeat_ms > 0) this._heartbeatMs = f.heartbeat_ms;
     this.limits = f.limits && typeof f.limits === "object" ? f.limits : null;
     const l = this.limits || {};
-    this._sendBucket = l.send_rate > 0 ? new Bucket(l.send_rate, Math.max(1, l.send_burst || 1)) : null;
+    // A 1.0 server does not announce its limits: assume the documented defaults (10/s, burst
+    // 20) rather than a flood of refusals that would count towards close 4008.
+    this._sendBucket = l.send_rate > 0 ? new Bucket(l.send_rate, Math.max(1, l.send_burst || 1)) : new Bucket(10, 20);
     this._joinBucket = l.join_rate > 0 ? new Bucket(l.join_rate, Math.max(1, l.join_burst || 1)) : null;
     this._sendPausedUntil = 0;
     this.exp = typeof f.exp === "number" ? f.exp : jwtExp(this._tokenInUse);

@@ -146,11 +146,18 @@ test("a resumed room with more missed than max_replay pages forward, exactly onc
 
   net.held = false;
   bob.reconnect();
-  await until([[bobRoom, "message"]], () => events.filter((e) => e.type === "message").length >= 30, "bob to catch up");
+  // Alice keeps posting while bob pages forward: those arrive live and in the pages too.
+  const during = Array.from({ length: 5 }, (_, i) => aliceRoom.send(`during ${i}`));
+  await deadline(Promise.all(during), "alice's acks");
+  await until([[bobRoom, "message"]], () => events.filter((e) => e.type === "message").length >= 35, "bob to catch up");
   await deadline(aliceRoom.send("live after"), "ack");
   await until([[bobRoom, "message"]], () => events.some((e) => e.content === "live after"), "the live message");
   const contents = events.filter((e) => e.type === "message").map((e) => e.content);
-  assert.deepEqual(contents, [...Array.from({ length: 30 }, (_, i) => `while away ${i}`), "live after"]);
+  assert.deepEqual(contents, [
+    ...Array.from({ length: 30 }, (_, i) => `while away ${i}`),
+    ...Array.from({ length: 5 }, (_, i) => `during ${i}`),
+    "live after",
+  ]);
   assertContiguous(events, "bob's log");
 });
 
