@@ -1,6 +1,8 @@
 //! The browser client end to end, in real headless Chromium driven over WebDriver
 //! (chromedriver): two people sign in, see each other, type, chat, one of them drops off the
-//! network and comes back without losing a message, and markup in a message stays text.
+//! network and comes back without losing a message, and markup in a message stays text. The
+//! page matches every answer to its request by id: a refused join lands on its own room while
+//! another join is pending, and a failed "Load older" does not block the pages after it.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` packages. When chromedriver is missing the
 //! test fails (it never skips) and says how to install it.
@@ -275,7 +277,11 @@ impl Browser {
 /// is spent it paces itself a little below the refill rate (the default 10/s), so it is refused
 /// only a handful of times and never near the abuse threshold.
 async fn seed_room(server: &TestServer, user: &str, room: &str, n: usize) {
-    let mut client = server.user(user).await;
+    seed_with(server.user(user).await, room, n).await;
+}
+
+/// [`seed_room`] over an already authenticated connection (e.g. one with a token).
+async fn seed_with(mut client: common::Client, room: &str, n: usize) {
     client.join(room).await;
     let mut pace = Duration::ZERO;
     for i in 1..=n {
@@ -610,5 +616,141 @@ async fn jwt_mode_takes_the_token_from_the_page_url_and_asks_for_one_otherwise()
             "const e = document.getElementById('signin-error'); return !e.hidden && e.textContent.includes('requires a token')",
         )
         .await;
+    browser.client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_matched_by_id_a_refused_join_and_a_failed_page_land_where_they_belong() {
+    let driver = start_driver();
+    let server = TestServer::builder().jwt().start().await;
+    let carol = common::token("carol", 3600, json!({}));
+    let mut seeder = server.connect(&format!("/ws?token={carol}")).await;
+    assert_eq!(seeder.recv().await["type"], "authenticated");
+    let browser = open_browser(&driver, "erin");
+    let (browser, ()) = tokio::join!(browser, seed_with(seeder, "archive", 60));
+    // Erin may join `team-*` rooms and the archive, nothing else.
+    let token = common::token(
+        "erin",
+        3600,
+        json!({"name": "Erin", "rooms": ["team-*", "archive"]}),
+    );
+    browser
+        .client
+        .goto(&server.http_url(&format!("/?token={token}&room=archive")))
+        .await
+        .unwrap();
+    browser.js("window.__errors = []; window.addEventListener('error', (e) => window.__errors.push(String(e.message))); return true").await;
+    browser
+        .wait_for(
+            "erin to be joined to archive",
+            "const s = window.parley && window.parley.status(); \
+             return s && s.connected && s.rooms.some(r => r.name === 'archive' && r.joined)",
+        )
+        .await;
+    browser.wait_message("archived message 60").await;
+
+    // Two joins in flight, the second refused (forbidden) while the first is still pending:
+    // the refusal removes `secret`, not `team-b`, which joins.
+    browser
+        .js("const form = document.getElementById('join-form'); const input = document.getElementById('join-room'); \
+             input.value = 'team-b'; form.requestSubmit(); input.value = 'secret'; form.requestSubmit(); return true")
+        .await;
+    browser
+        .wait_for(
+            "team-b joined and secret gone",
+            "const s = window.parley.status(); \
+             return s.rooms.some(r => r.name === 'team-b' && r.joined) && !s.rooms.some(r => r.name === 'secret')",
+        )
+        .await;
+    let notices = browser
+        .js("return document.getElementById('notices').textContent")
+        .await;
+    let notices = notices.as_str().unwrap_or_default();
+    assert!(notices.contains("Cannot join #secret"), "{notices}");
+    assert!(!notices.contains("team-b"), "{notices}");
+    let rooms = browser
+        .js("return [...document.querySelectorAll('#rooms .room')].map(e => e.dataset.room)")
+        .await;
+    assert_eq!(rooms, json!(["archive", "team-b"]));
+
+    // "Load older" whose request fails (the next history frame is corrupted on its way out, so
+    // the server refuses it with an error) while a join is pending: the error is the page's,
+    // not the join's (team-c joins), and the next "Load older" still works.
+    browser
+        .client
+        .find(Locator::Css(
+            "#rooms .room[data-room=\"archive\"] .room-open",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the archive's load-older button",
+            "return window.parley.status().current === 'archive' && !document.getElementById('load-older').hidden",
+        )
+        .await;
+    browser
+        .js("window.__broken = false; const send = WebSocket.prototype.send; \
+             WebSocket.prototype.send = function (data) { \
+               if (!window.__broken && String(data).includes('\"type\":\"history\"')) { \
+                 window.__broken = true; const f = JSON.parse(data); f.limit = 100000; data = JSON.stringify(f); } \
+               return send.call(this, data); }; \
+             document.getElementById('load-older').click(); \
+             const input = document.getElementById('join-room'); input.value = 'team-c'; \
+             document.getElementById('join-form').requestSubmit(); return true")
+        .await;
+    browser
+        .wait_for(
+            "the failed page's notice",
+            "return window.__broken && document.getElementById('notices').textContent.includes('Could not load older messages')",
+        )
+        .await;
+    browser
+        .wait_for(
+            "team-c joined",
+            "return window.parley.status().rooms.some(r => r.name === 'team-c' && r.joined)",
+        )
+        .await;
+    let notices = browser
+        .js("return document.getElementById('notices').textContent")
+        .await;
+    assert!(
+        !notices.as_str().unwrap_or_default().contains("team-c"),
+        "{notices}"
+    );
+    browser
+        .client
+        .find(Locator::Css(
+            "#rooms .room[data-room=\"archive\"] .room-open",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let status = browser
+        .wait_for(
+            "paging to be free again",
+            "const r = window.parley.status().rooms.find(r => r.name === 'archive'); return !r.loadingOlder && r.moreOlder && r",
+        )
+        .await;
+    assert_eq!(status["joined"], json!(true), "{status}");
+    assert_eq!(
+        browser.count_messages("archived message 1").await,
+        0,
+        "nothing older was shown yet"
+    );
+    browser
+        .wait_for(
+            "the oldest page after the failed one",
+            "if (!document.getElementById('load-older').hidden) document.getElementById('load-older').click(); \
+             return document.querySelector('#messages li.msg[data-seq=\"2\"]') !== null",
+        )
+        .await;
+    assert_eq!(browser.count_messages("archived message 1").await, 1);
+    browser.assert_no_page_errors().await;
     browser.client.close().await.unwrap();
 }

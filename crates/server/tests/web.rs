@@ -1,5 +1,6 @@
 //! The embedded browser client over plain HTTP: `/` is the chat page and links the app's
-//! script and stylesheet, which answer with their content types and cache headers.
+//! script and stylesheet, the script imports the client library (`/parley-client.js`), and
+//! each answers with its content type and cache headers.
 
 mod common;
 
@@ -55,7 +56,25 @@ async fn index_links_the_app_and_assets_have_content_types() {
     assert!(js.starts_with("/app.js?v="), "{js}");
     assert!(css.starts_with("/app.css?v="), "{css}");
 
+    // app.js is an ES module that imports the library, versioned like the page's assets.
+    let (_, app) = common::http_get(&server.http_url(&js)).await;
+    assert!(
+        !app.contains("__VERSION__"),
+        "the import's version is filled in"
+    );
+    let lib = app
+        .split('"')
+        .find(|s| s.starts_with("/parley-client.js?v="))
+        .expect("app.js imports /parley-client.js?v=...")
+        .to_owned();
+
     for (path, ty, needle) in [
+        (lib.as_str(), "text/javascript", "export class Parley"),
+        (
+            "/parley-client.js",
+            "text/javascript",
+            "export class Parley",
+        ),
         (js.as_str(), "text/javascript", "window.parley"),
         ("/app.js", "text/javascript", "window.parley"),
         (css.as_str(), "text/css", ".messages"),

@@ -23,6 +23,7 @@ pub fn router(app: App) -> Router {
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))
         .route("/app.css", get(web::app_css))
+        .route("/parley-client.js", get(web::client_js))
         .route("/ws", get(ws::root))
         .route("/ws/{room}", get(ws::room))
         .route("/ws/{room}/{user}", get(ws::room_user))

@@ -1,7 +1,9 @@
-//! The browser client: `GET /` (the page), `/app.js` and `/app.css`, embedded in the binary so a
-//! node needs no files beside it.
+//! The browser client: `GET /` (the page), `/app.js`, `/app.css` and `/parley-client.js` (the
+//! JavaScript client library, `clients/js/src/index.js`, which `app.js` imports as an ES
+//! module), embedded in the binary so a node needs no files beside it.
 //!
-//! The page links the assets as `/app.js?v=HASH`, HASH being a digest of their text, so a new
+//! The page links the assets as `/app.js?v=HASH` (and `app.js` imports
+//! `/parley-client.js?v=HASH`), HASH being a digest of their text, so a new
 //! build is picked up at once while browsers may cache the assets for a day. The page itself is
 //! revalidated on every load (`no-cache` with an `ETag`).
 
@@ -14,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 const INDEX_TEMPLATE: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
 const APP_CSS: &str = include_str!("../../web/app.css");
+const CLIENT_JS: &str = include_str!("../../../../clients/js/src/index.js");
 
 /// What the page may load and connect to: only its own origin (plus its WebSocket).
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -43,10 +46,12 @@ impl Asset {
     }
 }
 
-static VERSION: LazyLock<String> = LazyLock::new(|| digest(&[APP_JS, APP_CSS])[..12].to_owned());
+static VERSION: LazyLock<String> =
+    LazyLock::new(|| digest(&[APP_JS, APP_CSS, CLIENT_JS])[..12].to_owned());
 static INDEX: LazyLock<Asset> =
     LazyLock::new(|| Asset::new(INDEX_TEMPLATE.replace("__VERSION__", &VERSION)));
-static JS: LazyLock<Asset> = LazyLock::new(|| Asset::new(APP_JS.to_owned()));
+static JS: LazyLock<Asset> = LazyLock::new(|| Asset::new(APP_JS.replace("__VERSION__", &VERSION)));
+static CLIENT: LazyLock<Asset> = LazyLock::new(|| Asset::new(CLIENT_JS.to_owned()));
 static CSS: LazyLock<Asset> = LazyLock::new(|| Asset::new(APP_CSS.to_owned()));
 
 fn serve(
@@ -111,4 +116,20 @@ pub(super) async fn app_css(req: HeaderMap) -> Response {
         "public, max-age=86400",
         &req,
     )
+}
+
+/// `GET /parley-client.js`: the client library the page's script imports. Pages on other
+/// origins may import it too (a module script from another origin needs CORS): it is public.
+pub(super) async fn client_js(req: HeaderMap) -> Response {
+    let mut resp = serve(
+        &CLIENT,
+        "text/javascript; charset=utf-8",
+        "public, max-age=86400",
+        &req,
+    );
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    resp
 }
