@@ -721,6 +721,29 @@ mod tests {
     }
 
     #[test]
+    fn absurd_rates_are_refused_at_start_naming_the_setting() {
+        for (key, value) in [
+            ("limits.send_rate", "1000000000000"),
+            ("limits.join_rate", "0"),
+            ("limits.typing_rate", "-1"),
+        ] {
+            let err = Config::load(&Overrides {
+                config_file: None,
+                values: vec![parse_set(&format!("{key}={value}")).unwrap()],
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(key) && err.contains("per second"),
+                "{key}: {err}"
+            );
+        }
+        // The fastest accepted rate builds its bucket without panicking.
+        crate::limits::Bucket::new(MAX_RATE, 1).take().unwrap();
+        crate::limits::Bucket::new(MIN_RATE, 1).take().unwrap();
+    }
+
+    #[test]
     fn set_values_are_typed() {
         assert_eq!(
             parse_set("limits.send_rate=5").unwrap().1,

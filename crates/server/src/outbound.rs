@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -59,6 +60,39 @@ pub struct Outbound {
     /// take, a close (4009 on overflow) or a failed write.
     ready: Notify,
     bounds: QueueBounds,
+    /// Requests of this connection handed on (sends to the broker) whose answer is not queued
+    /// yet; see [`InFlight`].
+    in_flight: AtomicU32,
+}
+
+/// A request of the connection whose answer (an `ack` or `error`) someone else will queue:
+/// counted from creation until it is dropped, after the answer is queued or when the request
+/// is lost. The session waits for none to be left ([`Outbound::settled`]) before a join, a
+/// leave or a close it decides on, so they take effect after every earlier request.
+pub struct InFlight(Arc<Outbound>);
+
+impl InFlight {
+    /// Counts a request of `outbound`'s connection.
+    pub fn new(outbound: Arc<Outbound>) -> InFlight {
+        outbound.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(outbound)
+    }
+}
+
+impl std::ops::Deref for InFlight {
+    type Target = Arc<Outbound>;
+
+    fn deref(&self) -> &Arc<Outbound> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ready.notify_one();
+        }
+    }
 }
 
 struct Frame {
@@ -138,6 +172,15 @@ impl Outbound {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             bounds,
+            in_flight: AtomicU32::new(0),
+        }
+    }
+
+    /// Waits until every [`InFlight`] request of the connection has its answer queued. Only
+    /// the connection's own task calls this, while it is not waiting on [`Outbound::ready`].
+    pub async fn settled(&self) {
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            self.ready.notified().await;
         }
     }
 

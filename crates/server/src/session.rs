@@ -27,7 +27,7 @@ use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, Publis
 use crate::hub::ConnId;
 use crate::limits::{AbuseCounter, Bucket, ConnectionSlot};
 use crate::metrics::AuthFailure;
-use crate::outbound::{Outbound, Progress};
+use crate::outbound::{InFlight, Outbound, Progress};
 use crate::socket::{Message, Opcode, Socket};
 use crate::validate::{self, Refusal};
 use crate::App;
@@ -140,6 +140,12 @@ pub fn run(
             // After what is queued, unless the peer is the reason it is full.
             let grace = Duration::from_millis(session.app.config.limits.close_grace_ms);
             let keep_queued = code != CloseCode::SlowConsumer;
+            if keep_queued {
+                // A close a request caused (4008) comes after the answers to every earlier
+                // request, such as the ack of a send still being stored.
+                let settling = Box::pin(tokio::time::timeout(grace, session.outbound.settled()));
+                let _ = settling.await;
+            }
             let closing = Box::pin(ws.close(code.code(), code.reason(), keep_queued, grace));
             closing.await;
         } else {
@@ -581,6 +587,8 @@ impl Session {
         if let Err(wait) = self.joins.take() {
             return self.rate_limited(wait, "too many joins and leaves; retry later", req);
         }
+        // After every earlier request of this connection (its sends in other rooms included).
+        self.outbound.settled().await;
         let room: Arc<str> = room.into();
         let request = JoinRequest {
             room: room.clone(),
@@ -611,6 +619,7 @@ impl Session {
         if let Err(wait) = self.joins.take() {
             return self.rate_limited(wait, "too many joins and leaves; retry later", req);
         }
+        self.outbound.settled().await;
         let room = self.rooms.swap_remove(at);
         let request = LeaveRequest {
             room,
@@ -661,7 +670,7 @@ impl Session {
             received,
         };
         self.app.metrics.messages_in.inc();
-        let reply = PublishReply::Connection(self.outbound.clone());
+        let reply = PublishReply::Connection(InFlight::new(self.outbound.clone()));
         if let Err(err) = self.app.broker.publish(request, reply).await {
             // The request went with the failed call; only its id and room are needed here.
             self.broker_error(err, req);

@@ -689,7 +689,13 @@ async fn refresh_before_expiry_keeps_the_connection_open() {
     client
         .send(json!({"type": "refresh", "token": token("alice", 6, json!({}))}))
         .await;
-    // A successful refresh sends no error; the next answer is the pong.
+    // A successful refresh is answered `refreshed` with the new expiry.
+    let refreshed = client.recv_type("refreshed").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(refreshed["exp"].as_u64().unwrap() >= now + 5, "{refreshed}");
     assert_open(&mut client).await;
     // Past the old expiry, nothing arrives (no close 4011)...
     client.expect_silence(3000).await;

@@ -310,12 +310,24 @@ async fn acks_follow_the_store_and_resends_are_deduplicated(mode: Mode) {
     let got = read_to_seq(&mut bob, seq).await;
     assert_eq!(got.last().unwrap()["id"], "c-1");
 
-    // The same id again, from the other tab on the other node, and from the first tab with
-    // another text: the original seq, nothing posted.
+    // The same id and text again, from the other tab on the other node: the original seq,
+    // marked duplicate, nothing posted. The same id with another text: id_conflict, nothing
+    // posted.
     let (again, _) = tab2.post("r", "hello", "c-1").await;
     assert_eq!(again["seq"], seq, "{again}");
-    let (again, _) = tab1.post("r", "something else", "c-1").await;
-    assert_eq!(again["seq"], seq, "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+    tab1.send(json!({"type": "send", "room": "r", "content": "something else", "id": "c-1"}))
+        .await;
+    let refused = tab1.skip_until("error").await;
+    assert_eq!(
+        (
+            refused["code"].as_str(),
+            refused["id"].as_str(),
+            refused["room"].as_str()
+        ),
+        (Some("id_conflict"), Some("c-1"), Some("r")),
+        "{refused}"
+    );
     let before = until_marker(&mut bob, "r", "m1").await;
     assert!(before.is_empty(), "a resend posts nothing: {before:?}");
 
@@ -531,7 +543,7 @@ async fn retention_keeps_the_latest_max_len(mode: Mode) {
     // c0 (seq 2) is gone: sending it again posts a new message; c24 is kept: a duplicate.
     let (ack, _) = alice.post("r", "m0 again", "c0").await;
     assert!(ack["seq"].as_u64().unwrap() > head, "{ack}");
-    let (ack, _) = alice.post("r", "m24 again", "c24").await;
+    let (ack, _) = alice.post("r", "m24", "c24").await;
     assert_eq!(ack["seq"], 26, "{ack}");
 }
 

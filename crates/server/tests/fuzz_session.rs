@@ -47,8 +47,10 @@ const SERVER_TYPES: &[&str] = &[
     "typing",
     "pong",
     "error",
+    "refreshed",
 ];
 const ERROR_CODES: &[&str] = &[
+    "id_conflict",
     "bad_request",
     "unauthorized",
     "forbidden",
@@ -352,6 +354,8 @@ fn arbitrary_frames_never_break_a_session() {
             .set("limits.max_content_bytes", MAX_CONTENT as i64)
             .set("limits.send_rate", 1.0e6)
             .set("limits.send_burst", 1_000_000)
+            .set("limits.join_rate", 1.0e6)
+            .set("limits.join_burst", 1_000_000)
             .set("limits.typing_rate", 1.0e6)
             .set("limits.typing_burst", 1_000_000)
             .set("limits.outbound_queue_frames", 1_000_000)

@@ -29,7 +29,7 @@ use parley_protocol::server::ServerFrame;
 use parley_protocol::ErrorCode;
 
 use crate::hub::ConnId;
-use crate::outbound::{Batch, Outbound};
+use crate::outbound::{Batch, InFlight, Outbound};
 pub use log::announce;
 use log::{Page, PageQuery, StoredRoom};
 
@@ -132,7 +132,7 @@ pub struct PublishRequest {
 /// Where the outcome of a publish goes.
 pub enum PublishReply {
     /// Queue an `ack` or `error` frame to the sending connection.
-    Connection(Arc<Outbound>),
+    Connection(InFlight),
     /// Hand the outcome to a waiting caller (the HTTP API).
     Caller(oneshot::Sender<Result<Posted, BrokerError>>),
 }
