@@ -90,7 +90,9 @@ impl std::ops::Deref for InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.ready.notify_one();
+            // Every waiter: the serving loop's own wait on `ready` may be registered first
+            // (it is pinned across turns) and would take a single notification.
+            self.0.ready.notify_waiters();
         }
     }
 }
@@ -179,8 +181,15 @@ impl Outbound {
     /// Waits until every [`InFlight`] request of the connection has its answer queued. Only
     /// the connection's own task calls this, while it is not waiting on [`Outbound::ready`].
     pub async fn settled(&self) {
-        while self.in_flight.load(Ordering::Acquire) > 0 {
-            self.ready.notified().await;
+        loop {
+            // Registered before the check, so a last answer between the two is not missed.
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 

@@ -17,6 +17,8 @@ async fn a_join_storm_disconnects_nobody() {
     let server = TestServer::builder()
         .set("limits.max_connections_per_ip", 10_000)
         .set("presence.announce_max", ANNOUNCE_MAX as i64)
+        // The poster joins and leaves until everyone is in: not what the join limit is for.
+        .set("limits.join_rate", 1000.0)
         .start()
         .await;
     // Everyone connects and joins at once; each keeps reading until the final message.

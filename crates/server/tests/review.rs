@@ -128,6 +128,7 @@ async fn a_far_future_exp_does_not_crash_the_session() {
 
     bob.send(json!({"type": "refresh", "token": token("bob", 3600, far)}))
         .await;
+    bob.recv_type("refreshed").await;
     bob.send(json!({"type": "ping"})).await;
     bob.recv_type("pong").await;
     bob.close().await;
