@@ -595,3 +595,56 @@ async fn a_store_that_cannot_write_is_503_and_nothing_is_posted() {
         (Some(head + 1), &json!("3"))
     );
 }
+
+#[tokio::test]
+async fn minted_token_names_and_subs_are_checked() {
+    let server = TestServer::builder()
+        .jwt()
+        .set("api.key", KEY)
+        .start()
+        .await;
+    let api = Api::new(&server);
+    let long = "n".repeat(129);
+    for (body, field) in [
+        (json!({"sub": "eve", "name": "Eve\u{0}"}), "name"),
+        (json!({"sub": "eve", "name": "a\nb"}), "name"),
+        (json!({"sub": "eve", "name": long}), "name"),
+        (json!({"sub": "e\u{7}ve"}), "sub"),
+    ] {
+        let (status, answer) = api.post("/api/tokens", body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {answer}");
+        assert_eq!(answer["error"], "bad_request", "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().starts_with(field),
+            "{answer}"
+        );
+    }
+    let (status, answer) = api
+        .post(
+            "/api/tokens",
+            json!({"sub": "eve", "name": "n".repeat(128)}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn a_reused_id_with_other_content_is_a_conflict_over_http() {
+    let server = TestServer::builder().set("api.key", KEY).start().await;
+    let api = Api::new(&server);
+    let post = |content: &str| json!({"user": "bot", "content": content, "id": "deploy-1"});
+    let (status, first) = api.post("/api/rooms/ops/messages", post("v1 out")).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first.get("duplicate").is_none(), "{first}");
+    let (status, again) = api.post("/api/rooms/ops/messages", post("v1 out")).await;
+    assert_eq!(
+        (status, &again["seq"], &again["duplicate"]),
+        (200, &first["seq"], &json!(true))
+    );
+    let (status, conflict) = api.post("/api/rooms/ops/messages", post("v2 out")).await;
+    assert_eq!(
+        (status, conflict["error"].as_str()),
+        (409, Some("id_conflict")),
+        "{conflict}"
+    );
+}
