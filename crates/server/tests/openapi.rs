@@ -160,6 +160,12 @@ fn producer<'a>(servers: &'a Servers, method: &str, path: &str, status: &str) ->
             true,
             Some(json!({"user": "bot", "content": "x".repeat(4097)})),
         ),
+        ("POST", "/api/rooms/{room}/messages", "409") => call(
+            &servers.keyed,
+            &good_room,
+            true,
+            Some(json!({"user": "bot", "content": "second", "id": "taken"})),
+        ),
         ("GET", "/api/rooms/{room}/messages", "400") => {
             call(&servers.keyed, &format!("{good_room}?limit=0"), true, None)
         }
@@ -221,6 +227,17 @@ async fn every_documented_operation_and_status_is_real() {
             .await,
         off: TestServer::start().await,
     };
+    // The id a 409 reuses, stored once with other content.
+    let (status, _) = Call {
+        server: &servers.keyed,
+        method: Method::POST,
+        path: "/api/rooms/general/messages".to_owned(),
+        auth: true,
+        body: Some(json!({"user": "bot", "content": "first", "id": "taken"})),
+    }
+    .run()
+    .await;
+    assert_eq!(status, 200);
     for (method, path, status) in documented(&spec) {
         if NOT_PRODUCED
             .iter()
