@@ -1,6 +1,6 @@
-//! The parley wire protocol, version 1: every frame of `docs/protocol.md` as a serde type,
-//! the error codes and the close codes. No I/O lives here, so the server, the bench tool and
-//! the tests all speak exactly the same language.
+//! The parley wire protocol, version 1.1: every frame of `docs/protocol.md` as a serde type,
+//! the error codes and the close codes. No I/O lives here, so the server, the client library,
+//! the bench tool and the tests build and parse frames with the same types.
 //!
 //! # Layout
 //! - [`client`]: frames a client sends, and [`client::decode`] which turns any text into a frame

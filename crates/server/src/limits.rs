@@ -124,11 +124,6 @@ impl ConnectionCaps {
             ip,
         })
     }
-
-    /// Open connections on this node.
-    pub fn open(&self) -> usize {
-        self.open.lock().expect("caps lock").0
-    }
 }
 
 impl Drop for ConnectionSlot {

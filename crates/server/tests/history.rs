@@ -4,15 +4,10 @@
 
 mod common;
 
-use common::{Client, TestServer};
+use common::{seq, seqs, Client, TestServer};
 use serde_json::{json, Value};
 
 /// The `seq` of a frame, which must have one.
-fn seq(frame: &Value) -> u64 {
-    frame["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("frame without seq: {frame}"))
-}
 
 /// The frames of a `joined.history` or `history.messages` list.
 fn list<'a>(frame: &'a Value, field: &str) -> &'a [Value] {
@@ -22,9 +17,6 @@ fn list<'a>(frame: &'a Value, field: &str) -> &'a [Value] {
 }
 
 /// Seqs of a list of frames.
-fn seqs(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(seq).collect()
-}
 
 /// Posts `n` messages `{prefix}-{i}` and returns their acked seqs, which must be consecutive.
 async fn post_many(client: &mut Client, room: &str, prefix: &str, n: usize) -> Vec<u64> {

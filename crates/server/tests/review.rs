@@ -5,19 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{token, Client, TestServer};
+use common::{seq, seqs, token, Client, TestServer};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-
-fn seq(frame: &Value) -> u64 {
-    frame["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no seq in {frame}"))
-}
-
-fn seqs(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(seq).collect()
-}
 
 async fn history(client: &mut Client, request: Value) -> Value {
     client.send(request).await;

@@ -13,15 +13,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{upgrade_status, Client, TestServer};
+use common::{seq, seqs, upgrade_status, Client, TestServer};
 use serde_json::{json, Value};
 
 /// The `seq` of a frame, which must have one.
-fn seq(frame: &Value) -> u64 {
-    frame["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("frame without seq: {frame}"))
-}
 
 /// Sends `ping` and asserts the very next frame is the `pong`: nothing was queued before it.
 async fn expect_pong_next(client: &mut Client, what: &str) {
@@ -44,9 +39,6 @@ async fn expect_error(client: &mut Client, request: Value, code: &str) -> Value 
 }
 
 /// Seqs of a list of frames.
-fn seqs(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(seq).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_and_leave_frames_and_events() {

@@ -353,6 +353,18 @@ pub fn contents_by(frames: &[Value], user: &str) -> Vec<String> {
         .collect()
 }
 
+/// The `seq` of an event frame.
+pub fn seq(frame: &Value) -> u64 {
+    frame["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("frame without seq: {frame}"))
+}
+
+/// The seqs of a list of event frames, in order.
+pub fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(seq).collect()
+}
+
 /// An HS256 token for `sub` expiring in `ttl_s` seconds, with extra claims merged in.
 pub fn token(sub: &str, ttl_s: i64, extra: Value) -> String {
     sign(
