@@ -867,7 +867,7 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
         .find(|node| {
             cli(
                 &redis,
-                &["--raw", "HKEYS", &format!("parley:{{r}}:presence:{node}")],
+                &["--raw", "HKEYS", &parley::cluster::keys::presence("r", node)],
             )
             .lines()
             .any(|u| u == "alice")
@@ -885,22 +885,23 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
     .encode();
     let (prefix, suffix) = parley::cluster::split_frame(&frame);
     let shards = parley::cluster::Shards::open(&[redis.url()]).unwrap();
-    let mut conn = shards.shards[0].conn.clone();
-    let seq: u64 = redis::Script::new(parley::cluster::SCRIPT)
-        .key("parley:{r}")
-        .arg("reap")
-        .arg("r")
-        .arg("alice")
-        .arg(&node_a)
-        .arg(1)
-        .arg(1000)
-        .arg(prefix)
-        .arg(suffix)
-        .arg(10_000)
-        .arg(0)
-        .invoke_async(&mut conn)
+    let reap = parley::cluster::script::Reap {
+        room: "r",
+        user: "alice",
+        node: &node_a,
+        count: 1,
+        announce_max: 1000,
+        prefix,
+        suffix,
+        max_len: 10_000,
+        ttl_s: 0,
+    };
+    let seq = parley::cluster::script::run(&shards.shards[0].conn, &reap)
         .await
-        .unwrap();
+        .unwrap()
+        .unwrap()
+        .seq
+        .unwrap_or(0);
     assert!(seq > 0, "the leave was announced");
     let leave = bob.skip_until("system").await;
     assert_eq!(
