@@ -73,7 +73,9 @@ impl Hub {
     /// Whether `conn` is a member of `room`.
     pub fn contains(&self, room: &str, conn: ConnId) -> bool {
         let rooms = self.rooms.read().expect("hub lock");
-        rooms.get(room).is_some_and(|r| r.members.contains_key(&conn))
+        rooms
+            .get(room)
+            .is_some_and(|r| r.members.contains_key(&conn))
     }
 
     /// The seq `room`'s members expect next; `None` when it has no local members.

@@ -867,7 +867,11 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
         .find(|node| {
             cli(
                 &redis,
-                &["--raw", "HKEYS", &parley::cluster::keys::presence("r", node)],
+                &[
+                    "--raw",
+                    "HKEYS",
+                    &parley::cluster::keys::presence("r", node),
+                ],
             )
             .lines()
             .any(|u| u == "alice")

@@ -84,14 +84,20 @@ async fn conformance(w: &Writer, p: &dyn Presence) {
     assert!(w.join(0, "r", "alice").await, "alice appears");
     assert!(!w.join(1, "r", "alice").await, "a second tab is no change");
     assert!(w.join(1, "r", "bob").await);
-    assert_eq!(p.users("r").await.unwrap(), vec![alice.clone(), bob.clone()]);
+    assert_eq!(
+        p.users("r").await.unwrap(),
+        vec![alice.clone(), bob.clone()]
+    );
     assert!(w.join(1, "s", "bob").await);
     assert_eq!(
         p.rooms().await.unwrap(),
         vec![("r".into(), 2), ("s".into(), 1)]
     );
     assert!(!w.leave(0, "r", "alice").await, "one tab left");
-    assert_eq!(p.users("r").await.unwrap(), vec![alice.clone(), bob.clone()]);
+    assert_eq!(
+        p.users("r").await.unwrap(),
+        vec![alice.clone(), bob.clone()]
+    );
     assert!(w.leave(1, "r", "alice").await, "the last tab");
     assert_eq!(p.users("r").await.unwrap(), vec![bob.clone()]);
     assert!(w.leave(1, "r", "bob").await);

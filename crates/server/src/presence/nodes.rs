@@ -190,8 +190,12 @@ impl Nodes {
                     };
                     match script::run(manager, &reap).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => warn!(room, user, error = %e, "reaping a dead node's user failed"),
-                        Err(e) => warn!(room, user, error = %e, "reaping a dead node's user failed"),
+                        Ok(Err(e)) => {
+                            warn!(room, user, error = %e, "reaping a dead node's user failed")
+                        }
+                        Err(e) => {
+                            warn!(room, user, error = %e, "reaping a dead node's user failed")
+                        }
                     }
                 }
             }

@@ -126,7 +126,9 @@ impl RedisBroker {
             nodes: nodes.clone(),
             rooms: Mutex::new(HashMap::new()),
             subscribers,
-            publish_slots: (0..n).map(|_| Arc::new(Semaphore::new(QUEUE_DEPTH))).collect(),
+            publish_slots: (0..n)
+                .map(|_| Arc::new(Semaphore::new(QUEUE_DEPTH)))
+                .collect(),
             typing,
             sub_down: (0..n)
                 .map(|_| Mutex::new(Some("connecting".to_owned())))
@@ -135,9 +137,7 @@ impl RedisBroker {
             tasks: TaskTracker::new(),
         });
         for (index, rx) in sub_rx.into_iter().enumerate() {
-            inner
-                .tasks
-                .spawn(subscriber::run(inner.clone(), index, rx));
+            inner.tasks.spawn(subscriber::run(inner.clone(), index, rx));
         }
         for (index, rx) in typing_rx.into_iter().enumerate() {
             inner.tasks.spawn(typing::run(inner.clone(), index, rx));

@@ -29,7 +29,11 @@ pub(super) enum SubCmd {
 }
 
 /// The subscriber task of shard `shard`.
-pub(super) async fn run(inner: Arc<Inner>, shard: usize, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    shard: usize,
+    mut cmds: mpsc::UnboundedReceiver<SubCmd>,
+) {
     let mut wanted: HashSet<Arc<str>> = HashSet::new();
     let mut backoff = BACKOFF_MIN;
     let client = inner.shards.shards[shard].client.clone();
