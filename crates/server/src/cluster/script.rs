@@ -449,12 +449,12 @@ pub async fn run<O: Op>(conn: &ConnectionManager, op: &O) -> RedisResult<Result<
 mod tests {
     use super::*;
 
-    /// The names inside `<call>{'a', 'b', ...}` in a Lua source.
-    fn lua_names(source: &str, call: &str) -> Vec<String> {
+    /// The names inside `<binding>{'a', 'b', ...}` in a Lua source (`K = keys`, `a = args`).
+    fn lua_names(source: &str, binding: &str) -> Vec<String> {
         let start = source
-            .find(&format!("{call}{{"))
-            .unwrap_or_else(|| panic!("no {call}{{...}}"))
-            + call.len()
+            .find(&format!("{binding}{{"))
+            .unwrap_or_else(|| panic!("no {binding}{{...}}"))
+            + binding.len()
             + 1;
         let end = start + source[start..].find('}').expect("closing brace");
         source[start..end]
@@ -470,7 +470,7 @@ mod tests {
 
     #[test]
     fn keys_are_named_in_the_same_order_on_both_sides() {
-        let lua = lua_names(include_str!("lua/lib.lua"), "keys");
+        let lua = lua_names(include_str!("lua/lib.lua"), "local K = keys");
         let rust: Vec<String> = ScriptKeys::new("r", "n", None)
             .keys
             .into_iter()
@@ -558,7 +558,7 @@ mod tests {
             (include_str!("lua/trim.lua"), names(trim.args())),
         ];
         for (source, rust) in cases {
-            assert_eq!(lua_names(source, "args"), rust);
+            assert_eq!(lua_names(source, "local a = args"), rust);
         }
     }
 }
