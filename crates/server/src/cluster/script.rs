@@ -3,7 +3,7 @@
 //! typed reply.
 //!
 //! The contract with the Lua side: the script names `KEYS` in the order of
-//! [`ScriptKeys`](super::keys::ScriptKeys) and its `ARGV` in the order [`Op::args`] returns
+//! [`ScriptKeys`] and its `ARGV` in the order [`Op::args`] returns
 //! them (the Lua reads them by these names through `args{...}`, and fails on a count
 //! mismatch); a reply is an array in the field order of the reply struct. A unit test below
 //! compares the name lists of both sides; `tests/cluster_scripts.rs` runs every op against a

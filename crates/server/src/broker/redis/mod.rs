@@ -1,7 +1,7 @@
 //! The cluster broker: every node sequences through Redis and delivers what Redis publishes.
 //!
 //! - **One ordered path per room.** Every request on a room (join, leave, publish, presence
-//!   repair) goes to the room's actor on this node ([`room`]), which runs them in arrival
+//!   repair) goes to the room's actor on this node (`room.rs`), which runs them in arrival
 //!   order; consecutive publishes go to Redis together in one pipeline (a group commit). So a
 //!   `send` followed by a `leave` on one connection is sequenced first and acked first.
 //! - **Sequencing.** The Lua scripts ([`crate::cluster::script`]) do the de-duplication check,
@@ -10,11 +10,11 @@
 //!   the room's capped stream, record the client id and PUBLISH `"<seq> <epoch> <frame>"`. The
 //!   ack is queued after the script returns: nothing is acked that Redis did not store.
 //! - **Delivery.** Every event, this node's own included, reaches members through pub/sub
-//!   ([`subscriber`]). A node subscribes to a room's channel only while it has local members
+//!   (`subscriber.rs`). A node subscribes to a room's channel only while it has local members
 //!   there. The room actor feeds the hub, which owns the room's local members and the next seq
 //!   they expect, strictly by seq; gaps are filled from the stream, and when they cannot be
 //!   the local members are closed with 4009 so they resume with `since`.
-//! - **Typing** goes out through one task per shard ([`typing`]), dropped when it lags.
+//! - **Typing** goes out through one task per shard (`typing.rs`), dropped when it lags.
 //! - **Node liveness** (heartbeat, reaping dead nodes) is presence's:
 //!   [`crate::presence::nodes`]; it asks the room actors here to repair this node's entries.
 
