@@ -507,7 +507,7 @@ async fn messages_survive_a_graceful_restart() {
     );
 
     // The acked de-duplication ids and the numbering carry over too.
-    let (ack, extra) = alice.post("durable", "kept 4 (retry)", "k-4").await;
+    let (ack, extra) = alice.post("durable", "kept 4", "k-4").await;
     assert_eq!(
         seq(&ack),
         6,
