@@ -104,7 +104,7 @@ impl App {
                 .await??
         };
         let hub = Arc::new(Hub::default());
-        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::default());
+        let presence = Arc::new(MemoryPresence::default());
         let metrics = Arc::new(Metrics::new());
         let broker = MemoryBroker::start(
             writer,
@@ -133,8 +133,7 @@ impl App {
         let shards = Arc::new(cluster::Shards::open(&config.redis.urls)?);
         let node = cluster::node_id();
         let hub = Arc::new(Hub::default());
-        let presence: Arc<dyn Presence> =
-            Arc::new(presence::RedisPresence::new(shards.clone(), node.clone()));
+        let presence: Arc<dyn Presence> = Arc::new(presence::RedisPresence::new(shards.clone()));
         let metrics = Arc::new(Metrics::new());
         let broker = broker::redis::RedisBroker::start(
             shards,

@@ -867,7 +867,11 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
         .find(|node| {
             cli(
                 &redis,
-                &["--raw", "HKEYS", &format!("parley:{{r}}:presence:{node}")],
+                &[
+                    "--raw",
+                    "HKEYS",
+                    &parley::cluster::keys::presence("r", node),
+                ],
             )
             .lines()
             .any(|u| u == "alice")
@@ -885,22 +889,23 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
     .encode();
     let (prefix, suffix) = parley::cluster::split_frame(&frame);
     let shards = parley::cluster::Shards::open(&[redis.url()]).unwrap();
-    let mut conn = shards.shards[0].conn.clone();
-    let seq: u64 = redis::Script::new(parley::cluster::SCRIPT)
-        .key("parley:{r}")
-        .arg("reap")
-        .arg("r")
-        .arg("alice")
-        .arg(&node_a)
-        .arg(1)
-        .arg(1000)
-        .arg(prefix)
-        .arg(suffix)
-        .arg(10_000)
-        .arg(0)
-        .invoke_async(&mut conn)
+    let reap = parley::cluster::script::Reap {
+        room: "r",
+        user: "alice",
+        node: &node_a,
+        count: 1,
+        announce_max: 1000,
+        prefix,
+        suffix,
+        max_len: 10_000,
+        ttl_s: 0,
+    };
+    let seq = parley::cluster::script::run(&shards.shards[0].conn, &reap)
         .await
-        .unwrap();
+        .unwrap()
+        .unwrap()
+        .seq
+        .unwrap_or(0);
     assert!(seq > 0, "the leave was announced");
     let leave = bob.skip_until("system").await;
     assert_eq!(
@@ -1036,4 +1041,66 @@ async fn a_redis_outage_all_nodes_shared_reaps_nobody() {
     let mut eve = a.user("eve").await;
     let joined = eve.join("r").await;
     assert_eq!(joined["users"], json!(["alice", "bob", "eve"]));
+}
+
+/// One connection's requests to one room take one ordered path: a `send` followed at once by
+/// a `leave` is sequenced before the leave event, and its `ack` reaches the sender before
+/// `left`. Repeated, because the old split path (publishes through a per-shard task, leaves
+/// through the room actor) lost the race only some of the time. On several worker threads, as
+/// a real server runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn send_then_leave_keeps_their_order() {
+    let redis = RedisServer::start();
+    let a = TestServer::builder()
+        .set("redis.urls", toml::Value::Array(vec![redis.url().into()]))
+        .set("limits.send_rate", 1000)
+        .set("limits.send_burst", 1000)
+        .set("limits.join_rate", 1000)
+        .set("limits.join_burst", 1000)
+        .start()
+        .await;
+    let mut bob = a.user("bob").await;
+    bob.join("r").await;
+    let mut alice = a.user("alice").await;
+    const TRIALS: usize = 30;
+    let mut wrong = Vec::new();
+    for trial in 0..TRIALS {
+        alice.join("r").await;
+        let id = format!("t{trial}");
+        alice
+            .send(json!({"type": "send", "room": "r", "content": "bye", "id": id}))
+            .await;
+        alice.send(json!({"type": "leave", "room": "r"})).await;
+        // The sender: its ack, then `left`.
+        let mut order = Vec::new();
+        while order.len() < 2 {
+            let frame = alice.recv().await;
+            match frame["type"].as_str() {
+                Some("ack") if frame["id"] == id.as_str() => order.push("ack"),
+                Some("left") => order.push("left"),
+                _ => {}
+            }
+        }
+        // The observer: the message, then alice's leave.
+        let (mut msg_seq, mut leave_seq) = (None, None);
+        while msg_seq.is_none() || leave_seq.is_none() {
+            let frame = bob.recv().await;
+            if frame["type"] == "message" && frame["id"] == id.as_str() {
+                msg_seq = frame["seq"].as_u64();
+            } else if frame["type"] == "system"
+                && frame["event"] == "leave"
+                && frame["user"] == "alice"
+            {
+                leave_seq = frame["seq"].as_u64();
+            }
+        }
+        if order != ["ack", "left"] || msg_seq >= leave_seq {
+            wrong.push((trial, order, msg_seq, leave_seq));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {TRIALS} trials out of order (trial, sender's frames, msg seq, leave seq): {wrong:?}",
+        wrong.len()
+    );
 }

@@ -450,7 +450,8 @@ async fn resent_id_is_acked_again_and_posted_once() {
     assert_eq!(seq(&msg), original);
     expect_pong_next(&mut alice, "alice's copy came with the ack").await;
 
-    // A resend of the same id and content, after another message.
+    // A resend of the same id and content, even after another message (new content under a
+    // used id is `id_conflict`: tests/conformance.rs).
     let (other, _) = bob.post("dedup", "in between", "b1").await;
     assert_eq!(seq(&other), 4);
     let msg = alice.recv_type("message").await;

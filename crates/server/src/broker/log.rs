@@ -102,9 +102,44 @@ pub fn announce(transition: bool, joined: bool, users_after: usize, announce_max
     transition && counted <= announce_max
 }
 
+/// Cases of the announce rule, `(transition, joined, users_after, announce_max, announced)`:
+/// [`announce`] is tested against them here, and the cluster's Lua version against the same
+/// table on a real Redis (`tests/cluster_scripts.rs`).
+pub const ANNOUNCE_CASES: &[(bool, bool, usize, usize, bool)] = &[
+    // Joins: the first connection, while the room (joiner included) stays within the limit.
+    (true, true, 1, 0, false),
+    (true, true, 1, 1, true),
+    (true, true, 2, 1, false),
+    (true, true, 2, 2, true),
+    (true, true, 3, 2, false),
+    // A second tab is no change.
+    (false, true, 1, 5, false),
+    (false, true, 2, 2, false),
+    // Leaves: the last connection, counting the leaver as still present.
+    (true, false, 0, 0, false),
+    (true, false, 0, 1, true),
+    (true, false, 1, 1, false),
+    (true, false, 1, 2, true),
+    (true, false, 2, 2, false),
+    // One tab of two leaving is no change.
+    (false, false, 1, 5, false),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announce_rule_follows_its_table() {
+        for &(transition, joined, users_after, announce_max, want) in ANNOUNCE_CASES {
+            assert_eq!(
+                announce(transition, joined, users_after, announce_max),
+                want,
+                "{:?}",
+                (transition, joined, users_after, announce_max)
+            );
+        }
+    }
 
     #[test]
     fn replays_are_capped_by_bytes_keeping_at_least_one() {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use parley_protocol::server::{json_array, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
+use tracing::error;
 
 use super::log::{Page, PageQuery, StoredRoom};
 use super::{
@@ -25,7 +25,7 @@ use super::{
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
-use crate::presence::Presence;
+use crate::presence::{MemoryPresence, Presence};
 use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, Written};
 
 /// Requests waiting for the sequencer; past this, callers wait (backpressure).
@@ -51,8 +51,8 @@ pub struct MemoryBroker {
 pub struct SequencerParts {
     /// Fan-out target.
     pub hub: Arc<Hub>,
-    /// Who is in which room.
-    pub presence: Arc<dyn Presence>,
+    /// Who is in which room: the sequencer is its only writer.
+    pub presence: Arc<MemoryPresence>,
     /// `presence.announce_max`.
     pub announce_max: usize,
     /// `store.max_batch`.
@@ -211,15 +211,9 @@ async fn run_batch(
         let plan = match op {
             Op::Join(req, _) => plan_join(req, parts, &mut drafts).await,
             Op::Leave(req, _) => {
-                let announced = match parts.presence.remove(&req.room, &req.user).await {
-                    Ok(change) => {
-                        announce(change.transition, false, change.users, parts.announce_max)
-                    }
-                    Err(e) => {
-                        warn!(room = %req.room, error = %e, "presence remove failed");
-                        false
-                    }
-                };
+                let change = parts.presence.remove(&req.room, &req.user);
+                let announced =
+                    announce(change.transition, false, change.users, parts.announce_max);
                 if announced {
                     drafts.push(Draft::Presence {
                         room: req.room.clone(),
@@ -281,16 +275,9 @@ async fn run_batch(
 }
 
 async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {
-    let (announced, user_count) = match parts.presence.add(&req.room, &req.user).await {
-        Ok(change) => (
-            announce(change.transition, true, change.users, parts.announce_max),
-            change.users,
-        ),
-        Err(e) => {
-            warn!(room = %req.room, error = %e, "presence add failed");
-            (false, 0)
-        }
-    };
+    let change = parts.presence.add(&req.room, &req.user);
+    let announced = announce(change.transition, true, change.users, parts.announce_max);
+    let user_count = change.users;
     let users = if user_count <= parts.announce_max {
         parts.presence.users(&req.room).await.ok()
     } else {
@@ -364,7 +351,13 @@ fn finish(
             .encode();
             req.outbound
                 .push_unbounded_in(Utf8Bytes::from(frame), writes);
-            parts.hub.add(&req.room, req.conn, req.outbound.clone());
+            parts.hub.add(
+                &req.room,
+                req.conn,
+                req.user.clone(),
+                req.outbound.clone(),
+                head.seq,
+            );
             parts.metrics.memberships.inc();
             let _ = reply.send(Ok(()));
         }
@@ -414,9 +407,7 @@ fn finish(
 async fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
     match (op, plan) {
         (Op::Join(req, reply), _) => {
-            if let Err(e) = parts.presence.remove(&req.room, &req.user).await {
-                warn!(room = %req.room, error = %e, "presence undo failed");
-            }
+            parts.presence.remove(&req.room, &req.user);
             let _ = reply.send(Err(err.clone()));
         }
         (Op::Leave(req, reply), _) => {

@@ -16,9 +16,9 @@ pub struct MemoryPresence {
     rooms: Mutex<HashMap<Arc<str>, RoomUsers>>,
 }
 
-#[async_trait]
-impl Presence for MemoryPresence {
-    async fn add(&self, room: &str, user: &Arc<str>) -> Result<PresenceChange, PresenceError> {
+impl MemoryPresence {
+    /// One more connection of `user` in `room`; `transition` when it is the user's first.
+    pub fn add(&self, room: &str, user: &Arc<str>) -> PresenceChange {
         let mut rooms = self.rooms.lock().expect("presence lock");
         let users = match rooms.get_mut(room) {
             Some(users) => users,
@@ -26,19 +26,20 @@ impl Presence for MemoryPresence {
         };
         let count = users.entry(user.clone()).or_insert(0);
         *count += 1;
-        Ok(PresenceChange {
+        PresenceChange {
             transition: *count == 1,
             users: users.len(),
-        })
+        }
     }
 
-    async fn remove(&self, room: &str, user: &str) -> Result<PresenceChange, PresenceError> {
+    /// One connection of `user` fewer in `room`; `transition` when it was the user's last.
+    pub fn remove(&self, room: &str, user: &str) -> PresenceChange {
         let mut rooms = self.rooms.lock().expect("presence lock");
         let Some(users) = rooms.get_mut(room) else {
-            return Ok(PresenceChange {
+            return PresenceChange {
                 transition: false,
                 users: 0,
-            });
+            };
         };
         let mut transition = false;
         if let Some(count) = users.get_mut(user) {
@@ -52,12 +53,15 @@ impl Presence for MemoryPresence {
         if left == 0 {
             rooms.remove(room);
         }
-        Ok(PresenceChange {
+        PresenceChange {
             transition,
             users: left,
-        })
+        }
     }
+}
 
+#[async_trait]
+impl Presence for MemoryPresence {
     async fn users(&self, room: &str) -> Result<Vec<Arc<str>>, PresenceError> {
         let rooms = self.rooms.lock().expect("presence lock");
         let mut users: Vec<Arc<str>> = rooms
@@ -89,28 +93,28 @@ mod tests {
         let p = MemoryPresence::default();
         let alice: Arc<str> = "alice".into();
         assert_eq!(
-            p.add("r", &alice).await.unwrap(),
+            p.add("r", &alice),
             PresenceChange {
                 transition: true,
                 users: 1
             }
         );
         assert_eq!(
-            p.add("r", &alice).await.unwrap(),
+            p.add("r", &alice),
             PresenceChange {
                 transition: false,
                 users: 1
             }
         );
         assert_eq!(
-            p.remove("r", "alice").await.unwrap(),
+            p.remove("r", "alice"),
             PresenceChange {
                 transition: false,
                 users: 1
             }
         );
         assert_eq!(
-            p.remove("r", "alice").await.unwrap(),
+            p.remove("r", "alice"),
             PresenceChange {
                 transition: true,
                 users: 0
@@ -124,10 +128,10 @@ mod tests {
     async fn rooms_count_people() {
         let p = MemoryPresence::default();
         let (alice, bob): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
-        p.add("b", &alice).await.unwrap();
-        p.add("b", &alice).await.unwrap();
-        p.add("b", &bob).await.unwrap();
-        p.add("a", &bob).await.unwrap();
+        p.add("b", &alice);
+        p.add("b", &alice);
+        p.add("b", &bob);
+        p.add("a", &bob);
         assert_eq!(
             p.rooms().await.unwrap(),
             vec![("a".into(), 1), ("b".into(), 2)]

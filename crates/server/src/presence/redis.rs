@@ -1,68 +1,35 @@
 //! Cluster presence in Redis: per room, `parley:{room}:users` counts each user's connections in
 //! the whole cluster and `parley:{room}:presence:<node>` those on one node, so a user with tabs
 //! on two nodes is one member, announced once. The broker changes presence inside the same
-//! script that sequences the join/leave event (see [`crate::cluster::SCRIPT`]); this type
-//! answers the HTTP API's questions and implements the [`Presence`] trait with the script's
-//! presence-only operations.
+//! script that sequences the join/leave event (`cluster/lua/join.lua`, `leave.lua`); this type
+//! answers the HTTP API's questions.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use redis::FromRedisValue;
 
-use super::{Presence, PresenceChange, PresenceError};
-use crate::cluster::{self, room_key, Shards};
+use super::{Presence, PresenceError};
+use crate::cluster::{self, keys, Shards};
 
 /// Presence shared by the nodes of a cluster.
 pub struct RedisPresence {
     shards: Arc<Shards>,
-    node: String,
-    script: redis::Script,
 }
 
 impl RedisPresence {
-    /// Presence for the node `node` over `shards`.
-    pub fn new(shards: Arc<Shards>, node: String) -> RedisPresence {
-        RedisPresence {
-            shards,
-            node,
-            script: redis::Script::new(cluster::SCRIPT),
-        }
-    }
-
-    async fn op(&self, op: &str, room: &str, user: &str) -> Result<PresenceChange, PresenceError> {
-        let mut conn = self.shards.for_room(room).conn.clone();
-        let (transition, users): (u8, usize) = self
-            .script
-            .key(room_key(room))
-            .arg(op)
-            .arg(room)
-            .arg(user)
-            .arg(&self.node)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| PresenceError(cluster::reason(&e)))?;
-        Ok(PresenceChange {
-            transition: transition == 1,
-            users,
-        })
+    /// Presence over `shards`.
+    pub fn new(shards: Arc<Shards>) -> RedisPresence {
+        RedisPresence { shards }
     }
 }
 
 #[async_trait]
 impl Presence for RedisPresence {
-    async fn add(&self, room: &str, user: &Arc<str>) -> Result<PresenceChange, PresenceError> {
-        self.op("padd", room, user).await
-    }
-
-    async fn remove(&self, room: &str, user: &str) -> Result<PresenceChange, PresenceError> {
-        self.op("prem", room, user).await
-    }
-
     async fn users(&self, room: &str) -> Result<Vec<Arc<str>>, PresenceError> {
         let mut conn = self.shards.for_room(room).conn.clone();
         let users: Vec<String> = redis::cmd("HKEYS")
-            .arg(format!("{}:users", room_key(room)))
+            .arg(keys::users(room))
             .query_async(&mut conn)
             .await
             .map_err(|e| PresenceError(cluster::reason(&e)))?;
@@ -77,7 +44,7 @@ impl Presence for RedisPresence {
             let mut conn = shard.conn.clone();
             let err = |e: redis::RedisError| PresenceError(cluster::reason(&e));
             let names: Vec<String> = redis::cmd("SMEMBERS")
-                .arg("parley:rooms")
+                .arg(keys::ROOMS)
                 .query_async(&mut conn)
                 .await
                 .map_err(err)?;
@@ -86,7 +53,7 @@ impl Presence for RedisPresence {
             }
             let mut pipe = redis::pipe();
             for room in &names {
-                pipe.cmd("HLEN").arg(format!("{}:users", room_key(room)));
+                pipe.cmd("HLEN").arg(keys::users(room));
             }
             let counts: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(err)?;
             for (room, count) in names.into_iter().zip(counts) {

@@ -1,0 +1,126 @@
+-- Shared by every op script (each script is this file followed by one op file; see
+-- cluster/script.rs). Contract with the Rust side:
+-- * KEYS are named by `keys{...}` below, in the order of `cluster::keys::ScriptKeys`;
+-- * each op file names its ARGV with `args{...}`, in the order of its Rust `*Args` struct;
+-- * replies are arrays in the field order of the Rust `*Reply` struct.
+-- Unit tests compare both name lists with the Rust structs; tests/cluster_scripts.rs runs
+-- every op against a real redis-server through the structs.
+local function named(values, names, what)
+  if #values ~= #names then
+    error(what .. ': expected ' .. #names .. ', got ' .. #values)
+  end
+  local out = {}
+  for i, name in ipairs(names) do out[name] = values[i] end
+  return out
+end
+local function keys(names) return named(KEYS, names, 'KEYS') end
+local function args(names) return named(ARGV, names, 'ARGV') end
+local K = keys{'seq', 'epoch', 'log', 'users', 'channel', 'rooms', 'nodes', 'presence',
+  'node_rooms', 'alive', 'dedup'}
+
+local function fmt(n) return string.format('%d', n) end
+local function epoch_of(candidate)
+  local e = redis.call('GET', K.epoch)
+  if not e then
+    e = candidate
+    redis.call('SET', K.epoch, e)
+    redis.call('SET', K.seq, 0)
+  end
+  return e
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function entry_seq(id) return tonumber(string.match(id, '^(%d+)')) end
+-- The announce rule, as `broker::log::announce` defines it (a table-driven test runs both on
+-- the same cases): only a first connection joining or a last leaving is a change, and only
+-- while the room, counted in people after the change and including a leaver, has at most
+-- announce_max of them.
+local function announce(transition, joined, users_after, announce_max)
+  local counted = users_after
+  if not joined then counted = users_after + 1 end
+  return transition and counted <= tonumber(announce_max)
+end
+-- history.ttl_s: drops the events appended more than ttl seconds ago. They are the oldest
+-- entries of the stream (`t` is Redis's clock when each was appended), so this finds the
+-- first younger entry and trims everything below it (XTRIM MINID). Bounded work per call.
+local function trim(ttl)
+  ttl = tonumber(ttl)
+  if not ttl or ttl <= 0 then return end
+  local cutoff = now_ms() - ttl * 1000
+  local last, start = nil, '-'
+  for _ = 1, 100 do
+    local got = redis.call('XRANGE', K.log, start, '+', 'COUNT', 100)
+    local young = false
+    for _, ent in ipairs(got) do
+      local t = nil
+      local fields = ent[2]
+      for j = 1, #fields, 2 do
+        if fields[j] == 't' then t = tonumber(fields[j + 1]) end
+      end
+      if not t or t >= cutoff then young = true; break end
+      last = ent[1]
+    end
+    if young or #got < 100 then break end
+    start = '(' .. last
+  end
+  if last then redis.call('XTRIM', K.log, 'MINID', fmt(entry_seq(last) + 1) .. '-0') end
+end
+-- Retention, as one node applies it at the end of a commit: history.max_len, history.ttl_s.
+local function retain(max_len, ttl)
+  redis.call('XTRIM', K.log, 'MAXLEN', max_len)
+  trim(ttl)
+end
+-- Sequences, stores and publishes one event; retention is the caller's.
+local function add_event(e, prefix, suffix, ttl)
+  local seq = redis.call('INCR', K.seq)
+  local frame = prefix .. fmt(seq) .. suffix
+  redis.call('XADD', K.log, fmt(seq) .. '-0', 'f', frame, 'e', e, 't', fmt(now_ms()))
+  if tonumber(ttl) > 0 then
+    -- Every event is older than ttl once the room has been idle that long.
+    redis.call('EXPIRE', K.log, ttl)
+  end
+  redis.call('PUBLISH', K.channel, fmt(seq) .. ' ' .. e .. ' ' .. frame)
+  return seq
+end
+local function append(e, prefix, suffix, max_len, ttl)
+  local seq = add_event(e, prefix, suffix, ttl)
+  retain(max_len, ttl)
+  return seq
+end
+local function frames(entries)
+  local out = {}
+  for _, ent in ipairs(entries) do
+    local fields = ent[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'f' then out[#out + 1] = fields[j + 1] end
+    end
+  end
+  return out
+end
+-- Presence: `count` more connections of `user` on the node; returns the user's connections
+-- in the cluster and the people in the room after the change.
+local function add(room, user, node, count)
+  redis.call('HINCRBY', K.presence, user, count)
+  local c = redis.call('HINCRBY', K.users, user, count)
+  redis.call('SADD', K.node_rooms, room)
+  redis.call('SADD', K.nodes, node)
+  redis.call('SADD', K.rooms, room)
+  return c, redis.call('HLEN', K.users)
+end
+-- Presence: up to `count` connections of `user` fewer on the node; returns whether that was
+-- the user's last connection in the cluster and the people in the room after the change.
+local function remove(room, user, count)
+  local n = tonumber(redis.call('HGET', K.presence, user) or '0')
+  if n <= 0 then return false, redis.call('HLEN', K.users) end
+  count = math.min(count, n)
+  if n == count then redis.call('HDEL', K.presence, user) else redis.call('HINCRBY', K.presence, user, -count) end
+  if redis.call('HLEN', K.presence) == 0 then
+    redis.call('SREM', K.node_rooms, room)
+  end
+  local c = redis.call('HINCRBY', K.users, user, -count)
+  if c > 0 then return false, redis.call('HLEN', K.users) end
+  redis.call('HDEL', K.users, user)
+  return true, redis.call('HLEN', K.users)
+end

@@ -1,0 +1,222 @@
+//! Cluster node liveness, a presence concern: each node refreshes a heartbeat key on every
+//! shard; a node whose key expired is dead, and one survivor (under a lock) removes its presence
+//! entries, announcing the leaves of users who had no other connection. A node whose presence
+//! changes may not have reached a shard (a script failed, or its heartbeat did, so survivors
+//! may have reaped it) marks the shard dirty, and the heartbeat has the broker rewrite the
+//! node's entries there from its local members once the shard answers again.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::broker::BrokerError;
+use crate::cluster::script::{self, Reap};
+use crate::cluster::{self, keys, Shards};
+use crate::config::HistoryConfig;
+
+/// How soon the heartbeat retries a presence repair that could not run yet.
+const REPAIR_RETRY: Duration = Duration::from_millis(250);
+
+/// This node's liveness on every shard.
+pub struct Nodes {
+    shards: Arc<Shards>,
+    /// This node's id.
+    node: String,
+    /// `presence.ttl_ms`: the heartbeat key lives this long unless refreshed.
+    ttl: Duration,
+    /// `presence.announce_max`, for the leaves a reap announces.
+    announce_max: usize,
+    /// Retention, for the leaves a reap appends.
+    history: HistoryConfig,
+    /// Per shard: a presence change may have been lost; repair once the shard answers.
+    dirty: Vec<AtomicBool>,
+    /// Wakes the heartbeat early when a shard becomes dirty.
+    repair: Notify,
+}
+
+impl Nodes {
+    /// Liveness of node `node` over `shards`.
+    pub fn new(
+        shards: Arc<Shards>,
+        node: String,
+        ttl: Duration,
+        announce_max: usize,
+        history: HistoryConfig,
+    ) -> Nodes {
+        let dirty = (0..shards.shards.len())
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        Nodes {
+            shards,
+            node,
+            ttl,
+            announce_max,
+            history,
+            dirty,
+            repair: Notify::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// A presence change in `room` may not have reached Redis: repair the room's shard.
+    pub fn presence_dirty(&self, room: &str) {
+        self.dirty[self.shards.index_of(room)].store(true, Ordering::Release);
+        self.repair.notify_one();
+    }
+
+    /// Refreshes this node's heartbeat key on every shard, three times per `ttl`; has
+    /// `repair(shard)` rewrite this node's presence entries on a dirty shard once it answers;
+    /// and reaps nodes whose heartbeat expired. Runs until `stop`.
+    pub async fn run<F, R>(self: Arc<Self>, repair: R, stop: CancellationToken)
+    where
+        R: Fn(usize) -> F,
+        F: Future<Output = Result<(), BrokerError>>,
+    {
+        let key = keys::node_alive(&self.node);
+        // Per shard: since when this node's heartbeats there have succeeded without a break.
+        let mut up_since: Vec<Option<Instant>> = vec![None; self.shards.shards.len()];
+        loop {
+            for (index, shard) in self.shards.shards.iter().enumerate() {
+                let mut conn = shard.conn.clone();
+                let r: redis::RedisResult<()> = redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(self.ttl.as_millis() as u64)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(keys::NODES)
+                    .arg(&self.node)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = r {
+                    debug!(shard = shard.index, error = %e, "heartbeat failed");
+                    up_since[index] = None;
+                    // If this lasts, survivors reap this node: its entries are rewritten when
+                    // the shard answers again.
+                    self.dirty[index].store(true, Ordering::Release);
+                    continue;
+                }
+                let up = *up_since[index].get_or_insert_with(Instant::now);
+                if self.dirty[index].swap(false, Ordering::AcqRel) {
+                    if let Err(e) = repair(index).await {
+                        debug!(shard = shard.index, error = %e, "presence repair failed; retrying");
+                        self.dirty[index].store(true, Ordering::Release);
+                    }
+                }
+                // A node can tell a dead peer from one that has not refreshed yet only after
+                // it has itself been refreshing for a whole ttl (at start, and after Redis was
+                // away, every live node's key may be missing for a moment).
+                if up.elapsed() >= self.ttl {
+                    if let Err(e) = self.reap_dead(index).await {
+                        debug!(shard = shard.index, error = %e, "reaping dead nodes failed");
+                    }
+                }
+            }
+            let pause = if self.dirty.iter().any(|d| d.load(Ordering::Acquire)) {
+                (self.ttl / 3).min(REPAIR_RETRY)
+            } else {
+                self.ttl / 3
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.repair.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Finds nodes on a shard whose heartbeat key expired and, under a lock only one survivor
+    /// gets, removes their presence entries and announces the leaves they leave behind.
+    async fn reap_dead(&self, shard: usize) -> redis::RedisResult<()> {
+        let manager = &self.shards.shards[shard].conn;
+        let mut conn = manager.clone();
+        let nodes: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys::NODES)
+            .query_async(&mut conn)
+            .await?;
+        for dead in nodes.iter().filter(|n| **n != self.node) {
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(keys::node_alive(dead))
+                .query_async(&mut conn)
+                .await?;
+            if alive {
+                continue;
+            }
+            let lock: Option<String> = redis::cmd("SET")
+                .arg(keys::node_reaper(dead))
+                .arg(&self.node)
+                .arg("NX")
+                .arg("PX")
+                .arg(self.ttl.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            if lock.is_none() {
+                continue;
+            }
+            let rooms_key = keys::node_rooms(dead);
+            let rooms: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&rooms_key)
+                .query_async(&mut conn)
+                .await?;
+            for room in &rooms {
+                let users: Vec<(String, u64)> = redis::cmd("HGETALL")
+                    .arg(keys::presence(room, dead))
+                    .query_async(&mut conn)
+                    .await?;
+                for (user, count) in users {
+                    let (prefix, suffix) = cluster::system_parts(room, &user, false);
+                    let reap = Reap {
+                        room,
+                        user: &user,
+                        node: dead,
+                        count,
+                        announce_max: self.announce_max,
+                        prefix,
+                        suffix,
+                        max_len: self.history.max_len,
+                        ttl_s: self.history.ttl_s,
+                    };
+                    match script::run(manager, &reap).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            warn!(room, user, error = %e, "reaping a dead node's user failed")
+                        }
+                        Err(e) => {
+                            warn!(room, user, error = %e, "reaping a dead node's user failed")
+                        }
+                    }
+                }
+            }
+            let remaining: usize = redis::cmd("SCARD")
+                .arg(&rooms_key)
+                .query_async(&mut conn)
+                .await?;
+            if remaining == 0 {
+                let _: () = redis::pipe()
+                    .cmd("SREM")
+                    .arg(keys::NODES)
+                    .arg(dead)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(&rooms_key)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            info!(node = %dead, rooms = rooms.len(), "reaped a dead node's presence");
+        }
+        Ok(())
+    }
+}
