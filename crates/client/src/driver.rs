@@ -26,7 +26,8 @@ use crate::{Ack, Error, HistoryQuery, Options, Page, RoomEvent, Session, State, 
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<(Ws, Option<String>), String>> + Send>>;
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<(Box<Ws>, Option<String>), String>> + Send>>;
 
 /// What handles ask the driver to do.
 pub(crate) enum Command {
@@ -76,7 +77,7 @@ enum Wake {
     Cmd(Option<Command>),
     Refresh(Option<Refreshed>),
     BackoffDone,
-    Connected(Result<(Ws, Option<String>), String>),
+    Connected(Result<(Box<Ws>, Option<String>), String>),
     Ws(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Timer,
 }
@@ -400,12 +401,11 @@ impl Driver {
             }
         }
         if let Phase::Open(mut ws) = std::mem::replace(&mut self.phase, Phase::Closed) {
-            let _ = ws
-                .close(Some(CloseFrame {
-                    code: WsCloseCode::Normal,
-                    reason: "bye".into(),
-                }))
-                .await;
+            let frame = CloseFrame {
+                code: WsCloseCode::Normal,
+                reason: "bye".into(),
+            };
+            let _ = WebSocketStream::close(&mut *ws, Some(frame)).await;
             // Read until the server's close answers ours, briefly.
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 while let Some(Ok(_)) = ws.next().await {}
@@ -475,14 +475,14 @@ impl Driver {
             ws.send(Message::text(text))
                 .await
                 .map_err(|e| format!("cannot send auth: {e}"))?;
-            Ok((ws, token))
+            Ok((Box::new(ws), token))
         }));
     }
 
-    fn on_connected(&mut self, result: Result<(Ws, Option<String>), String>) {
+    fn on_connected(&mut self, result: Result<(Box<Ws>, Option<String>), String>) {
         match result {
             Ok((ws, _token)) => {
-                self.phase = Phase::Open(Box::new(ws));
+                self.phase = Phase::Open(ws);
                 self.conn += 1;
                 self.authed = false;
                 self.pre_auth_error = None;
@@ -1230,7 +1230,7 @@ impl Driver {
         for w in r.waiters.drain(..) {
             let _ = w.send(Ok(j.clone()));
         }
-        let page = r.catching_up.then(|| (r.seq, r.page_gen));
+        let page = r.catching_up.then_some((r.seq, r.page_gen));
         for (id, ack) in own {
             self.send_done(&id, ack);
         }
