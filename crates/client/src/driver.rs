@@ -617,6 +617,8 @@ impl Driver {
         }
         self.terminal = true;
         let ws = self.detach();
+        // Closed before anything fails, so a caller that sees the error sees the state too.
+        self.set_state(State::Closed);
         // Keep the socket so `run` can close it politely.
         if let Some(ws) = ws {
             self.phase = Phase::Open(ws);
@@ -640,7 +642,6 @@ impl Driver {
             // Ending the subscriptions ends the event streams.
             room.subscribers.clear();
         }
-        self.set_state(State::Closed);
     }
 
     /// Queues a frame for the current socket; false when there is none.
@@ -1191,10 +1192,17 @@ impl Driver {
             return;
         }
         let page_limit = self.opts.history_page_limit;
-        let r = self.rooms.get_mut(&j.room).expect("wanted");
-        if key.is_some() && r.join_id == key {
-            r.join_id = None;
+        // The room is joined now: another join still pending for it (a join, leave, join
+        // sequence whose first join took effect) is moot; its "already joined" error is ignored.
+        let moot = self
+            .rooms
+            .get_mut(&j.room)
+            .and_then(|r| r.join_id.take())
+            .filter(|id| Some(id) != key.as_ref());
+        if let Some(moot) = moot {
+            self.settle(&moot);
         }
+        let r = self.rooms.get_mut(&j.room).expect("wanted");
         let resumed = r.epoch.as_deref() == Some(j.epoch.as_str()) && j.recovered == Some(true);
         if r.epoch.is_some() && !resumed {
             // The log could not be resumed (new epoch, or since too old): start afresh.
@@ -1433,6 +1441,14 @@ impl Driver {
                         r.want = false;
                         r.join_id = None;
                         r.fail_waiters(&err);
+                        // A rejoin after a reconnect was refused (e.g. the new token no longer
+                        // allows the room): tell the subscribers they are out.
+                        if r.info.take().is_some() {
+                            r.reset(None);
+                            r.emit(RoomEvent::Left {
+                                reason: Some(code.as_str().to_owned()),
+                            });
+                        }
                     }
                     self.drop_sends(&room, &err);
                 }
