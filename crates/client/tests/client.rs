@@ -290,3 +290,53 @@ async fn presence_between_two_clients() {
     alice.close().await;
     bob.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_is_detected_and_the_room_resumes() {
+    let server = Server::start(&[
+        // The server pings every 500 ms, so a client that hears nothing for two heartbeats
+        // knows the path is dead; the server itself waits much longer before dropping anyone.
+        ("heartbeat.interval_ms", toml::Value::from(500)),
+        ("heartbeat.timeout_ms", toml::Value::from(60_000)),
+    ])
+    .await;
+    let proxy = common::Proxy::start(server.addr).await;
+    let alice = Client::connect(format!("ws://{}/ws", proxy.addr), anon("alice"));
+    let mut state = alice.state();
+    let room = alice.room("quiet");
+    let mut events = room.events();
+    within("alice joins", room.join()).await.unwrap();
+    let bob = Client::connect(server.url(), anon("bob"));
+    let bob_room = bob.room("quiet");
+    within("bob joins", bob_room.join()).await.unwrap();
+
+    proxy.blackhole_existing();
+    let mut acks = Vec::new();
+    for i in 0..3 {
+        acks.push(
+            within("bob's ack", bob_room.send(format!("m{i}")))
+                .await
+                .unwrap()
+                .seq,
+        );
+    }
+    // Alice notices the silence, reconnects (through the proxy, on a new connection) and
+    // resumes: bob's messages arrive once each, in order.
+    within("alice notices", state.wait_for(|s| *s == State::Connecting))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        if let RoomEvent::Message(m) = next(&mut events).await {
+            got.push((m.seq, m.content));
+        }
+    }
+    let want: Vec<(u64, String)> = acks
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| (*seq, format!("m{i}")))
+        .collect();
+    assert_eq!(got, want);
+    alice.close().await;
+    bob.close().await;
+}

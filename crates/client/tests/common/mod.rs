@@ -149,3 +149,80 @@ pub async fn until<T>(
         seen.push(ev);
     }
 }
+
+/// A TCP proxy in front of a server that can black-hole its current connections: their bytes
+/// are read and dropped in both directions, the sockets stay open, as when a network path dies
+/// without a FIN. Connections made afterwards are forwarded normally.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut_below: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    /// Starts forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let cut_below = Arc::new(AtomicUsize::new(0));
+        let (acc, cut) = (accepted.clone(), cut_below.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let index = acc.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let cut = cut.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if index < cut.load(Ordering::SeqCst) {
+                                        continue; // black-holed
+                                    }
+                                    if to.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        // Keep the write half open while black-holed: no FIN reaches the peer.
+                        if index >= cut.load(Ordering::SeqCst) {
+                            let _ = to.shutdown().await;
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            accepted,
+            cut_below,
+        }
+    }
+
+    /// Black-holes every connection accepted so far.
+    pub fn blackhole_existing(&self) {
+        use std::sync::atomic::Ordering;
+        self.cut_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
