@@ -1499,9 +1499,12 @@ fn deliver(r: &mut RoomState, ev: Event, user_id: Option<&str>) -> Option<(Strin
             own
         }
         Event::System(s) => {
+            // `joined.users` is the member list as of `joined.seq`: events up to it (the join's
+            // history, pages of a catch-up) are already in it and must not change it again.
+            let live = s.seq > r.head;
             let changed = match s.event.as_str() {
-                "join" if r.users_known => r.members.insert(s.user.clone()),
-                "leave" if r.users_known => r.members.remove(&s.user),
+                "join" if r.users_known && live => r.members.insert(s.user.clone()),
+                "leave" if r.users_known && live => r.members.remove(&s.user),
                 _ => false,
             };
             r.emit(RoomEvent::System(s));

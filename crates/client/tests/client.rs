@@ -255,6 +255,15 @@ async fn close_4008_is_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_between_two_clients() {
     let server = Server::start(&[]).await;
+    // Carol was here before: her join and leave are in the history everyone gets on joining.
+    let carol = Client::connect(server.url(), anon("carol"));
+    within("carol joins", carol.room("lobby").join())
+        .await
+        .unwrap();
+    within("carol leaves", carol.room("lobby").leave())
+        .await
+        .unwrap();
+    carol.close().await;
     let alice = Client::connect(server.url(), anon("alice"));
     let bob = Client::connect(server.url(), anon("bob"));
     let room = alice.room("lobby");
@@ -264,7 +273,17 @@ async fn presence_between_two_clients() {
     assert_eq!(first, RoomEvent::Presence(vec!["alice".into()]));
 
     let bob_room = bob.room("lobby");
+    let mut bob_events = bob_room.events();
     within("bob joins", bob_room.join()).await.unwrap();
+    // Bob's view is `joined.users`; replaying the join's history (carol's join and leave) must
+    // not make the member list flicker. Everything of the join is queued before join() returns.
+    let mut bob_presence = Vec::new();
+    while let Some(event) = bob_events.try_recv() {
+        if let RoomEvent::Presence(users) = event {
+            bob_presence.push(users);
+        }
+    }
+    assert_eq!(bob_presence, [vec!["alice".to_owned(), "bob".to_owned()]]);
     let (users, _) = until(&mut events, |e| match e {
         RoomEvent::Presence(users) => Some(users.clone()),
         _ => None,
