@@ -16,7 +16,9 @@ use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::{unix_nanos, Dialer, Incoming, JoinRequest, Joined, Ws};
+use parley_protocol::ClientFrame;
+
+use crate::net::{encode, unix_nanos, Dialer, Incoming, JoinRequest, Joined, Ws};
 use crate::track::{Acks, RoomTrack};
 
 /// Highest latency the histograms hold, µs (values above are clamped).
@@ -278,13 +280,12 @@ impl Member {
         self.counts.sent += 1;
         self.pending += 1;
         self.ctx.pending.fetch_add(1, Ordering::Relaxed);
-        let frame = serde_json::json!({
-            "type": "send",
-            "room": self.spec.room,
-            "content": self.content(stamp),
-            "id": format!("{}-{}", self.spec.user, self.seq_no),
-        });
-        Message::text(frame.to_string())
+        let frame = ClientFrame::Send {
+            room: self.spec.room.clone(),
+            content: self.content(stamp),
+            id: Some(format!("{}-{}", self.spec.user, self.seq_no)),
+        };
+        Message::text(encode(&frame))
     }
 
     /// Handles one text frame. Returns whether a `left` arrived.
@@ -584,13 +585,18 @@ impl Member {
                     let frame = if membership == Membership::Joined {
                         membership = Membership::Leaving;
                         self.ctx.busy.fetch_add(1, Ordering::Relaxed);
-                        serde_json::json!({"type": "leave", "room": self.spec.room})
+                        ClientFrame::Leave { room: self.spec.room.clone(), id: None }
                     } else {
                         membership = Membership::Rejoining;
-                        serde_json::json!({"type": "join", "room": self.spec.room})
+                        ClientFrame::Join {
+                            room: self.spec.room.clone(),
+                            since: None,
+                            epoch: None,
+                            id: None,
+                        }
                     };
                     next_churn = far;
-                    if ws.send(Message::text(frame.to_string())).await.is_err() { alive = false; }
+                    if ws.send(Message::text(encode(&frame))).await.is_err() { alive = false; }
                 }
                 msg = ws.next(), if reading => match msg {
                     Some(Ok(Message::Text(text))) => {

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
+use parley_protocol::ClientFrame;
 use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -22,6 +23,11 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// How long one connect (TCP, upgrade, authentication and join) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Encodes a client frame as the text of a WebSocket message.
+pub fn encode(frame: &ClientFrame) -> String {
+    serde_json::to_string(frame).expect("client frames always encode")
+}
+
 /// Nanoseconds since the Unix epoch: the clock publisher and receivers share.
 pub fn unix_nanos() -> u64 {
     SystemTime::now()
@@ -31,6 +37,12 @@ pub fn unix_nanos() -> u64 {
 
 /// One server frame, parsed with only the fields the bench tool reads; unknown fields are
 /// skipped.
+///
+/// This is the hot receive path (every member parses every frame of its room), so it stays
+/// hand-tuned rather than using `parley_protocol::received::Received`: it borrows strings from
+/// the frame instead of allocating, skips `content`, `name` and `ts`, and never builds the
+/// owned history vectors the client types carry. Frames the bench *sends* are
+/// [`parley_protocol::ClientFrame`] values (see [`encode`]).
 #[derive(Debug, Deserialize)]
 pub struct Incoming<'a> {
     /// The frame's `type`.
@@ -283,13 +295,13 @@ impl Dialer {
         let Some(join) = join else {
             return Ok((ws, None));
         };
-        let frame = match &join.resume {
-            Some((since, epoch)) => serde_json::json!({
-                "type": "join", "room": join.room, "since": since, "epoch": epoch
-            }),
-            None => serde_json::json!({"type": "join", "room": join.room}),
+        let frame = ClientFrame::Join {
+            room: join.room.clone(),
+            since: join.resume.as_ref().map(|(since, _)| *since),
+            epoch: join.resume.as_ref().map(|(_, epoch)| epoch.clone()),
+            id: None,
         };
-        ws.send(Message::text(frame.to_string()))
+        ws.send(Message::text(encode(&frame)))
             .await
             .map_err(ws_category)?;
         let joined = expect_frame(&mut ws, "joined", Some(&join.room)).await?;

@@ -333,3 +333,93 @@ async fn a_4008_close_comes_after_the_ack_of_an_accepted_send() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// The same answers, sent and read as the protocol crate's types: what a typed client sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_parse_as_protocol_types_and_echo_ids() {
+    use parley_protocol::client::ClientFrame;
+    use parley_protocol::received::Received;
+
+    let server = TestServer::start().await;
+    let mut alice = server.user("alice").await;
+    alice
+        .send_frame(&ClientFrame::Join {
+            room: "typed".into(),
+            since: None,
+            epoch: None,
+            id: Some("j1".into()),
+        })
+        .await;
+    let Received::Joined(joined) = alice.recv_received().await else {
+        panic!("expected joined")
+    };
+    assert_eq!(
+        (joined.id.as_deref(), joined.room.as_str()),
+        (Some("j1"), "typed")
+    );
+    alice
+        .send_frame(&ClientFrame::Ping {
+            id: Some("p1".into()),
+        })
+        .await;
+    assert_eq!(
+        alice.recv_received().await,
+        Received::Pong {
+            id: Some("p1".into())
+        }
+    );
+    alice
+        .send_frame(&ClientFrame::Send {
+            room: "typed".into(),
+            content: "hi".into(),
+            id: Some("s1".into()),
+        })
+        .await;
+    // The ack and the sender's own copy, in either order.
+    let (mut acked, mut copied) = (None, None);
+    while acked.is_none() || copied.is_none() {
+        match alice.recv_received().await {
+            Received::Ack {
+                id, seq, duplicate, ..
+            } => {
+                assert_eq!((id.as_deref(), duplicate), (Some("s1"), false));
+                acked = Some(seq);
+            }
+            Received::Message(m) => copied = Some((m.seq, m.id)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(copied, Some((joined.seq + 1, Some("s1".into()))));
+    assert_eq!(acked, Some(joined.seq + 1));
+    alice
+        .send_frame(&ClientFrame::History {
+            room: "typed".into(),
+            before: None,
+            after: Some(joined.seq),
+            limit: Some(10),
+            id: Some("h1".into()),
+        })
+        .await;
+    let Received::History {
+        messages, more, id, ..
+    } = alice.recv_received().await
+    else {
+        panic!("expected history")
+    };
+    assert_eq!(
+        (id.as_deref(), more, messages.len()),
+        (Some("h1"), false, 1)
+    );
+    alice
+        .send_frame(&ClientFrame::Send {
+            room: "nowhere".into(),
+            content: "x".into(),
+            id: Some("e1".into()),
+        })
+        .await;
+    assert!(matches!(
+        alice.recv_received().await,
+        Received::Error { code: parley_protocol::ErrorCode::NotJoined, id: Some(id), room: Some(room), .. }
+            if id == "e1" && room == "nowhere"
+    ));
+}

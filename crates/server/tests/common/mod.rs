@@ -11,6 +11,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use parley::config::{Config, Overrides};
+use parley_protocol::client::ClientFrame;
+use parley_protocol::received::Received;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::net::TcpStream;
@@ -73,10 +75,31 @@ impl Builder {
     }
 
     /// Starts the server on 127.0.0.1:0.
-    pub async fn start(mut self) -> TestServer {
+    pub async fn start(self) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.start_with(listener)
+    }
+
+    /// Starts the server on `addr` (e.g. a stopped server's, so that its clients' reconnects
+    /// find the new one), retrying the bind briefly.
+    pub async fn start_at(self, addr: SocketAddr) -> TestServer {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        };
+        self.start_with(listener)
+    }
+
+    fn start_with(mut self, listener: tokio::net::TcpListener) -> TestServer {
         let config = self.config();
         let db = config.store.db.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(parley::run(listener, config, async move {
@@ -214,6 +237,21 @@ impl Client {
     /// Sends a JSON value as a text frame.
     pub async fn send(&mut self, value: Value) {
         self.send_text(&value.to_string()).await;
+    }
+
+    /// Sends a protocol frame, encoded with the protocol crate.
+    pub async fn send_frame(&mut self, frame: &ClientFrame) {
+        let text = serde_json::to_string(frame).expect("client frames encode");
+        self.send_text(&text).await;
+    }
+
+    /// Reads the next frame and parses it with the protocol crate's
+    /// [`received::parse`](parley_protocol::received::parse); fails on close, end, or a frame
+    /// the protocol types do not describe.
+    pub async fn recv_received(&mut self) -> Received {
+        let frame = self.recv().await;
+        parley_protocol::received::parse(&frame.to_string())
+            .unwrap_or_else(|e| panic!("not a protocol frame ({e}): {frame}"))
     }
 
     /// Sends raw text.
