@@ -83,6 +83,29 @@ export interface SystemEvent {
 
 export type RoomEvent = ChatMessage | SystemEvent;
 
+/** Answer frames the client consumes itself (they resolve its promises); exported for apps
+ * that read raw frames. Every answer echoes the request's `id`. */
+export interface AckFrame {
+  type: "ack";
+  room: string;
+  seq: number;
+  id?: string;
+  /** A resend of a stored message: `seq` is the original one. */
+  duplicate?: boolean;
+}
+
+export interface PongFrame {
+  type: "pong";
+  id?: string;
+}
+
+export interface RefreshedFrame {
+  type: "refreshed";
+  /** The new token's expiry, unix seconds. */
+  exp?: number;
+  id?: string;
+}
+
 export interface TypingEvent {
   room: string;
   user: string;

@@ -1012,6 +1012,12 @@ class Room extends Emitter {
     } else if (ev.type === "system") {
       const user = String(ev.user);
       let changed = false;
+      // `joined.users` is the room at `joined.seq`: events up to it (history, paging forward)
+      // are already in it, and replaying them would make members flicker.
+      if (ev.seq <= this._head) {
+        this._emit("system", ev);
+        return;
+      }
       if (ev.event === "join") {
         if (this._usersKnown && !this._members.has(user)) changed = this._members.add(user) && true;
         if (!this._usersKnown) this.userCount += 1;

@@ -331,6 +331,29 @@ test("two clients see each other's presence and typing", async (t) => {
   assert.deepEqual(await bobGone, ["alice"]);
 });
 
+test("history replayed on join does not make members flicker", async (t) => {
+  const server = await Server.start();
+  t.after(() => server.stop());
+  const carol = client(server, "carol");
+  t.after(() => carol.close());
+  const cr = carol.room("hall");
+  await deadline(cr.join(), "carol joined");
+  await deadline(cr.leave(), "carol left");
+  const alice = client(server, "alice");
+  t.after(() => alice.close());
+  const ar = alice.room("hall");
+  const seen = [];
+  ar.on("presence", (users) => seen.push([...users]));
+  const systems = [];
+  ar.on("system", (e) => systems.push(`${e.event}:${e.user}`));
+  const joined = await deadline(ar.join(), "alice joined");
+  assert.deepEqual(joined.users, ["alice"]);
+  assert.deepEqual(systems, ["join:carol", "leave:carol", "join:alice"], "the history is still delivered");
+  assert.ok(seen.length > 0, "presence was reported");
+  assert.ok(seen.every((users) => !users.includes("carol")), `carol never appears: ${JSON.stringify(seen)}`);
+  assert.deepEqual(ar.members, ["alice"]);
+});
+
 test("a refused join is matched to its own room while another join is pending", async (t) => {
   const server = await Server.start();
   t.after(() => server.stop());

@@ -394,11 +394,7 @@ fn every_example_parses_with_the_protocol_types() {
 
 /// Server frames the JS library handles inside the client without naming them in its types,
 /// and what it does with them instead.
-const INTERNAL_TO_JS: &[(&str, &str)] = &[
-    ("ack", "resolves the promise send() returned (SendResult)"),
-    ("pong", "answers the client's heartbeat ping"),
-    ("refreshed", "completes the client's own token refresh"),
-];
+const INTERNAL_TO_JS: &[(&str, &str)] = &[];
 
 /// The words of a TypeScript file: identifiers split at camelCase humps, lowercased.
 fn words(text: &str) -> BTreeSet<String> {
