@@ -48,7 +48,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::Authenticator;
-use crate::broker::memory::{MemoryBroker, SequencerParts};
+use crate::broker::sqlite::{SequencerParts, SqliteBroker};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{ConnId, Hub};
@@ -106,7 +106,7 @@ impl App {
         let hub = Arc::new(Hub::default());
         let presence = Arc::new(MemoryPresence::default());
         let metrics = Arc::new(Metrics::new());
-        let broker = MemoryBroker::start(
+        let broker = SqliteBroker::start(
             writer,
             reader,
             SequencerParts {

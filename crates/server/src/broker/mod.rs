@@ -11,12 +11,12 @@
 //!   content returns the original seq (`duplicate`) and posts nothing; with different content it
 //!   is refused ([`BrokerError::IdConflict`]) and posts nothing.
 //!
-//! [`memory::MemoryBroker`] is the single-node implementation over the SQLite log;
+//! [`sqlite::SqliteBroker`] is the single-node implementation over the SQLite log;
 //! [`redis::RedisBroker`] the cluster one over Redis.
 
 pub mod log;
-pub mod memory;
 pub mod redis;
+pub mod sqlite;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -42,7 +42,7 @@ enum Op {
 }
 
 /// The single-node broker.
-pub struct MemoryBroker {
+pub struct SqliteBroker {
     ops: mpsc::Sender<Op>,
     reader: Arc<LogReader>,
 }
@@ -62,12 +62,12 @@ pub struct SequencerParts {
     pub metrics: Arc<Metrics>,
 }
 
-impl MemoryBroker {
+impl SqliteBroker {
     /// Starts the sequencer task on the current runtime.
-    pub fn start(writer: LogWriter, reader: LogReader, parts: SequencerParts) -> MemoryBroker {
+    pub fn start(writer: LogWriter, reader: LogReader, parts: SequencerParts) -> SqliteBroker {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         tokio::spawn(sequencer(rx, writer, parts));
-        MemoryBroker {
+        SqliteBroker {
             ops: tx,
             reader: Arc::new(reader),
         }
@@ -79,7 +79,7 @@ impl MemoryBroker {
 }
 
 #[async_trait]
-impl Broker for MemoryBroker {
+impl Broker for SqliteBroker {
     async fn join(&self, request: JoinRequest) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.submit(Op::Join(request, tx)).await?;
