@@ -4,7 +4,7 @@
 //! script structs, as the broker does). Either way the read side, [`Presence`], must answer the
 //! same: two tabs are one user, rooms count people.
 
-mod redis_server;
+use crate::redis_server;
 
 use std::sync::Arc;
 

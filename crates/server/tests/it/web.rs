@@ -2,7 +2,7 @@
 //! script and stylesheet, the script imports the client library (`/parley-client.js`), and
 //! each answers with its content type and cache headers.
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 use reqwest::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};

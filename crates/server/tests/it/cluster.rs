@@ -3,8 +3,8 @@
 //! presence per user across nodes, de-duplication across nodes, hand-off with `since`/`epoch`,
 //! and Redis faults.
 
-mod common;
-mod redis_server;
+use crate::common;
+use crate::redis_server;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! silently reused, joins and leaves are rate limited, and a narrower refreshed claim leaves
 //! the rooms it no longer allows.
 
-mod common;
+use crate::common;
 
 use common::{token, TestServer};
 use serde_json::json;

@@ -1,6 +1,6 @@
 //! Abuse limits: connection caps before the upgrade, send rate limits, the abuse close.
 
-mod common;
+use crate::common;
 
 use common::{upgrade_status, Client, TestServer};
 use serde_json::json;

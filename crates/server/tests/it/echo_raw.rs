@@ -2,7 +2,7 @@
 //! need. Text frames come back unchanged, fragmented messages come back whole, the default
 //! `/echo` keeps its `Echo: ` prefix, and both answer a client's close frame.
 
-mod common;
+use crate::common;
 
 use common::{Client, TestServer, FRAME_TIMEOUT};
 use futures_util::{SinkExt, StreamExt};

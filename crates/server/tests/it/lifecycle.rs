@@ -2,7 +2,7 @@
 //! real binary under SIGTERM), durability across SIGKILL, configuration layering, `--help`
 //! and the connection log lines.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};

@@ -3,7 +3,7 @@
 //! through real HTTP, with a JSON body that has the documented schema's required fields. The
 //! spec must also list exactly the API's operations, so an undocumented route fails here too.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -4,7 +4,7 @@
 //! RSS read from /proc is the server's alone. A per-connection buffer creeping back (a 4 KiB
 //! read buffer, a write buffer that keeps its largest batch) fails this test.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

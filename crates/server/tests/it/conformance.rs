@@ -7,8 +7,8 @@
 //! `conformance!` at the bottom turns each scenario into `single_node::<name>` and
 //! `cluster::<name>`.
 
-mod common;
-mod redis_server;
+use crate::common;
+use crate::redis_server;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `allowed_origins`: browsers from other origins are refused before the upgrade.
 
-mod common;
+use crate::common;
 
 use common::{upgrade_status, Client, TestServer};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

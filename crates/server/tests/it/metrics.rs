@@ -1,7 +1,7 @@
 //! `GET /metrics`: known actions move each metric by exactly that much. Each server has its own
 //! registry, so the servers of this file (and of other tests in the process) never mix.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Regression tests from a review of the sequencer, the store, the session and shutdown: each
 //! one reproduced a bug through real sockets before its fix.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! room's sequence), the room list (people, not connections), users, history paging, token
 //! minting, and every error answer (401, 404, 400, 413, 503), each with its JSON body.
 
-mod common;
+use crate::common;
 
 use common::{TestServer, SECRET};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};

@@ -2,7 +2,7 @@
 //! what `joined` carries (`history.on_join`, `history.max_replay`), paging with `history`
 //! frames, retention (`history.max_len`), and durability across a graceful restart.
 
-mod common;
+use crate::common;
 
 use common::{seq, seqs, Client, TestServer};
 use serde_json::{json, Value};

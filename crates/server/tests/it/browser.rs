@@ -7,7 +7,7 @@
 //! Needs Debian's `chromium` and `chromium-driver` packages. When chromedriver is missing the
 //! test fails (it never skips) and says how to install it.
 
-mod common;
+use crate::common;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

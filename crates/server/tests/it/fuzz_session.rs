@@ -15,7 +15,7 @@
 //!
 //! `PROPTEST_CASES=N` runs more cases than the default 128 (see docs/FUZZING.md).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! then close 4001), `iss`/`aud`, the auth timeout, the `rooms` claim, token expiry (4011) and
 //! `refresh`, anonymous mode, and the binary's startup guard and `parley token`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;

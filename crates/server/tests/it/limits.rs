@@ -1,7 +1,7 @@
 //! Bad input and resource limits, through real sockets: malformed frames, oversize content and
 //! frames, invalid UTF-8, heartbeats and the outbound queue bound.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

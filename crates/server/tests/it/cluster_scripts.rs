@@ -3,7 +3,7 @@
 //! (an argument's position, a reply field) that the other side does not follow fails here.
 //! Also the announce rule: the Lua version runs the same table as `broker::log::announce`.
 
-mod redis_server;
+use crate::redis_server;
 
 use parley::broker::log::{announce, ANNOUNCE_CASES, DEDUP_WINDOW};
 use parley::cluster::keys;

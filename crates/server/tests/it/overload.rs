@@ -1,7 +1,7 @@
 //! Overload: join storms, and slow consumers that are cut off (4009) and then recover
 //! everything with `since`/`epoch`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! client's rejoin with `since`/`epoch` is truncated, so it must page forward with `history`
 //! `after` to deliver every missed message exactly once and in order.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

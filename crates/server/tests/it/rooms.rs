@@ -7,7 +7,7 @@
 //! very next frame must be the `pong`. Where the cause is a disconnect (whose processing the
 //! client cannot observe) a short [`Client::expect_silence`] is used instead.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
