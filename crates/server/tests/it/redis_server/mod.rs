@@ -26,25 +26,31 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a fresh, empty server on a free port.
     pub fn start() -> RedisServer {
-        let mut server = RedisServer {
-            port: free_port(),
-            child: None,
-            dir: None,
-        };
-        server.spawn();
-        server
+        Self::start_in(None)
     }
 
     /// Starts a server that fsyncs every write to an append-only file, so a SIGKILL and a
     /// restart keep everything it acknowledged.
     pub fn start_persistent() -> RedisServer {
+        Self::start_in(Some(tempfile::TempDir::new().unwrap()))
+    }
+
+    /// A port found free may be taken by someone else before redis-server binds it: then our
+    /// child exits (or another server answers there), and we try another port.
+    fn start_in(dir: Option<tempfile::TempDir>) -> RedisServer {
         let mut server = RedisServer {
-            port: free_port(),
+            port: 0,
             child: None,
-            dir: Some(tempfile::TempDir::new().unwrap()),
+            dir,
         };
-        server.spawn();
-        server
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.try_spawn() {
+                return server;
+            }
+            server.kill();
+        }
+        panic!("redis-server could not bind a free port in five tries");
     }
 
     /// `redis://127.0.0.1:port`.
@@ -53,6 +59,16 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server on port {} did not start",
+            self.port
+        );
+    }
+
+    /// Starts the child and waits until it answers on its port: true when the server there is
+    /// ours (its `process_id` is our child's).
+    fn try_spawn(&mut self) -> bool {
         let mut args: Vec<String> = ["--port", &self.port.to_string(), "--bind", "127.0.0.1"]
             .iter()
             .map(|s| s.to_string())
@@ -86,15 +102,41 @@ impl RedisServer {
             ),
             Err(e) => panic!("cannot start redis-server: {e}"),
         };
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                return false;
+            }
             if self.ping() {
-                return;
+                return self.process_id() == Some(pid);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING", self.port);
+        false
+    }
+
+    /// The `process_id` of the server answering on the port.
+    fn process_id(&self) -> Option<u32> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        conn.write_all(b"INFO server\r\n").ok()?;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
+            let n = conn.read(&mut buf).ok()?;
+            if n == 0 {
+                return None;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let rest = &text[text.find("process_id:")? + "process_id:".len()..];
+        rest[..rest.find('\r')?].trim().parse().ok()
     }
 
     /// Whether it answers PING.
