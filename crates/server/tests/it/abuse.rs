@@ -135,17 +135,21 @@ async fn sends_past_the_burst_are_refused_with_an_honest_retry_after() {
         .expect("retry_after_ms is an integer");
     assert!(retry > 0 && retry <= 1000, "{retry}");
     // Bob saw exactly the three accepted messages.
+    let mut last = 0;
     for i in 0..3 {
         let msg = bob.recv_type("message").await;
         assert_eq!(msg["id"], format!("m{i}"));
+        last = msg["seq"].as_u64().unwrap();
     }
-    bob.expect_silence(200).await;
-    // After waiting as told, the same id is accepted: the refusal did not count for dedup.
+    // After waiting as told (the refill is the subject here), the same id is accepted: the
+    // refusal did not count for dedup. Its seq follows the third at once: nothing was stored
+    // for the refused one.
     tokio::time::sleep(std::time::Duration::from_millis(retry + 20)).await;
     let (ack, _) = alice.post("r", "now", "m3").await;
     let msg = bob.recv_type("message").await;
     assert_eq!(msg["content"], "now");
     assert_eq!(msg["seq"], ack["seq"]);
+    assert_eq!(msg["seq"], last + 1, "the refused send took no seq: {msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,5 +209,13 @@ async fn typing_past_its_bucket_is_dropped_silently() {
     alice.recv_type("pong").await;
     bob.recv_type("typing").await;
     bob.recv_type("typing").await;
-    bob.expect_silence(200).await;
+    // Anything alice's typing put in bob's queue is ahead of her next message: the message
+    // coming next shows the dropped notices were not sent.
+    let (ack, _) = alice.post("r", "after typing", "t1").await;
+    let next = bob.recv().await;
+    assert_eq!(
+        (next["type"].as_str(), &next["seq"]),
+        (Some("message"), &ack["seq"]),
+        "{next}"
+    );
 }
