@@ -77,6 +77,8 @@ export interface SystemEvent {
   seq: number;
   event: "join" | "leave";
   user: string;
+  /** Display name, as on messages (absent from events stored before protocol 1.1). */
+  name?: string;
   content: string;
   ts: string;
 }

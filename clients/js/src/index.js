@@ -560,7 +560,9 @@ export class Parley extends Emitter {
       case "system":
       case "typing": {
         const room = this._rooms.get(f.room);
-        if (f.type === "message" && f.user != null) this._names.set(String(f.user), String(f.name || f.user));
+        if ((f.type === "message" || f.type === "system") && f.user != null && f.name) {
+          this._names.set(String(f.user), String(f.name));
+        }
         if (f.type === "joined") return this._onJoined(f, room);
         if (room) room._onEvent(f);
         return undefined;
@@ -1011,6 +1013,7 @@ class Room extends Emitter {
       this._emit("message", ev);
     } else if (ev.type === "system") {
       const user = String(ev.user);
+      if (ev.name) c._names.set(user, String(ev.name));
       let changed = false;
       // `joined.users` is the room at `joined.seq`: events up to it (history, paging forward)
       // are already in it, and replaying them would make members flicker.

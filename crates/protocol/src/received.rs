@@ -168,6 +168,9 @@ pub struct SystemEvent {
     pub event: String,
     /// Who.
     pub user: String,
+    /// Their display name (absent from events stored before protocol 1.1).
+    #[serde(default)]
+    pub name: Option<String>,
     /// A human sentence.
     pub content: String,
     /// When it was stored.
@@ -262,6 +265,7 @@ mod tests {
             seq: 4,
             event: "join",
             user: "b",
+            name: "B",
             content: "b joined the room",
             ts: "t",
         }

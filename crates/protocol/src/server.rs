@@ -86,6 +86,9 @@ pub enum ServerFrame<'a> {
         event: &'a str,
         /// Who joined or left.
         user: &'a str,
+        /// Their display name, as on their messages (the user id where the server does not
+        /// know it: a leave announced for a node that died).
+        name: &'a str,
         /// A human sentence, e.g. `bob joined the room`.
         content: &'a str,
         /// When the server stored it.

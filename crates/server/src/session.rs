@@ -532,6 +532,7 @@ impl Session {
             let request = LeaveRequest {
                 room,
                 user: identity.user.clone(),
+                name: identity.name.clone(),
                 conn: self.conn,
                 outbound: Some(self.outbound.clone()),
                 request_id: None,
@@ -593,6 +594,7 @@ impl Session {
         let request = JoinRequest {
             room: room.clone(),
             user: identity.user.clone(),
+            name: identity.name.clone(),
             conn: self.conn,
             outbound: self.outbound.clone(),
             since,
@@ -624,6 +626,7 @@ impl Session {
         let request = LeaveRequest {
             room,
             user: identity.user.clone(),
+            name: identity.name.clone(),
             conn: self.conn,
             outbound: Some(self.outbound.clone()),
             request_id: id.as_deref().map(Box::from),
@@ -734,6 +737,7 @@ impl Session {
             let request = LeaveRequest {
                 room,
                 user: identity.user.clone(),
+                name: identity.name.clone(),
                 conn: self.conn,
                 outbound: None,
                 request_id: None,

@@ -72,7 +72,14 @@ pub fn cap_replay(frames: &mut Vec<String>, max_bytes: usize) -> bool {
 }
 
 /// The `system` frame of a join (`joined`) or leave event: the one place its text is written.
-pub fn system_event(room: &str, seq: u64, user: &str, joined: bool, ts: &str) -> String {
+pub fn system_event(
+    room: &str,
+    seq: u64,
+    user: &str,
+    name: &str,
+    joined: bool,
+    ts: &str,
+) -> String {
     let (event, verb) = if joined {
         ("join", "joined")
     } else {
@@ -84,6 +91,7 @@ pub fn system_event(room: &str, seq: u64, user: &str, joined: bool, ts: &str) ->
         seq,
         event,
         user,
+        name,
         content: &content,
         ts,
     }

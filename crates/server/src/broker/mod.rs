@@ -73,6 +73,8 @@ pub struct JoinRequest {
     pub room: Arc<str>,
     /// The joiner's user id.
     pub user: Arc<str>,
+    /// The joiner's display name, for the join event.
+    pub name: Arc<str>,
     /// The joining connection.
     pub conn: ConnId,
     /// Where `joined` and then the room's live events go.
@@ -89,6 +91,8 @@ pub struct LeaveRequest {
     pub room: Arc<str>,
     /// The leaver's user id.
     pub user: Arc<str>,
+    /// The leaver's display name, for the leave event.
+    pub name: Arc<str>,
     /// The leaving connection.
     pub conn: ConnId,
     /// Where to queue `left`; `None` when the connection is gone.

@@ -218,6 +218,7 @@ async fn run_batch(
                     drafts.push(Draft::Presence {
                         room: req.room.clone(),
                         user: req.user.clone(),
+                        name: req.name.clone(),
                         joined: false,
                     });
                 }
@@ -287,6 +288,7 @@ async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<D
         drafts.push(Draft::Presence {
             room: req.room.clone(),
             user: req.user.clone(),
+            name: req.name.clone(),
             joined: true,
         });
     }

@@ -103,12 +103,14 @@ pub fn now_ts() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// Prefix and suffix of a `join`/`leave` system event of `user`, stamped now.
-pub fn system_parts(room: &str, user: &str, joined: bool) -> (String, String) {
+/// Prefix and suffix of a `join`/`leave` system event of `user` (display name `name`),
+/// stamped now.
+pub fn system_parts(room: &str, user: &str, name: &str, joined: bool) -> (String, String) {
     split_frame(&crate::broker::log::system_event(
         room,
         SEQ_SENTINEL,
         user,
+        name,
         joined,
         &now_ts(),
     ))

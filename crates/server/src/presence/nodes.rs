@@ -176,7 +176,8 @@ impl Nodes {
                     .query_async(&mut conn)
                     .await?;
                 for (user, count) in users {
-                    let (prefix, suffix) = cluster::system_parts(room, &user, false);
+                    // The dead node's display names are gone with it: the user id stands in.
+                    let (prefix, suffix) = cluster::system_parts(room, &user, &user, false);
                     let reap = Reap {
                         room,
                         user: &user,

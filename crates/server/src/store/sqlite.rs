@@ -57,6 +57,8 @@ pub enum Draft {
         room: Arc<str>,
         /// Who.
         user: Arc<str>,
+        /// Their display name.
+        name: Arc<str>,
         /// `true` for join, `false` for leave.
         joined: bool,
     },
@@ -272,11 +274,16 @@ impl LogWriter {
                     note(&mut touched, room);
                     Written::Event { seq, frame }
                 }
-                Draft::Presence { room, user, joined } => {
+                Draft::Presence {
+                    room,
+                    user,
+                    name,
+                    joined,
+                } => {
                     let head = head_of(&tx, &mut self.heads, room)?;
                     head.seq += 1;
                     let seq = head.seq;
-                    let frame = system_event(room, seq, user, *joined, &ts);
+                    let frame = system_event(room, seq, user, name, *joined, &ts);
                     insert(&tx, room, seq, now, Some(user), None, &frame)?;
                     note(&mut touched, room);
                     Written::Event { seq, frame }

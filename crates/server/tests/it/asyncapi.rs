@@ -165,6 +165,7 @@ fn system_event() -> SystemEvent {
         seq: 4,
         event: "join".into(),
         user: "b".into(),
+        name: some("B"),
         content: "b joined the room".into(),
         ts: "t".into(),
     }

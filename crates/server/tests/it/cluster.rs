@@ -883,6 +883,7 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
         seq: parley::cluster::seq_placeholder(),
         event: "leave",
         user: "alice",
+        name: "alice",
         content: "alice left the room",
         ts: "2020-01-01T00:00:00.000Z",
     }

@@ -147,6 +147,8 @@ async fn wait_event(client: &mut Client, event: &str, user: &str) -> Value {
     loop {
         let frame = client.skip_until("system").await;
         if frame["event"] == event && frame["user"] == user {
+            // Anonymous users' display name is their id; both brokers say so on the event.
+            assert_eq!(frame["name"], user, "{frame}");
             return frame;
         }
     }

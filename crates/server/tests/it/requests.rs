@@ -423,3 +423,49 @@ async fn answers_parse_as_protocol_types_and_echo_ids() {
             if id == "e1" && room == "nowhere"
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_events_carry_the_display_name() {
+    let server = TestServer::builder().jwt().start().await;
+    let connect = |sub: &str, name: &str| {
+        let url = format!("/ws?token={}", token(sub, 600, json!({"name": name})));
+        let server = &server;
+        async move {
+            let mut client = server.connect(&url).await;
+            client.recv_type("authenticated").await;
+            client
+        }
+    };
+    let mut bob = connect("bob", "Bob").await;
+    bob.join("hall").await;
+    let mut alice = connect("alice", "Alice Liddell").await;
+    alice.join("hall").await;
+    let join = bob.recv_type("system").await;
+    assert_eq!(
+        (
+            join["event"].as_str(),
+            join["user"].as_str(),
+            join["name"].as_str()
+        ),
+        (Some("join"), Some("alice"), Some("Alice Liddell")),
+        "{join}"
+    );
+    alice.close().await;
+    let leave = bob.recv_type("system").await;
+    assert_eq!(
+        (leave["event"].as_str(), leave["name"].as_str()),
+        (Some("leave"), Some("Alice Liddell")),
+        "{leave}"
+    );
+    // Stored as sent: history has the name too.
+    bob.send(json!({"type": "history", "room": "hall"})).await;
+    let page = bob.recv_type("history").await;
+    let names: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names, ["Bob", "Alice Liddell", "Alice Liddell"], "{page}");
+    server.shutdown().await.unwrap();
+}

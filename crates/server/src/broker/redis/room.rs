@@ -311,7 +311,7 @@ impl RoomActor {
         // Subscribe first: every event after the script's head is then published to us.
         self.subscribe().await?;
         let parts = &self.inner.parts;
-        let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, true);
+        let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, &req.name, true);
         let op = Join {
             room: &req.room,
             user: &req.user,
@@ -385,7 +385,7 @@ impl RoomActor {
 
     async fn leave(&mut self, req: LeaveRequest) {
         let parts = &self.inner.parts;
-        let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, false);
+        let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, &req.name, false);
         let op = Leave {
             room: &req.room,
             user: &req.user,
@@ -461,8 +461,10 @@ impl RoomActor {
                 .map_err(|e| unavailable(cluster::reason(&e)))?;
         }
         for (user, target) in changes {
-            let (join_prefix, join_suffix) = cluster::system_parts(&self.room, &user, true);
-            let (leave_prefix, leave_suffix) = cluster::system_parts(&self.room, &user, false);
+            // A repair knows the user, not the display name: the user id stands in.
+            let (join_prefix, join_suffix) = cluster::system_parts(&self.room, &user, &user, true);
+            let (leave_prefix, leave_suffix) =
+                cluster::system_parts(&self.room, &user, &user, false);
             let op = Sync {
                 room: &self.room,
                 user: &user,
