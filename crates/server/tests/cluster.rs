@@ -1104,3 +1104,63 @@ async fn send_then_leave_keeps_their_order() {
         wrong.len()
     );
 }
+
+/// Issue #11 item 1: Redis comes back with less than it acknowledged (here: killed and
+/// restarted from an RDB snapshot taken before three acked messages). The seqs of the lost
+/// events are handed out again, so the room must start a new epoch: no two different events
+/// under one (room, epoch, seq). The member that saw the lost events is closed with 4009, and
+/// resuming with the old epoch is `recovered: false`, from the last seq seen or from the
+/// snapshot's.
+#[tokio::test]
+async fn redis_back_with_less_than_it_acked_starts_a_new_epoch() {
+    let mut redis = RedisServer::start_snapshotting();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+    let (ack, _) = bob.post("r", "kept", "k0").await;
+    let saved = ack["seq"].as_u64().unwrap();
+    messages(&mut alice, 1).await;
+    assert_eq!(cli(&redis, &["SAVE"]).trim(), "OK");
+    let mut lost = Vec::new();
+    for i in 0..3 {
+        let (ack, _) = bob.post("r", &format!("lost {i}"), &format!("l{i}")).await;
+        lost.push(ack["seq"].as_u64().unwrap());
+    }
+    assert_eq!(lost, [saved + 1, saved + 2, saved + 3]);
+    assert_eq!(seqs(&messages(&mut alice, 3).await), lost);
+
+    // The fault: SIGKILL, and Redis restarts from the snapshot (seq `saved`, same epoch).
+    redis.restart();
+    assert_eq!(
+        cli(&redis, &["GET", &parley::cluster::keys::seq("r")]).trim(),
+        saved.to_string(),
+        "Redis lost the three acked messages"
+    );
+    wait_ready(&b, true).await;
+    let mut carol = b.user("carol").await;
+    let joined = carol.join("r").await;
+    assert_ne!(
+        joined["epoch"],
+        epoch.as_str(),
+        "the seqs after {saved} are handed out again: a new epoch: {joined}"
+    );
+    let (ack, _) = carol.post("r", "after", "a0").await;
+    assert!(ack["seq"].as_u64().unwrap() > saved);
+
+    // Alice saw the lost events: she is told, and cannot resume in the old epoch.
+    assert_eq!(alice.expect_close().await, 4009);
+    wait_ready(&a, true).await;
+    for since in [saved + 3, saved] {
+        let mut again = a.user("alice").await;
+        again
+            .send(json!({"type": "join", "room": "r", "since": since, "epoch": epoch}))
+            .await;
+        let j = again.recv_type("joined").await;
+        assert_eq!(j["recovered"], false, "since {since}: {j}");
+        assert_eq!(j["epoch"], joined["epoch"], "{j}");
+    }
+}

@@ -108,6 +108,9 @@ impl Nodes {
                     self.dirty[index].store(true, Ordering::Release);
                     continue;
                 }
+                if let Err(e) = mark_durable(&mut conn).await {
+                    debug!(shard = shard.index, error = %e, "durability check failed");
+                }
                 let up = *up_since[index].get_or_insert_with(Instant::now);
                 if self.dirty[index].swap(false, Ordering::AcqRel) {
                     if let Err(e) = repair(index).await {
@@ -219,4 +222,40 @@ impl Nodes {
         }
         Ok(())
     }
+}
+
+/// Records whether the Redis process behind `conn` loses nothing it acknowledged, even when
+/// killed: the append-only file with `appendfsync always`, and a master without replicas (a
+/// failover could promote one that lags). The scripts keep the rooms' epochs across a restart
+/// only after such a run (`keys::DURABLE`); after any other, every room gets a new epoch.
+async fn mark_durable(conn: &mut redis::aio::ConnectionManager) -> redis::RedisResult<()> {
+    let info: String = redis::cmd("INFO").query_async(conn).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let Some(run) = field("run_id").map(str::to_owned) else {
+        return Ok(());
+    };
+    let replicated = field("role") != Some("master") || field("connected_slaves") != Some("0");
+    let aof = field("aof_enabled") == Some("1");
+    // CONFIG may be disabled (managed Redis): then the run counts as not durable.
+    let fsync: Option<(String, String)> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query_async(conn)
+        .await
+        .ok();
+    let always = fsync.is_some_and(|(_, v)| v == "always");
+    let verb = if aof && always && !replicated {
+        "SADD"
+    } else {
+        "SREM"
+    };
+    redis::cmd(verb)
+        .arg(keys::DURABLE)
+        .arg(run)
+        .query_async(conn)
+        .await
 }

@@ -16,6 +16,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With persistence: the AOF directory (kept across restarts).
     dir: Option<tempfile::TempDir>,
+    /// Persistence by RDB snapshots only (`SAVE`), no AOF.
+    snapshots: bool,
 }
 
 fn free_port() -> u16 {
@@ -30,6 +32,7 @@ impl RedisServer {
             port: free_port(),
             child: None,
             dir: None,
+            snapshots: false,
         };
         server.spawn();
         server
@@ -42,6 +45,20 @@ impl RedisServer {
             port: free_port(),
             child: None,
             dir: Some(tempfile::TempDir::new().unwrap()),
+            snapshots: false,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts a server that persists only the RDB snapshots the test asks for (`SAVE`), so a
+    /// SIGKILL and a restart bring back the last snapshot: less than it acknowledged.
+    pub fn start_snapshotting() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: Some(tempfile::TempDir::new().unwrap()),
+            snapshots: true,
         };
         server.spawn();
         server
@@ -58,6 +75,14 @@ impl RedisServer {
             .map(|s| s.to_string())
             .collect();
         let persistence: &[&str] = match &self.dir {
+            Some(_) if self.snapshots => &[
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dbfilename",
+                "dump.rdb",
+            ],
             Some(_) => &[
                 "--save",
                 "",

@@ -581,7 +581,11 @@ impl RoomActor {
             .await;
         match got {
             Ok((Some(head), Some(epoch))) if epoch == self.epoch => {
-                if !self.fill(head).await {
+                if self.next().is_some_and(|next| next > head + 1) {
+                    // Redis came back with less than the members have seen: the room gets a
+                    // new epoch with its next write (see `room_epoch` in lua/lib.lua).
+                    self.evict("the room's log went back");
+                } else if !self.fill(head).await {
                     self.evict("missed events could not be recovered");
                 }
             }
