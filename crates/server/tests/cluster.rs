@@ -1164,3 +1164,72 @@ async fn redis_back_with_less_than_it_acked_starts_a_new_epoch() {
         assert_eq!(j["epoch"], joined["epoch"], "{j}");
     }
 }
+
+/// Flips a test-only fault switch of `server` (feature `fault-hooks`).
+async fn fault(server: &TestServer, name: &str, on: bool) {
+    let url = server.http_url(&format!("/_faults/{name}?on={on}"));
+    let status = reqwest::Client::new()
+        .post(url)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 204, "fault switch {name}");
+}
+
+/// Issue #11 item 2: a node paused past `presence.ttl_ms` (its heartbeat stops, as under
+/// SIGSTOP) is reaped by a survivor, which announces its users' leaves. Once it resumes it
+/// notices (its heartbeat key was gone), puts its users' presence back, announced as joins,
+/// within `presence.ttl_ms`; later leaves are announced as usual.
+#[tokio::test]
+async fn a_node_paused_past_the_ttl_repairs_itself_when_it_resumes() {
+    let redis = RedisServer::start();
+    let start = || {
+        TestServer::builder()
+            .set("redis.urls", toml::Value::Array(vec![redis.url().into()]))
+            .set("presence.ttl_ms", 1000)
+            .start()
+    };
+    let (a, b) = (start().await, start().await);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+
+    // The pause: node A's heartbeat stops; node B takes it for dead and reaps alice.
+    fault(&a, "pause-heartbeat", true).await;
+    let leave = bob.skip_until("system").await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("leave"), &json!("alice")),
+        "{leave}"
+    );
+    // Node A resumes: alice is back, announced once, within the ttl.
+    fault(&a, "pause-heartbeat", false).await;
+    let resumed = tokio::time::Instant::now();
+    let join = bob.skip_until("system").await;
+    assert_eq!(
+        (&join["event"], &join["user"]),
+        (&json!("join"), &json!("alice")),
+        "alice is back after the pause: {join}"
+    );
+    assert!(
+        resumed.elapsed() <= Duration::from_millis(1000),
+        "repaired within presence.ttl_ms: {:?}",
+        resumed.elapsed()
+    );
+    let mut eve = b.user("eve").await;
+    let joined = eve.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob", "eve"]));
+    bob.recv_type("system").await;
+    // A later leave is announced as usual.
+    alice.send(json!({"type": "leave", "room": "r"})).await;
+    alice.skip_until("left").await;
+    let leave = bob.skip_until("system").await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("leave"), &json!("alice")),
+        "{leave}"
+    );
+}

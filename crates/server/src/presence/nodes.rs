@@ -18,6 +18,7 @@ use crate::broker::BrokerError;
 use crate::cluster::script::{self, Reap};
 use crate::cluster::{self, keys, Shards};
 use crate::config::HistoryConfig;
+use crate::faults::Faults;
 
 /// How soon the heartbeat retries a presence repair that could not run yet.
 const REPAIR_RETRY: Duration = Duration::from_millis(250);
@@ -37,6 +38,8 @@ pub struct Nodes {
     dirty: Vec<AtomicBool>,
     /// Wakes the heartbeat early when a shard becomes dirty.
     repair: Notify,
+    /// Test-only fault switches (a paused heartbeat).
+    faults: Arc<Faults>,
 }
 
 impl Nodes {
@@ -47,6 +50,7 @@ impl Nodes {
         ttl: Duration,
         announce_max: usize,
         history: HistoryConfig,
+        faults: Arc<Faults>,
     ) -> Nodes {
         let dirty = (0..shards.shards.len())
             .map(|_| AtomicBool::new(false))
@@ -59,6 +63,7 @@ impl Nodes {
             history,
             dirty,
             repair: Notify::new(),
+            faults,
         }
     }
 
@@ -85,28 +90,43 @@ impl Nodes {
         // Per shard: since when this node's heartbeats there have succeeded without a break.
         let mut up_since: Vec<Option<Instant>> = vec![None; self.shards.shards.len()];
         loop {
-            for (index, shard) in self.shards.shards.iter().enumerate() {
+            // A paused process (SIGSTOP) beats for no shard; the test hook does the same.
+            let paused = Faults::on(&self.faults.pause_heartbeat);
+            for (index, shard) in self.shards.shards.iter().enumerate().filter(|_| !paused) {
                 let mut conn = shard.conn.clone();
-                let r: redis::RedisResult<()> = redis::pipe()
+                // GET: whether the key was still there. If it had expired (this process was
+                // paused, e.g. SIGSTOP, or starved past the ttl while Redis answered),
+                // survivors may have reaped this node: its entries are rewritten below.
+                let r: redis::RedisResult<(Option<String>,)> = redis::pipe()
                     .cmd("SET")
                     .arg(&key)
                     .arg(1)
                     .arg("PX")
                     .arg(self.ttl.as_millis() as u64)
-                    .ignore()
+                    .arg("GET")
                     .cmd("SADD")
                     .arg(keys::NODES)
                     .arg(&self.node)
                     .ignore()
                     .query_async(&mut conn)
                     .await;
-                if let Err(e) = r {
-                    debug!(shard = shard.index, error = %e, "heartbeat failed");
-                    up_since[index] = None;
-                    // If this lasts, survivors reap this node: its entries are rewritten when
-                    // the shard answers again.
-                    self.dirty[index].store(true, Ordering::Release);
-                    continue;
+                match r {
+                    Err(e) => {
+                        debug!(shard = shard.index, error = %e, "heartbeat failed");
+                        up_since[index] = None;
+                        // If this lasts, survivors reap this node: its entries are rewritten
+                        // when the shard answers again.
+                        self.dirty[index].store(true, Ordering::Release);
+                        continue;
+                    }
+                    Ok((None,)) if up_since[index].is_some() => {
+                        warn!(
+                            shard = shard.index,
+                            "this node's heartbeat had expired (was it paused?); repairing its presence"
+                        );
+                        self.dirty[index].store(true, Ordering::Release);
+                    }
+                    Ok(_) => {}
                 }
                 if let Err(e) = mark_durable(&mut conn).await {
                     debug!(shard = shard.index, error = %e, "durability check failed");
