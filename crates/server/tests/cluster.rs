@@ -1233,3 +1233,29 @@ async fn a_node_paused_past_the_ttl_repairs_itself_when_it_resumes() {
         "{leave}"
     );
 }
+
+/// Issue #11 item 4, cluster: a room actor or a subscriber task that dies (a panic, injected
+/// through the test-only fault switch) makes the node unready (503 with the reason), closes
+/// its sockets with 1001 and makes `run` fail (the process exits non-zero).
+#[tokio::test]
+async fn a_dead_room_actor_or_subscriber_makes_the_node_unready_and_exit_non_zero() {
+    let redis = RedisServer::start();
+    for (switch, reason) in [
+        ("panic-room", "the actor of room r"),
+        ("panic-subscriber", "subscriber"),
+    ] {
+        let a = node(&redis).await;
+        let mut alice = a.user("alice").await;
+        alice.join("r").await;
+        fault(&a, switch, true).await;
+        alice
+            .send(json!({"type": "send", "room": "r", "content": "boom", "id": switch}))
+            .await;
+        let (status, body) = wait_ready(&a, false).await;
+        assert_eq!(status, 503, "{switch}: {body}");
+        assert!(body.contains(reason), "{switch}: {body}");
+        assert_eq!(alice.expect_close().await, 1001, "{switch}");
+        let err = a.shutdown().await.expect_err("run fails");
+        assert!(err.to_string().contains(reason), "{switch}: {err}");
+    }
+}
