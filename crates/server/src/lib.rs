@@ -25,6 +25,7 @@ pub mod auth;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod faults;
 pub mod http;
 pub mod hub;
 pub mod limits;
@@ -79,6 +80,11 @@ pub struct AppInner {
     pub presence: Arc<dyn Presence>,
     /// This node's Prometheus metrics; its own registry, so servers in one process do not mix.
     pub metrics: Arc<Metrics>,
+    /// Whether the node's vital tasks still run; when one died the node stops serving.
+    pub health: Arc<faults::Health>,
+    /// Test-only fault switches (feature `fault-hooks`).
+    #[doc(hidden)]
+    pub faults: Arc<faults::Faults>,
     next_conn: AtomicU64,
 }
 
@@ -106,6 +112,8 @@ impl App {
         let hub = Arc::new(Hub::default());
         let presence = Arc::new(MemoryPresence::default());
         let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(faults::Health::default());
+        let faults = Arc::new(faults::Faults::default());
         let broker = SqliteBroker::start(
             writer,
             reader,
@@ -115,15 +123,16 @@ impl App {
                 announce_max: config.presence.announce_max,
                 max_batch: config.store.max_batch,
                 metrics: metrics.clone(),
+                health: health.clone(),
+                faults: faults.clone(),
             },
         );
         Ok(App::assemble(
             config,
             auth,
             Arc::new(broker),
-            hub,
-            presence,
-            metrics,
+            (hub, presence, metrics),
+            (health, faults),
         ))
     }
 
@@ -135,6 +144,8 @@ impl App {
         let hub = Arc::new(Hub::default());
         let presence: Arc<dyn Presence> = Arc::new(presence::RedisPresence::new(shards.clone()));
         let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(faults::Health::default());
+        let faults = Arc::new(faults::Faults::default());
         let broker = broker::redis::RedisBroker::start(
             shards,
             broker::redis::RedisParts {
@@ -144,15 +155,16 @@ impl App {
                 node,
                 presence_ttl: Duration::from_millis(config.presence.ttl_ms),
                 metrics: metrics.clone(),
+                health: health.clone(),
+                faults: faults.clone(),
             },
         );
         Ok(App::assemble(
             config,
             auth,
             Arc::new(broker),
-            hub,
-            presence,
-            metrics,
+            (hub, presence, metrics),
+            (health, faults),
         ))
     }
 
@@ -161,9 +173,8 @@ impl App {
         config: Config,
         auth: Authenticator,
         broker: Arc<dyn Broker>,
-        hub: Arc<Hub>,
-        presence: Arc<dyn Presence>,
-        metrics: Arc<Metrics>,
+        (hub, presence, metrics): (Arc<Hub>, Arc<dyn Presence>, Arc<Metrics>),
+        (health, faults): (Arc<faults::Health>, Arc<faults::Faults>),
     ) -> App {
         let caps = limits::ConnectionCaps::new(
             config.limits.max_connections_per_ip,
@@ -177,6 +188,8 @@ impl App {
             hub,
             presence,
             metrics,
+            health,
+            faults,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
@@ -188,6 +201,9 @@ impl App {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 }
+
+/// How long a node whose vital task died keeps answering `/readyz` (503) before it stops.
+const FATAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves `listener` until `shutdown` completes, then shuts down gracefully: stop accepting,
 /// close every socket with 1001, finish every pending write to the log.
@@ -213,6 +229,14 @@ pub async fn run(
     let token = app.shutdown.clone();
     tokio::spawn(async move {
         shutdown.await;
+        token.cancel();
+    });
+    // A vital task died: `/readyz` says so at once; a moment later (for a probe to see the
+    // reason) the node closes its sockets and `run` fails, so the process exits non-zero.
+    let (token, health) = (app.shutdown.clone(), app.health.clone());
+    tokio::spawn(async move {
+        health.failed().await;
+        tokio::time::sleep(FATAL_GRACE).await;
         token.cancel();
     });
     let token = app.shutdown.clone();
@@ -241,6 +265,9 @@ pub async fn run(
         );
     }
     app.broker.close().await;
+    if let Some(reason) = app.health.failure() {
+        anyhow::bail!("stopped because a vital task died: {reason}");
+    }
     info!("shutdown complete");
     Ok(())
 }

@@ -22,6 +22,7 @@ use super::log::{Page, PageQuery, StoredRoom};
 use super::{
     announce, Broker, BrokerError, JoinRequest, LeaveRequest, Posted, PublishReply, PublishRequest,
 };
+use crate::faults::{Faults, Health};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
@@ -60,13 +61,18 @@ pub struct SequencerParts {
     /// Commit time, fan-out count, memberships and send-to-ack latency are measured here,
     /// where they happen, once per batch or event.
     pub metrics: Arc<Metrics>,
+    /// Told when the sequencer task dies (the node then stops serving).
+    pub health: Arc<Health>,
+    /// Test-only fault switches.
+    pub faults: Arc<Faults>,
 }
 
 impl SqliteBroker {
     /// Starts the sequencer task on the current runtime.
     pub fn start(writer: LogWriter, reader: LogReader, parts: SequencerParts) -> SqliteBroker {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(sequencer(rx, writer, parts));
+        let health = parts.health.clone();
+        tokio::spawn(health.guard("the sequencer task".into(), sequencer(rx, writer, parts)));
         SqliteBroker {
             ops: tx,
             reader: Arc::new(reader),
@@ -203,6 +209,9 @@ async fn run_batch(
 ) -> Option<LogWriter> {
     if batch.is_empty() {
         return Some(writer);
+    }
+    if Faults::take(&parts.faults.panic_sequencer) {
+        panic!("fault injected: the sequencer");
     }
     // Step 1: presence decides announcements.
     let mut plans = Vec::with_capacity(batch.len());

@@ -13,8 +13,11 @@
 //! - channel `parley:{room}`: `"<seq> <epoch> <frame>"` for every event, and
 //!   `"T <node> <frame>"` for a typing notice.
 //!
+//! - `parley:{room}:gen` the shard generation the room's epoch belongs to (see [`GEN`]).
+//!
 //! Keys of a shard: `parley:rooms` (every room it has seen), `parley:nodes` (every node that
-//! has had members there), `parley:node:<node>:alive` (the node's heartbeat),
+//! has had members there), `parley:run` (the Redis run id its data was last written under),
+//! `parley:durable` (run ids a node found durable), `parley:gen` (the data-loss generation), `parley:node:<node>:alive` (the node's heartbeat),
 //! `parley:node:<node>:rooms` (rooms where the node has presence entries),
 //! `parley:node:<node>:reaper` (the lock of the survivor reaping a dead node).
 
@@ -62,6 +65,24 @@ pub fn presence(room_name: &str, node: &str) -> String {
 pub fn dedup(room_name: &str, user: &str, id: &str) -> String {
     format!("{}:dedup:{}:{user}:{id}", room(room_name), user.len())
 }
+
+/// The shard generation a room's epoch belongs to: when it is below [`GEN`], Redis may have
+/// lost some of the room's events since, and the room gets a new epoch.
+pub fn room_gen(room_name: &str) -> String {
+    format!("{}:gen", room(room_name))
+}
+
+/// The Redis run id (`INFO server`) the shard's data was last written under; another one
+/// means Redis restarted or failed over.
+pub const RUN: &str = "parley:run";
+
+/// Run ids a node found durable (AOF with `appendfsync always`, a master without replicas):
+/// a restart after one of them lost nothing it acknowledged.
+pub const DURABLE: &str = "parley:durable";
+
+/// The shard's data-loss generation: goes up when Redis comes back from a run that was not
+/// durable, so every room's epoch is renewed.
+pub const GEN: &str = "parley:gen";
 
 /// Every room a shard has seen.
 pub const ROOMS: &str = "parley:rooms";
@@ -111,6 +132,10 @@ impl ScriptKeys {
                     "dedup",
                     dedup_of.map_or_else(String::new, |(user, id)| dedup(room_name, user, id)),
                 ),
+                ("room_gen", room_gen(room_name)),
+                ("run", RUN.to_owned()),
+                ("durable", DURABLE.to_owned()),
+                ("gen", GEN.to_owned()),
             ],
         }
     }

@@ -14,7 +14,11 @@ pub(super) async fn healthz() -> impl IntoResponse {
 
 pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
     let name = app.broker.check_name();
-    match app.broker.check().await {
+    let check = match app.health.failure() {
+        Some(reason) => Err(reason),
+        None => app.broker.check().await,
+    };
+    match check {
         Ok(()) => (
             StatusCode::OK,
             Json(json!({ "status": "ready", "checks": { name: "ok" } })),
@@ -23,5 +27,21 @@ pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "unready", "checks": { name: reason } })),
         ),
+    }
+}
+
+/// `POST /_faults/{name}?on=true|false`: flips a test-only fault switch (feature
+/// `fault-hooks`).
+#[cfg(feature = "fault-hooks")]
+pub(super) async fn fault(
+    State(app): State<App>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> impl IntoResponse {
+    let on = query.get("on").is_none_or(|v| v != "false");
+    if app.faults.set(&name, on) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
     }
 }

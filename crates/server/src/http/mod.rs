@@ -19,7 +19,10 @@ use crate::App;
 
 /// Every route of the node.
 pub fn router(app: App) -> Router {
-    Router::new()
+    let router = Router::new();
+    #[cfg(feature = "fault-hooks")]
+    let router = router.route("/_faults/{name}", axum::routing::post(health::fault));
+    router
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))
         .route("/app.css", get(web::app_css))

@@ -18,6 +18,7 @@ use crate::broker::BrokerError;
 use crate::cluster::script::{self, Reap};
 use crate::cluster::{self, keys, Shards};
 use crate::config::HistoryConfig;
+use crate::faults::Faults;
 
 /// How soon the heartbeat retries a presence repair that could not run yet.
 const REPAIR_RETRY: Duration = Duration::from_millis(250);
@@ -37,6 +38,8 @@ pub struct Nodes {
     dirty: Vec<AtomicBool>,
     /// Wakes the heartbeat early when a shard becomes dirty.
     repair: Notify,
+    /// Test-only fault switches (a paused heartbeat).
+    faults: Arc<Faults>,
 }
 
 impl Nodes {
@@ -47,6 +50,7 @@ impl Nodes {
         ttl: Duration,
         announce_max: usize,
         history: HistoryConfig,
+        faults: Arc<Faults>,
     ) -> Nodes {
         let dirty = (0..shards.shards.len())
             .map(|_| AtomicBool::new(false))
@@ -59,6 +63,7 @@ impl Nodes {
             history,
             dirty,
             repair: Notify::new(),
+            faults,
         }
     }
 
@@ -85,28 +90,46 @@ impl Nodes {
         // Per shard: since when this node's heartbeats there have succeeded without a break.
         let mut up_since: Vec<Option<Instant>> = vec![None; self.shards.shards.len()];
         loop {
-            for (index, shard) in self.shards.shards.iter().enumerate() {
+            // A paused process (SIGSTOP) beats for no shard; the test hook does the same.
+            let paused = Faults::on(&self.faults.pause_heartbeat);
+            for (index, shard) in self.shards.shards.iter().enumerate().filter(|_| !paused) {
                 let mut conn = shard.conn.clone();
-                let r: redis::RedisResult<()> = redis::pipe()
+                // GET: whether the key was still there. If it had expired (this process was
+                // paused, e.g. SIGSTOP, or starved past the ttl while Redis answered),
+                // survivors may have reaped this node: its entries are rewritten below.
+                let r: redis::RedisResult<(Option<String>,)> = redis::pipe()
                     .cmd("SET")
                     .arg(&key)
                     .arg(1)
                     .arg("PX")
                     .arg(self.ttl.as_millis() as u64)
-                    .ignore()
+                    .arg("GET")
                     .cmd("SADD")
                     .arg(keys::NODES)
                     .arg(&self.node)
                     .ignore()
                     .query_async(&mut conn)
                     .await;
-                if let Err(e) = r {
-                    debug!(shard = shard.index, error = %e, "heartbeat failed");
-                    up_since[index] = None;
-                    // If this lasts, survivors reap this node: its entries are rewritten when
-                    // the shard answers again.
-                    self.dirty[index].store(true, Ordering::Release);
-                    continue;
+                match r {
+                    Err(e) => {
+                        debug!(shard = shard.index, error = %e, "heartbeat failed");
+                        up_since[index] = None;
+                        // If this lasts, survivors reap this node: its entries are rewritten
+                        // when the shard answers again.
+                        self.dirty[index].store(true, Ordering::Release);
+                        continue;
+                    }
+                    Ok((None,)) if up_since[index].is_some() => {
+                        warn!(
+                            shard = shard.index,
+                            "this node's heartbeat had expired (was it paused?); repairing its presence"
+                        );
+                        self.dirty[index].store(true, Ordering::Release);
+                    }
+                    Ok(_) => {}
+                }
+                if let Err(e) = mark_durable(&mut conn).await {
+                    debug!(shard = shard.index, error = %e, "durability check failed");
                 }
                 let up = *up_since[index].get_or_insert_with(Instant::now);
                 if self.dirty[index].swap(false, Ordering::AcqRel) {
@@ -220,4 +243,40 @@ impl Nodes {
         }
         Ok(())
     }
+}
+
+/// Records whether the Redis process behind `conn` loses nothing it acknowledged, even when
+/// killed: the append-only file with `appendfsync always`, and a master without replicas (a
+/// failover could promote one that lags). The scripts keep the rooms' epochs across a restart
+/// only after such a run (`keys::DURABLE`); after any other, every room gets a new epoch.
+async fn mark_durable(conn: &mut redis::aio::ConnectionManager) -> redis::RedisResult<()> {
+    let info: String = redis::cmd("INFO").query_async(conn).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let Some(run) = field("run_id").map(str::to_owned) else {
+        return Ok(());
+    };
+    let replicated = field("role") != Some("master") || field("connected_slaves") != Some("0");
+    let aof = field("aof_enabled") == Some("1");
+    // CONFIG may be disabled (managed Redis): then the run counts as not durable.
+    let fsync: Option<(String, String)> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query_async(conn)
+        .await
+        .ok();
+    let always = fsync.is_some_and(|(_, v)| v == "always");
+    let verb = if aof && always && !replicated {
+        "SADD"
+    } else {
+        "SREM"
+    };
+    redis::cmd(verb)
+        .arg(keys::DURABLE)
+        .arg(run)
+        .query_async(conn)
+        .await
 }

@@ -316,8 +316,26 @@ impl LogWriter {
         }
         if !self.ttl.is_zero() && now >= self.last_sweep_ms + 1000 {
             let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
-            tx.prepare_cached("DELETE FROM events WHERE ts_ms < ?1")?
-                .execute(params![cutoff as i64])?;
+            // Per room, only the events below its first young one in seq order: a clock that
+            // stepped back must not cut a hole (the oldest kept seq decides `recovered`). The
+            // walk in seq order (NOT INDEXED: the primary key) reads about what it deletes.
+            let rooms: Vec<String> = {
+                let mut stmt =
+                    tx.prepare_cached("SELECT DISTINCT room FROM events WHERE ts_ms < ?1")?;
+                let rows = stmt.query_map(params![cutoff as i64], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for room in &rooms {
+                let young: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
+                         ORDER BY seq LIMIT 1",
+                    )?
+                    .query_row(params![room, cutoff as i64], |r| r.get(0))
+                    .optional()?;
+                tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
+                    .execute(params![room, young.unwrap_or(i64::MAX)])?;
+            }
             self.last_sweep_ms = now;
         }
         tx.commit()?;

@@ -1105,3 +1105,158 @@ async fn send_then_leave_keeps_their_order() {
         wrong.len()
     );
 }
+
+/// Issue #11 item 1: Redis comes back with less than it acknowledged (here: killed and
+/// restarted from an RDB snapshot taken before three acked messages). The seqs of the lost
+/// events are handed out again, so the room must start a new epoch: no two different events
+/// under one (room, epoch, seq). The member that saw the lost events is closed with 4009, and
+/// resuming with the old epoch is `recovered: false`, from the last seq seen or from the
+/// snapshot's.
+#[tokio::test]
+async fn redis_back_with_less_than_it_acked_starts_a_new_epoch() {
+    let mut redis = RedisServer::start_snapshotting();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+    let (ack, _) = bob.post("r", "kept", "k0").await;
+    let saved = ack["seq"].as_u64().unwrap();
+    messages(&mut alice, 1).await;
+    assert_eq!(cli(&redis, &["SAVE"]).trim(), "OK");
+    let mut lost = Vec::new();
+    for i in 0..3 {
+        let (ack, _) = bob.post("r", &format!("lost {i}"), &format!("l{i}")).await;
+        lost.push(ack["seq"].as_u64().unwrap());
+    }
+    assert_eq!(lost, [saved + 1, saved + 2, saved + 3]);
+    assert_eq!(seqs(&messages(&mut alice, 3).await), lost);
+
+    // The fault: SIGKILL, and Redis restarts from the snapshot (seq `saved`, same epoch).
+    redis.restart();
+    assert_eq!(
+        cli(&redis, &["GET", &parley::cluster::keys::seq("r")]).trim(),
+        saved.to_string(),
+        "Redis lost the three acked messages"
+    );
+    wait_ready(&b, true).await;
+    let mut carol = b.user("carol").await;
+    let joined = carol.join("r").await;
+    assert_ne!(
+        joined["epoch"],
+        epoch.as_str(),
+        "the seqs after {saved} are handed out again: a new epoch: {joined}"
+    );
+    let (ack, _) = carol.post("r", "after", "a0").await;
+    assert!(ack["seq"].as_u64().unwrap() > saved);
+
+    // Alice saw the lost events: she is told, and cannot resume in the old epoch.
+    assert_eq!(alice.expect_close().await, 4009);
+    wait_ready(&a, true).await;
+    for since in [saved + 3, saved] {
+        let mut again = a.user("alice").await;
+        again
+            .send(json!({"type": "join", "room": "r", "since": since, "epoch": epoch}))
+            .await;
+        let j = again.recv_type("joined").await;
+        assert_eq!(j["recovered"], false, "since {since}: {j}");
+        assert_eq!(j["epoch"], joined["epoch"], "{j}");
+    }
+}
+
+/// Flips a test-only fault switch of `server` (feature `fault-hooks`).
+async fn fault(server: &TestServer, name: &str, on: bool) {
+    let url = server.http_url(&format!("/_faults/{name}?on={on}"));
+    let status = reqwest::Client::new()
+        .post(url)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 204, "fault switch {name}");
+}
+
+/// Issue #11 item 2: a node paused past `presence.ttl_ms` (its heartbeat stops, as under
+/// SIGSTOP) is reaped by a survivor, which announces its users' leaves. Once it resumes it
+/// notices (its heartbeat key was gone), puts its users' presence back, announced as joins,
+/// within `presence.ttl_ms`; later leaves are announced as usual.
+#[tokio::test]
+async fn a_node_paused_past_the_ttl_repairs_itself_when_it_resumes() {
+    let redis = RedisServer::start();
+    let start = || {
+        TestServer::builder()
+            .set("redis.urls", toml::Value::Array(vec![redis.url().into()]))
+            .set("presence.ttl_ms", 1000)
+            .start()
+    };
+    let (a, b) = (start().await, start().await);
+    let mut alice = a.user("alice").await;
+    alice.join("r").await;
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+
+    // The pause: node A's heartbeat stops; node B takes it for dead and reaps alice.
+    fault(&a, "pause-heartbeat", true).await;
+    let leave = bob.skip_until("system").await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("leave"), &json!("alice")),
+        "{leave}"
+    );
+    // Node A resumes: alice is back, announced once, within the ttl.
+    fault(&a, "pause-heartbeat", false).await;
+    let resumed = tokio::time::Instant::now();
+    let join = bob.skip_until("system").await;
+    assert_eq!(
+        (&join["event"], &join["user"]),
+        (&json!("join"), &json!("alice")),
+        "alice is back after the pause: {join}"
+    );
+    assert!(
+        resumed.elapsed() <= Duration::from_millis(1000),
+        "repaired within presence.ttl_ms: {:?}",
+        resumed.elapsed()
+    );
+    let mut eve = b.user("eve").await;
+    let joined = eve.join("r").await;
+    assert_eq!(joined["users"], json!(["alice", "bob", "eve"]));
+    bob.recv_type("system").await;
+    // A later leave is announced as usual.
+    alice.send(json!({"type": "leave", "room": "r"})).await;
+    alice.skip_until("left").await;
+    let leave = bob.skip_until("system").await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("leave"), &json!("alice")),
+        "{leave}"
+    );
+}
+
+/// Issue #11 item 4, cluster: a room actor or a subscriber task that dies (a panic, injected
+/// through the test-only fault switch) makes the node unready (503 with the reason), closes
+/// its sockets with 1001 and makes `run` fail (the process exits non-zero).
+#[tokio::test]
+async fn a_dead_room_actor_or_subscriber_makes_the_node_unready_and_exit_non_zero() {
+    let redis = RedisServer::start();
+    for (switch, reason) in [
+        ("panic-room", "the actor of room r"),
+        ("panic-subscriber", "subscriber"),
+    ] {
+        let a = node(&redis).await;
+        let mut alice = a.user("alice").await;
+        alice.join("r").await;
+        fault(&a, switch, true).await;
+        alice
+            .send(json!({"type": "send", "room": "r", "content": "boom", "id": switch}))
+            .await;
+        let (status, body) = wait_ready(&a, false).await;
+        assert_eq!(status, 503, "{switch}: {body}");
+        assert!(body.contains(reason), "{switch}: {body}");
+        assert_eq!(alice.expect_close().await, 1001, "{switch}");
+        let err = a.shutdown().await.expect_err("run fails");
+        assert!(err.to_string().contains(reason), "{switch}: {err}");
+    }
+}

@@ -546,3 +546,64 @@ async fn max_replay_bytes_truncates_a_replay_of_big_messages() {
     let rest = seqs(list(&page, "messages"));
     assert_eq!(rest[..7].to_vec(), acked[3..].to_vec());
 }
+
+/// Issue #11 item 5: age retention (`history.ttl_s`) on one node removes only a prefix of a
+/// room's seqs, even when the wall clock stepped back between events: an old event above a
+/// young one stays, so the oldest kept seq tells `recovered` the truth (no hole behind it).
+#[tokio::test]
+async fn age_retention_removes_only_a_prefix_when_the_clock_stepped_back() {
+    let mut server = TestServer::start().await;
+    let mut alice = server.user("alice").await;
+    let joined = alice.join("r").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let acked = post_many(&mut alice, "r", "m", 5).await;
+    assert_eq!(acked, [2, 3, 4, 5, 6]);
+    let db = server.db.clone();
+    let dir = server.keep_dir();
+    drop(alice);
+    server.shutdown().await.unwrap();
+
+    // The clock as the stopped server's log recorded it: seqs 1-3 are two hours old, seq 4
+    // young, seq 5 two hours old again (the clock stepped back), 6 and later young.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let old = now - 2 * 3600 * 1000;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE events SET ts_ms = ?1 WHERE room = 'r' AND seq IN (1, 2, 3, 5)",
+        [old],
+    )
+    .unwrap();
+    drop(conn);
+
+    let server = TestServer::builder()
+        .db(&db)
+        .set("history.ttl_s", 3600)
+        .start()
+        .await;
+    let mut bob = server.user("bob").await;
+    // A commit runs the age sweep.
+    bob.join("other").await;
+    let (ack, _) = bob.post("other", "tick", "t1").await;
+    assert!(seq(&ack) >= 1);
+    let page = history(&mut bob, json!({"room": "r", "after": 0, "limit": 50})).await;
+    let kept = seqs(list(&page, "messages"));
+    assert_eq!(
+        kept[..3],
+        [4, 5, 6],
+        "only a prefix of the seqs went: {page}"
+    );
+    // since = 3: everything after it is kept, so it is recovered, with no hole.
+    let joined = join_since(&mut bob, "r", 3, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let replay = seqs(list(&joined, "history"));
+    assert_eq!(replay[..3], [4, 5, 6], "{joined}");
+    // since = 2: seq 3 is gone, so it is not.
+    let mut carol = server.user("carol").await;
+    let joined = join_since(&mut carol, "r", 2, &epoch).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    server.shutdown().await.unwrap();
+    drop(dir);
+}

@@ -489,3 +489,37 @@ async fn the_log_records_connections_opening_and_closing() {
     let status = parley.wait().await;
     assert!(status.success(), "{status}");
 }
+
+/// Issue #11 item 4: when the single-node sequencer task dies (a panic, injected through the
+/// test-only fault switch), the node does not go on serving while broken: `/readyz` answers
+/// 503 with the reason, every socket is closed with 1001 (clients reconnect and resume), and
+/// `run` fails, so the process exits non-zero for its supervisor to restart it.
+#[tokio::test]
+async fn a_dead_sequencer_makes_the_node_unready_and_exit_non_zero() {
+    let server = TestServer::start().await;
+    let mut alice = server.user("alice").await;
+    alice.join("r").await;
+    let status = reqwest::Client::new()
+        .post(server.http_url("/_faults/panic-sequencer"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 204);
+    alice
+        .send(json!({"type": "send", "room": "r", "content": "boom", "id": "b1"}))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (status, body) = loop {
+        let (status, body) = http_get(&server.http_url("/readyz")).await;
+        if status != 200 || tokio::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "readyz while the sequencer is dead: {body}");
+    assert!(body.contains("sequencer"), "{body}");
+    assert_eq!(alice.expect_close().await, 1001);
+    let err = server.shutdown().await.expect_err("run fails");
+    assert!(err.to_string().contains("sequencer"), "{err}");
+}

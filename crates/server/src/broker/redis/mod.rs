@@ -37,6 +37,7 @@ use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, Publis
 use crate::cluster::script::{self, Trim};
 use crate::cluster::{self, keys, Shards};
 use crate::config::HistoryConfig;
+use crate::faults::{Faults, Health};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::presence::nodes::Nodes;
@@ -60,6 +61,10 @@ pub struct RedisParts {
     pub presence_ttl: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Told when a room actor, a subscriber or the heartbeat dies (the node stops serving).
+    pub health: Arc<Health>,
+    /// Test-only fault switches.
+    pub faults: Arc<Faults>,
 }
 
 /// The cluster broker.
@@ -119,6 +124,7 @@ impl RedisBroker {
             parts.presence_ttl,
             parts.announce_max,
             parts.history.clone(),
+            parts.faults.clone(),
         ));
         let inner = Arc::new(Inner {
             shards,
@@ -136,16 +142,26 @@ impl RedisBroker {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        let health = &inner.parts.health;
         for (index, rx) in sub_rx.into_iter().enumerate() {
-            inner.tasks.spawn(subscriber::run(inner.clone(), index, rx));
+            inner.tasks.spawn(health.clone().guard(
+                format!("the pub/sub subscriber of shard {}", index + 1),
+                subscriber::run(inner.clone(), index, rx),
+            ));
         }
         for (index, rx) in typing_rx.into_iter().enumerate() {
-            inner.tasks.spawn(typing::run(inner.clone(), index, rx));
+            inner.tasks.spawn(health.clone().guard(
+                format!("the typing relay of shard {}", index + 1),
+                typing::run(inner.clone(), index, rx),
+            ));
         }
         let repairer = inner.clone();
-        inner.tasks.spawn(nodes.run(
-            move |shard| Inner::reconcile(repairer.clone(), shard),
-            inner.stop.clone(),
+        inner.tasks.spawn(health.clone().guard(
+            "the heartbeat".into(),
+            nodes.run(
+                move |shard| Inner::reconcile(repairer.clone(), shard),
+                inner.stop.clone(),
+            ),
         ));
         RedisBroker { inner }
     }

@@ -26,6 +26,7 @@ use crate::broker::log::{cap_replay, DEDUP_WINDOW};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, Posted};
 use crate::cluster::script::{self, Join, JoinReply, Leave, Msg, MsgOutcome, Sync};
 use crate::cluster::{self, keys, split_frame};
+use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
@@ -84,7 +85,17 @@ pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
         subscribed: false,
         writes: Batch::default(),
     };
-    inner.tasks.spawn(actor.run());
+    let (health, room) = (inner.parts.health.clone(), actor.room.clone());
+    let guarded = inner.clone();
+    inner.tasks.spawn(async move {
+        let what = format!("the actor of room {room}");
+        health.guard(what, actor.run()).await;
+        // After a panic the actor is still in the map; a clean exit removed it already.
+        let mut rooms = guarded.rooms.lock().expect("rooms lock");
+        if rooms.get(&room).is_some_and(|h| h.cmds.is_closed()) {
+            rooms.remove(&room);
+        }
+    });
     RoomHandle {
         cmds: cmd_tx,
         events: ev_tx,
@@ -178,6 +189,9 @@ impl RoomActor {
     }
 
     async fn command(&mut self, cmd: RoomCmd) {
+        if Faults::take(&self.inner.parts.faults.panic_room) {
+            panic!("fault injected: a room actor");
+        }
         match cmd {
             RoomCmd::Join(req, reply) => {
                 let result = self.join(req).await;
@@ -583,7 +597,11 @@ impl RoomActor {
             .await;
         match got {
             Ok((Some(head), Some(epoch))) if epoch == self.epoch => {
-                if !self.fill(head).await {
+                if self.next().is_some_and(|next| next > head + 1) {
+                    // Redis came back with less than the members have seen: the room gets a
+                    // new epoch with its next write (see `room_epoch` in lua/lib.lua).
+                    self.evict("the room's log went back");
+                } else if !self.fill(head).await {
                     self.evict("missed events could not be recovered");
                 }
             }

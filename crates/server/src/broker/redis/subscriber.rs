@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::room::{Event, RoomEvent};
 use super::Inner;
 use crate::cluster::{self, keys};
+use crate::faults::Faults;
 use crate::hub::ConnId;
 
 /// Reconnect backoff.
@@ -132,6 +133,9 @@ pub(super) async fn run(
                         break;
                     }
                     Some(msg) => {
+                        if Faults::take(&inner.parts.faults.panic_subscriber) {
+                            panic!("fault injected: a subscriber");
+                        }
                         let Some(room) = keys::room_of_channel(msg.get_channel_name()) else {
                             continue;
                         };

@@ -4,7 +4,7 @@ local a = args{'room', 'user', 'announce_max', 'prefix', 'suffix', 'max_len', 't
 local last, after = remove(a.room, a.user, 1)
 local head = tonumber(redis.call('GET', K.seq) or '0')
 if announce(last, false, after, a.announce_max) then
-  local e = redis.call('GET', K.epoch)
+  local e = room_epoch()
   if e then
     local seq = append(e, a.prefix, a.suffix, a.max_len, a.ttl_s)
     return {seq, seq}

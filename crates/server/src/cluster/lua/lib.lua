@@ -16,15 +16,48 @@ end
 local function keys(names) return named(KEYS, names, 'KEYS') end
 local function args(names) return named(ARGV, names, 'ARGV') end
 local K = keys{'seq', 'epoch', 'log', 'users', 'channel', 'rooms', 'nodes', 'presence',
-  'node_rooms', 'alive', 'dedup'}
+  'node_rooms', 'alive', 'dedup', 'room_gen', 'run', 'durable', 'gen'}
 
 local function fmt(n) return string.format('%d', n) end
-local function epoch_of(candidate)
+-- Redis may come back with less than it acknowledged (restarted from an older snapshot, AOF
+-- everysec, a failover to a lagging replica) and the same epochs. Every Redis process has its
+-- own run id: when it differs from the one the data was written under (K.run), writes may have
+-- been lost, unless a node had found that run durable (K.durable: AOF with appendfsync always,
+-- a master without replicas). Then the shard's generation (K.gen) goes up, and a room whose
+-- epoch is of an older generation gets a new one, its seq going on from what Redis has: no
+-- two different events ever share (room, epoch, seq).
+local function generation()
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+  local was = redis.call('GET', K.run)
+  if was ~= run then
+    if was then
+      if redis.call('SREM', K.durable, was) == 0 then redis.call('INCR', K.gen) end
+    end
+    redis.call('SET', K.run, run)
+  end
+  return redis.call('GET', K.gen) or '0', run
+end
+-- The room's epoch (nil when it has none), renewed first if Redis may have lost some of its
+-- events since it was made; and the generation.
+local function room_epoch()
   local e = redis.call('GET', K.epoch)
+  local gen, run = generation()
+  if e and (redis.call('GET', K.room_gen) or '0') ~= gen then
+    local renewed = string.sub(run, 1, 8)
+    if renewed == e then renewed = string.sub(run, 9, 16) end
+    e = renewed
+    redis.call('SET', K.epoch, e)
+    redis.call('SET', K.room_gen, gen)
+  end
+  return e, gen
+end
+local function epoch_of(candidate)
+  local e, gen = room_epoch()
   if not e then
     e = candidate
     redis.call('SET', K.epoch, e)
     redis.call('SET', K.seq, 0)
+    redis.call('SET', K.room_gen, gen)
   end
   return e
 end

@@ -9,7 +9,7 @@ if a.client_id ~= '' then
     -- Like one node: a message dropped by retention no longer de-duplicates.
     local got = redis.call('XRANGE', K.log, orig .. '-0', orig .. '-0')
     if #got > 0 then
-      local e = redis.call('GET', K.epoch) or ''
+      local e = room_epoch() or ''
       local stored = cjson.decode(frames(got)[1])
       if stored.content == a.content then return {tonumber(orig), e, 1} end
       return {0, e, 2}

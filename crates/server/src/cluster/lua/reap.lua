@@ -3,7 +3,7 @@
 local a = args{'room', 'user', 'count', 'announce_max', 'prefix', 'suffix', 'max_len', 'ttl_s'}
 local last, after = remove(a.room, a.user, tonumber(a.count))
 if announce(last, false, after, a.announce_max) then
-  local e = redis.call('GET', K.epoch)
+  local e = room_epoch()
   if e then return append(e, a.prefix, a.suffix, a.max_len, a.ttl_s) end
 end
 return 0

@@ -5,7 +5,7 @@ local a = args{'room', 'user', 'node', 'target', 'announce_max', 'join_prefix', 
   'leave_prefix', 'leave_suffix', 'max_len', 'ttl_s'}
 local target = tonumber(a.target)
 local n = tonumber(redis.call('HGET', K.presence, a.user) or '0')
-local e = redis.call('GET', K.epoch)
+local e = room_epoch()
 if target > n then
   local c, people = add(a.room, a.user, a.node, target - n)
   if announce(c == target - n, true, people, a.announce_max) and e then

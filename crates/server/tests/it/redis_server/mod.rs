@@ -16,6 +16,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With persistence: the AOF directory (kept across restarts).
     dir: Option<tempfile::TempDir>,
+    /// Persistence by RDB snapshots only (`SAVE`), no AOF.
+    snapshots: bool,
 }
 
 fn free_port() -> u16 {
@@ -26,22 +28,29 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a fresh, empty server on a free port.
     pub fn start() -> RedisServer {
-        Self::start_in(None)
+        Self::start_in(None, false)
     }
 
     /// Starts a server that fsyncs every write to an append-only file, so a SIGKILL and a
     /// restart keep everything it acknowledged.
     pub fn start_persistent() -> RedisServer {
-        Self::start_in(Some(tempfile::TempDir::new().unwrap()))
+        Self::start_in(Some(tempfile::TempDir::new().unwrap()), false)
+    }
+
+    /// Starts a server that persists only the RDB snapshots the test asks for (`SAVE`), so a
+    /// SIGKILL and a restart bring back the last snapshot: less than it acknowledged.
+    pub fn start_snapshotting() -> RedisServer {
+        Self::start_in(Some(tempfile::TempDir::new().unwrap()), true)
     }
 
     /// A port found free may be taken by someone else before redis-server binds it: then our
     /// child exits (or another server answers there), and we try another port.
-    fn start_in(dir: Option<tempfile::TempDir>) -> RedisServer {
+    fn start_in(dir: Option<tempfile::TempDir>, snapshots: bool) -> RedisServer {
         let mut server = RedisServer {
             port: 0,
             child: None,
             dir,
+            snapshots,
         };
         for _ in 0..5 {
             server.port = free_port();
@@ -74,6 +83,14 @@ impl RedisServer {
             .map(|s| s.to_string())
             .collect();
         let persistence: &[&str] = match &self.dir {
+            Some(_) if self.snapshots => &[
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dbfilename",
+                "dump.rdb",
+            ],
             Some(_) => &[
                 "--save",
                 "",
