@@ -613,7 +613,7 @@ pub struct Overrides {
 pub enum ConfigError {
     /// A layer failed to parse or has an unknown or mistyped key.
     #[error("{}", describe_layer_error(.0))]
-    Layer(#[from] Box<figment::Error>),
+    Layer(Box<figment::Error>),
     /// `--set` without `=`.
     #[error("--set expects key=value, got `{0}`")]
     BadSet(String),
@@ -622,17 +622,24 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(err: Box<figment::Error>) -> ConfigError {
+        ConfigError::Layer(err)
+    }
+}
+
 /// A figment error as an operator reads it: each problem names its setting by the dotted name
 /// (`server.bind`, not `global.server.bind`) and where the value came from.
 fn describe_layer_error(err: &figment::Error) -> String {
     let mut lines = Vec::new();
     for e in err.clone() {
         let name = e.path.join(".");
-        let from = e
-            .metadata
-            .as_ref()
-            .map(|m| format!(" (from {})", m.name))
-            .unwrap_or_default();
+        // The overrides are anonymous (key, value) providers, named by their Rust type.
+        let from = match e.metadata.as_ref().map(|m| m.name.as_ref()) {
+            Some(name) if name.starts_with('(') => " (from the command line)".to_owned(),
+            Some(name) => format!(" (from {name})"),
+            None => String::new(),
+        };
         lines.push(if name.is_empty() {
             format!("configuration: {}{from}", e.kind)
         } else {

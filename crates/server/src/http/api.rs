@@ -81,7 +81,11 @@ async fn authorize(State(app): State<App>, request: Request, next: Next) -> Resp
         Some(_) => "wrong API key",
         None => "missing `Authorization: Bearer <api key>` header",
     };
-    app.metrics.auth_failure(AuthFailure::ApiKey);
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    app.metrics.auth_failure(AuthFailure::ApiKey, peer);
     let mut response = ApiError::unauthorized(refusal).into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,

@@ -194,7 +194,7 @@ fn connect(
         }
         None => None,
     };
-    let identity = match identify(&app, &query) {
+    let identity = match identify(&app, peer, &query) {
         Ok(identity) => identity,
         Err(err) => return err.into_response(),
     };
@@ -210,7 +210,11 @@ fn connect(
 
 /// The identity settled before the upgrade: a verified `?token=`, an anonymous user, or
 /// `None` when the client will authenticate with its first frame.
-fn identify(app: &App, query: &ConnectQuery) -> Result<Option<Identity>, ApiError> {
+fn identify(
+    app: &App,
+    peer: SocketAddr,
+    query: &ConnectQuery,
+) -> Result<Option<Identity>, ApiError> {
     if app.auth.is_anonymous() {
         return anonymous_identity(query.user.as_deref(), query.name.as_deref())
             .map(Some)
@@ -218,7 +222,7 @@ fn identify(app: &App, query: &ConnectQuery) -> Result<Option<Identity>, ApiErro
     }
     match &query.token {
         Some(token) => app.auth.verify(token).map(Some).map_err(|e| {
-            app.metrics.auth_failure(&e);
+            app.metrics.auth_failure(&e, Some(peer));
             ApiError::unauthorized(e.to_string())
         }),
         None => Ok(None),
