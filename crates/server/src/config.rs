@@ -887,6 +887,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn settings_table_names_every_field() {
@@ -997,6 +998,120 @@ mod tests {
         // The fastest accepted rate builds its bucket without panicking.
         crate::limits::Bucket::new(MAX_RATE, 1).take().unwrap();
         crate::limits::Bucket::new(MIN_RATE, 1).take().unwrap();
+    }
+
+    fn load_with(values: &[(&str, toml::Value)]) -> Result<Config, ConfigError> {
+        Config::load_from(
+            &Overrides {
+                config_file: None,
+                values: values
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect(),
+            },
+            Env::prefixed("PARLEYTEST_NOTHING_"),
+        )
+    }
+
+    #[test]
+    fn bind_takes_host_names_and_says_what_it_takes() {
+        let config = load_with(&[("server.bind", "localhost:3456".into())]).unwrap();
+        assert_eq!(config.server.bind.port(), 3456);
+        assert!(config.server.bind.ip().is_loopback());
+        for bad in [
+            "localhost",
+            "3000",
+            "x:y",
+            ":3000",
+            "no-such-host.invalid:3000",
+        ] {
+            let err = load_with(&[("server.bind", bad.into())])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("setting server.bind: ") && err.contains("HOST:PORT"),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("global."), "{err}");
+        }
+    }
+
+    /// Nothing accepted at start can panic later: every duration, size and count has a range,
+    /// and a value outside it is refused naming the setting and its unit.
+    #[test]
+    fn every_setting_is_bounded_at_start() {
+        let huge = toml::Value::Integer(i64::MAX);
+        for key in [
+            "server.shutdown_grace_ms",
+            "server.header_read_timeout_ms",
+            "server.http_idle_timeout_ms",
+            "auth.timeout_ms",
+            "limits.close_grace_ms",
+            "limits.abuse_window_ms",
+            "heartbeat.interval_ms",
+            "heartbeat.timeout_ms",
+            "presence.ttl_ms",
+        ] {
+            let err = load_with(&[(key, huge.clone())]).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("milliseconds"),
+                "{key}: {err}"
+            );
+        }
+        for key in [
+            "server.header_read_timeout_ms",
+            "server.http_idle_timeout_ms",
+            "auth.timeout_ms",
+            "heartbeat.interval_ms",
+            "heartbeat.timeout_ms",
+            "limits.max_connections",
+            "limits.max_connections_per_ip",
+            "limits.outbound_queue_frames",
+            "limits.max_content_bytes",
+            "history.max_len",
+            "history.max_replay",
+            "store.max_batch",
+            "auth.max_token_ttl_s",
+        ] {
+            let err = load_with(&[(key, 0.into())]).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        for (key, value, unit) in [
+            ("limits.max_frame_bytes", 1i64 << 40, "bytes"),
+            ("limits.max_content_bytes", 100_000, "bytes"),
+            ("auth.leeway_s", i64::MAX, "seconds"),
+            ("auth.max_token_ttl_s", i64::MAX, "seconds"),
+            ("history.ttl_s", i64::MAX, "seconds"),
+            ("history.on_join", i64::MAX, "to"),
+        ] {
+            let err = load_with(&[(key, value.into())]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(unit), "{key}: {err}");
+        }
+        let err = load_with(&[("log.level", "very-loud=[".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{err}");
+        let err = load_with(&[("log.format", "xml".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("setting log.format"), "{err}");
+        // The largest accepted durations still make deadlines.
+        let max = Duration::from_millis(MAX_MS);
+        let _ = tokio::time::Instant::now() + max + max;
+        let _ = std::time::Instant::now() + max + max;
+    }
+
+    #[test]
+    fn short_secrets_are_refused_off_loopback_only() {
+        let short = load_with(&[("auth.jwt_secret", "change-me".into())]).unwrap();
+        let public: SocketAddr = "0.0.0.0:3000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+        let err = short.check_secret_bind(public).unwrap_err().to_string();
+        assert!(err.contains("auth.jwt_secret is 9 bytes"), "{err}");
+        let warning = short.check_secret_bind(local).unwrap().expect("a warning");
+        assert!(warning.contains("at least 32"), "{warning}");
+        let long = load_with(&[("auth.jwt_secret", "x".repeat(32).into())]).unwrap();
+        assert!(long.check_secret_bind(public).unwrap().is_none());
     }
 
     #[test]
