@@ -769,8 +769,8 @@ impl Config {
             "limits.max_content_bytes",
             self.limits.max_content_bytes as u64,
             1,
-            self.limits.max_frame_bytes as u64,
-            "bytes (at most limits.max_frame_bytes)",
+            MAX_FRAME_BYTES as u64,
+            "bytes",
         )?;
         for (name, value) in [
             (
@@ -1078,7 +1078,7 @@ mod tests {
         }
         for (key, value, unit) in [
             ("limits.max_frame_bytes", 1i64 << 40, "bytes"),
-            ("limits.max_content_bytes", 100_000, "bytes"),
+            ("limits.max_content_bytes", 1i64 << 40, "bytes"),
             ("auth.leeway_s", i64::MAX, "seconds"),
             ("auth.max_token_ttl_s", i64::MAX, "seconds"),
             ("history.ttl_s", i64::MAX, "seconds"),
