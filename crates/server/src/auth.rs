@@ -77,6 +77,13 @@ pub enum AuthError {
     /// Not a JWT, or a required claim is missing or malformed.
     #[error("malformed token: {0}")]
     Malformed(String),
+    /// `exp` lies further ahead than `auth.max_token_ttl_s` (often milliseconds given for
+    /// seconds).
+    #[error(
+        "token expiry too far ahead: exp must be in seconds (not milliseconds) and at most {0} \
+         seconds from now"
+    )]
+    ExpTooFar(u64),
 }
 
 /// Verifies tokens, or admits anonymous users when no key is configured.
@@ -92,6 +99,7 @@ pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
     leeway_s: u64,
+    max_ttl_s: u64,
 }
 
 impl Authenticator {
@@ -142,6 +150,7 @@ impl Authenticator {
             key,
             validation,
             leeway_s: config.leeway_s,
+            max_ttl_s: config.max_token_ttl_s,
         })))
     }
 
@@ -181,17 +190,42 @@ impl JwtVerifier {
                 ErrorKind::MissingRequiredClaim(claim) => {
                     AuthError::Malformed(format!("missing claim `{claim}`"))
                 }
-                ErrorKind::Json(err) => AuthError::Malformed(err.to_string()),
-                _ => AuthError::Malformed(e.to_string()),
+                ErrorKind::Json(err) => AuthError::Malformed(describe_claims_error(err)),
+                ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                    AuthError::Malformed("a part of the token is not base64url-encoded JSON".into())
+                }
+                _ => AuthError::Malformed(
+                    "not a JWT (three base64url parts separated by dots)".into(),
+                ),
             },
         )?;
         let claims = data.claims;
+        if claims.exp > now_unix().saturating_add(self.max_ttl_s + self.leeway_s) {
+            return Err(AuthError::ExpTooFar(self.max_ttl_s));
+        }
         if let Some(iat) = claims.iat {
             if iat > now_unix() + self.leeway_s {
                 return Err(AuthError::NotYetValid);
             }
         }
         identity_from_claims(claims)
+    }
+}
+
+/// A claims JSON error as a sentence naming the claim, without serde's positions.
+fn describe_claims_error(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let claim = text
+        .split('`')
+        .nth(1)
+        .filter(|_| text.starts_with("missing field"));
+    match claim {
+        Some(claim) => format!("missing claim `{claim}`"),
+        None if err.is_data() => "a claim has the wrong type: sub and name are strings; exp, \
+                                   nbf and iat are whole seconds since 1970; rooms is a list of \
+                                   strings"
+            .to_owned(),
+        None => "the claims are not a JSON object".to_owned(),
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Cluster mode: the Redis servers shared by every node.
     pub redis: RedisConfig,
+    /// The server's own log.
+    pub log: LogConfig,
     /// Browser origins allowed to open sockets; empty allows any.
     pub allowed_origins: Vec<String>,
 }
@@ -41,9 +43,17 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address. Loopback by default so a development node is never exposed by accident.
+    /// A host name (`localhost:3000`) is resolved when the configuration is read.
+    #[serde(deserialize_with = "bind_address")]
     pub bind: SocketAddr,
     /// How long shutdown waits for sockets to close before it stops waiting.
     pub shutdown_grace_ms: u64,
+    /// Time a connection gets to send a complete request head, from its accept or from its
+    /// previous response; past it the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// An HTTP connection (not upgraded) on which nothing was read or written this long is
+    /// closed.
+    pub http_idle_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -51,7 +61,41 @@ impl Default for ServerConfig {
         ServerConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
             shutdown_grace_ms: 5000,
+            header_read_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
         }
+    }
+}
+
+/// What `server.bind` accepts, for error messages.
+const BIND_FORMS: &str =
+    "HOST:PORT, e.g. 127.0.0.1:3000, 0.0.0.0:3000, [::1]:3000 or localhost:3000";
+
+/// `server.bind`: an IP address and port, or a host name and port resolved now (the first
+/// address it resolves to).
+fn bind_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    use std::net::ToSocketAddrs;
+    let text = String::deserialize(d)?;
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = |why: &str| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a listen address ({why}); expected {BIND_FORMS}"
+        ))
+    };
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            let port: u16 = port.parse().expect("checked");
+            match (host, port).to_socket_addrs() {
+                Ok(mut addrs) => addrs
+                    .next()
+                    .ok_or_else(|| bad("the host name resolves to no address")),
+                Err(_) => Err(bad("the host name does not resolve")),
+            }
+        }
+        _ => Err(bad("no port, or an invalid one")),
     }
 }
 
@@ -107,6 +151,8 @@ pub struct AuthConfig {
     pub timeout_ms: u64,
     /// Anonymous mode on a non-loopback address (development only).
     pub allow_anonymous: bool,
+    /// Longest lifetime a token may have left: one whose `exp` lies further ahead is refused.
+    pub max_token_ttl_s: u64,
 }
 
 impl Default for AuthConfig {
@@ -119,6 +165,7 @@ impl Default for AuthConfig {
             leeway_s: 0,
             timeout_ms: 5000,
             allow_anonymous: false,
+            max_token_ttl_s: 31_536_000,
         }
     }
 }
@@ -160,9 +207,9 @@ pub struct LimitsConfig {
     pub abuse_refusals: u32,
     /// The window for `abuse_refusals`.
     pub abuse_window_ms: u64,
-    /// Open WebSocket connections per node; past it upgrades get HTTP 503.
+    /// Open TCP connections per node; past it a new one gets HTTP 503 and is closed.
     pub max_connections: usize,
-    /// Open WebSocket connections per client IP; past it upgrades get HTTP 429.
+    /// Open TCP connections per client IP; past it a new one gets HTTP 429 and is closed.
     pub max_connections_per_ip: usize,
     /// Proxies whose last `X-Forwarded-For` entry is taken as the client IP.
     pub trusted_proxies: Vec<std::net::IpAddr>,
@@ -287,6 +334,35 @@ fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
     })
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (coloured only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `debug`, `parley=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
 /// `[api]`
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -308,6 +384,26 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "server.shutdown_grace_ms",
         "5000",
         "how long shutdown waits for sockets to close",
+    ),
+    (
+        "server.header_read_timeout_ms",
+        "10000",
+        "time to send a request head, from accept or the previous response; then closed",
+    ),
+    (
+        "server.http_idle_timeout_ms",
+        "60000",
+        "an HTTP connection with nothing read or written this long is closed",
+    ),
+    (
+        "log.format",
+        "text",
+        "text or json (text is coloured only on a terminal)",
+    ),
+    (
+        "log.level",
+        "info",
+        "log filter, e.g. debug or parley=debug,info; RUST_LOG wins when set",
     ),
     (
         "store.db",
@@ -346,6 +442,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "auth.allow_anonymous",
         "false",
         "anonymous mode on a non-loopback address (--allow-anonymous)",
+    ),
+    (
+        "auth.max_token_ttl_s",
+        "31536000",
+        "tokens whose exp lies further ahead are refused",
     ),
     (
         "limits.max_frame_bytes",
@@ -420,12 +521,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "limits.max_connections",
         "100000",
-        "WebSocket connections per node; past it HTTP 503",
+        "TCP connections per node (HTTP and WebSocket); past it HTTP 503 and closed",
     ),
     (
         "limits.max_connections_per_ip",
         "100",
-        "WebSocket connections per client IP; past it HTTP 429",
+        "TCP connections per client IP (HTTP and WebSocket); past it HTTP 429 and closed",
     ),
     (
         "limits.trusted_proxies",
@@ -511,14 +612,64 @@ pub struct Overrides {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A layer failed to parse or has an unknown or mistyped key.
-    #[error("{0}")]
-    Layer(#[from] Box<figment::Error>),
+    #[error("{}", describe_layer_error(.0))]
+    Layer(Box<figment::Error>),
     /// `--set` without `=`.
     #[error("--set expects key=value, got `{0}`")]
     BadSet(String),
     /// The values parse but do not make sense together.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(err: Box<figment::Error>) -> ConfigError {
+        ConfigError::Layer(err)
+    }
+}
+
+/// A figment error as an operator reads it: each problem names its setting by the dotted name
+/// (`server.bind`, not `global.server.bind`) and where the value came from.
+fn describe_layer_error(err: &figment::Error) -> String {
+    let mut lines = Vec::new();
+    for e in err.clone() {
+        let name = e.path.join(".");
+        // The overrides are anonymous (key, value) providers, named by their Rust type.
+        let from = match e.metadata.as_ref().map(|m| m.name.as_ref()) {
+            Some(name) if name.starts_with('(') => " (from the command line)".to_owned(),
+            Some(name) => format!(" (from {name})"),
+            None => String::new(),
+        };
+        lines.push(if name.is_empty() {
+            format!("configuration: {}{from}", e.kind)
+        } else {
+            format!("setting {name}: {}{from}", e.kind)
+        });
+    }
+    lines.join("\n")
+}
+
+/// Shortest HS256 secret accepted on a non-loopback address (RFC 7518 3.2: a key at least as
+/// long as the hash output).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Longest duration a `*_ms` setting may take: a day. Far beyond any sensible timeout, and far
+/// below what overflows a clock reading when added to it.
+pub const MAX_MS: u64 = 86_400_000;
+/// Largest `limits.max_frame_bytes`: 64 MiB.
+pub const MAX_FRAME_BYTES: usize = 64 << 20;
+/// Largest count a history setting may take (they become SQL `LIMIT`s and Redis ranges).
+pub const MAX_HISTORY_COUNT: u64 = 1_000_000;
+/// Longest `auth.max_token_ttl_s`: ten years.
+pub const MAX_TOKEN_TTL_S: u64 = 10 * 366 * 86_400;
+
+/// Checks that setting `name` lies in `min..=max` (in `unit`).
+fn in_range(name: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    let message = format!("{name} is {value}; it must be {min} to {max} {unit}");
+    Err(ConfigError::Invalid(message.trim_end().to_owned()))
 }
 
 /// Parses `key=value` from `--set`: the value is read as TOML (numbers, booleans, arrays) and
@@ -561,7 +712,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks values that parse but cannot work.
+    /// Checks values that parse but cannot work, or could make the server fail later: every
+    /// duration, size and count has a range, named in the message with its unit.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some() {
@@ -570,14 +722,94 @@ impl Config {
         if self.auth.jwt_secret.as_deref() == Some("") {
             return invalid("auth.jwt_secret is empty");
         }
-        if self.heartbeat.interval_ms == 0 || self.heartbeat.timeout_ms == 0 {
-            return invalid("heartbeat.interval_ms and heartbeat.timeout_ms must be positive");
+        for (name, value, min) in [
+            ("server.shutdown_grace_ms", self.server.shutdown_grace_ms, 0),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+                1,
+            ),
+            (
+                "server.http_idle_timeout_ms",
+                self.server.http_idle_timeout_ms,
+                1,
+            ),
+            ("auth.timeout_ms", self.auth.timeout_ms, 1),
+            ("limits.close_grace_ms", self.limits.close_grace_ms, 0),
+            ("limits.abuse_window_ms", self.limits.abuse_window_ms, 1),
+            ("heartbeat.interval_ms", self.heartbeat.interval_ms, 1),
+            ("heartbeat.timeout_ms", self.heartbeat.timeout_ms, 1),
+            ("presence.ttl_ms", self.presence.ttl_ms, 1000),
+        ] {
+            in_range(name, value, min, MAX_MS, "milliseconds")?;
         }
-        if self.limits.max_frame_bytes < 1024 {
-            return invalid("limits.max_frame_bytes must be at least 1024");
+        in_range("auth.leeway_s", self.auth.leeway_s, 0, 86_400, "seconds")?;
+        in_range(
+            "auth.max_token_ttl_s",
+            self.auth.max_token_ttl_s,
+            1,
+            MAX_TOKEN_TTL_S,
+            "seconds",
+        )?;
+        in_range(
+            "history.ttl_s",
+            self.history.ttl_s,
+            0,
+            MAX_TOKEN_TTL_S * 10,
+            "seconds (0: no age limit)",
+        )?;
+        in_range(
+            "limits.max_frame_bytes",
+            self.limits.max_frame_bytes as u64,
+            1024,
+            MAX_FRAME_BYTES as u64,
+            "bytes",
+        )?;
+        in_range(
+            "limits.max_content_bytes",
+            self.limits.max_content_bytes as u64,
+            1,
+            MAX_FRAME_BYTES as u64,
+            "bytes",
+        )?;
+        for (name, value) in [
+            (
+                "limits.outbound_queue_frames",
+                self.limits.outbound_queue_frames,
+            ),
+            (
+                "limits.outbound_queue_bytes",
+                self.limits.outbound_queue_bytes,
+            ),
+            (
+                "limits.max_rooms_per_connection",
+                self.limits.max_rooms_per_connection,
+            ),
+            ("limits.max_connections", self.limits.max_connections),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip,
+            ),
+            ("store.max_batch", self.store.max_batch),
+        ] {
+            in_range(name, value as u64, 1, u32::MAX as u64, "")?;
         }
-        if self.limits.outbound_queue_frames == 0 || self.limits.outbound_queue_bytes == 0 {
-            return invalid("limits.outbound_queue_* must be positive");
+        for (name, value, min) in [
+            ("history.on_join", self.history.on_join as u64, 0),
+            ("history.max_replay", self.history.max_replay as u64, 1),
+            (
+                "history.max_replay_bytes",
+                self.history.max_replay_bytes as u64,
+                1,
+            ),
+            ("history.max_len", self.history.max_len, 1),
+        ] {
+            let max = if name == "history.max_replay_bytes" {
+                u32::MAX as u64
+            } else {
+                MAX_HISTORY_COUNT
+            };
+            in_range(name, value, min, max, "")?;
         }
         for (name, rate) in [
             ("limits.send_rate", self.limits.send_rate),
@@ -591,20 +823,18 @@ impl Config {
                 )));
             }
         }
-        if self.history.max_len == 0 {
-            return invalid("history.max_len must be positive");
-        }
         if self.api.key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             return invalid("api.key is empty; leave it unset to turn the HTTP API off");
-        }
-        if self.presence.ttl_ms < 1000 {
-            return invalid("presence.ttl_ms must be at least 1000");
         }
         if self.redis.urls.iter().any(|u| u.trim().is_empty()) {
             return invalid("redis.urls has an empty URL");
         }
-        if self.store.max_batch == 0 {
-            return invalid("store.max_batch must be positive");
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "log.level `{}` is not a log filter; use error, warn, info, debug or trace, \
+                 optionally per module (parley=debug,info)",
+                self.log.level
+            )));
         }
         Ok(())
     }
@@ -612,6 +842,32 @@ impl Config {
     /// Whether the node authenticates with JWTs (otherwise it is in anonymous mode).
     pub fn jwt_mode(&self) -> bool {
         self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some()
+    }
+
+    /// Refuses an HS256 secret shorter than [`MIN_SECRET_BYTES`] on a non-loopback address
+    /// (anyone who can try tokens offline could guess it); on loopback it is only warned about,
+    /// which `Ok(Some(warning))` carries.
+    pub fn check_secret_bind(&self, bound: SocketAddr) -> Result<Option<String>, ConfigError> {
+        let Some(secret) = &self.auth.jwt_secret else {
+            return Ok(None);
+        };
+        if secret.len() >= MIN_SECRET_BYTES {
+            return Ok(None);
+        }
+        let problem = format!(
+            "auth.jwt_secret is {} bytes; an HS256 secret needs at least {MIN_SECRET_BYTES} \
+             random bytes (e.g. `openssl rand -base64 48`)",
+            secret.len()
+        );
+        if bound.ip().is_loopback() {
+            Ok(Some(format!(
+                "{problem}; accepted only because {bound} is a loopback address"
+            )))
+        } else {
+            Err(ConfigError::Invalid(format!(
+                "refusing to start: {problem}, and {bound} is not a loopback address."
+            )))
+        }
     }
 
     /// Refuses anonymous mode on a non-loopback address unless the operator asked for it.
@@ -631,6 +887,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn settings_table_names_every_field() {
@@ -741,6 +998,120 @@ mod tests {
         // The fastest accepted rate builds its bucket without panicking.
         crate::limits::Bucket::new(MAX_RATE, 1).take().unwrap();
         crate::limits::Bucket::new(MIN_RATE, 1).take().unwrap();
+    }
+
+    fn load_with(values: &[(&str, toml::Value)]) -> Result<Config, ConfigError> {
+        Config::load_from(
+            &Overrides {
+                config_file: None,
+                values: values
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect(),
+            },
+            Env::prefixed("PARLEYTEST_NOTHING_"),
+        )
+    }
+
+    #[test]
+    fn bind_takes_host_names_and_says_what_it_takes() {
+        let config = load_with(&[("server.bind", "localhost:3456".into())]).unwrap();
+        assert_eq!(config.server.bind.port(), 3456);
+        assert!(config.server.bind.ip().is_loopback());
+        for bad in [
+            "localhost",
+            "3000",
+            "x:y",
+            ":3000",
+            "no-such-host.invalid:3000",
+        ] {
+            let err = load_with(&[("server.bind", bad.into())])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("setting server.bind: ") && err.contains("HOST:PORT"),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("global."), "{err}");
+        }
+    }
+
+    /// Nothing accepted at start can panic later: every duration, size and count has a range,
+    /// and a value outside it is refused naming the setting and its unit.
+    #[test]
+    fn every_setting_is_bounded_at_start() {
+        let huge = toml::Value::Integer(i64::MAX);
+        for key in [
+            "server.shutdown_grace_ms",
+            "server.header_read_timeout_ms",
+            "server.http_idle_timeout_ms",
+            "auth.timeout_ms",
+            "limits.close_grace_ms",
+            "limits.abuse_window_ms",
+            "heartbeat.interval_ms",
+            "heartbeat.timeout_ms",
+            "presence.ttl_ms",
+        ] {
+            let err = load_with(&[(key, huge.clone())]).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("milliseconds"),
+                "{key}: {err}"
+            );
+        }
+        for key in [
+            "server.header_read_timeout_ms",
+            "server.http_idle_timeout_ms",
+            "auth.timeout_ms",
+            "heartbeat.interval_ms",
+            "heartbeat.timeout_ms",
+            "limits.max_connections",
+            "limits.max_connections_per_ip",
+            "limits.outbound_queue_frames",
+            "limits.max_content_bytes",
+            "history.max_len",
+            "history.max_replay",
+            "store.max_batch",
+            "auth.max_token_ttl_s",
+        ] {
+            let err = load_with(&[(key, 0.into())]).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        for (key, value, unit) in [
+            ("limits.max_frame_bytes", 1i64 << 40, "bytes"),
+            ("limits.max_content_bytes", 1i64 << 40, "bytes"),
+            ("auth.leeway_s", i64::MAX, "seconds"),
+            ("auth.max_token_ttl_s", i64::MAX, "seconds"),
+            ("history.ttl_s", i64::MAX, "seconds"),
+            ("history.on_join", i64::MAX, "to"),
+        ] {
+            let err = load_with(&[(key, value.into())]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(unit), "{key}: {err}");
+        }
+        let err = load_with(&[("log.level", "very-loud=[".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{err}");
+        let err = load_with(&[("log.format", "xml".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("setting log.format"), "{err}");
+        // The largest accepted durations still make deadlines.
+        let max = Duration::from_millis(MAX_MS);
+        let _ = tokio::time::Instant::now() + max + max;
+        let _ = std::time::Instant::now() + max + max;
+    }
+
+    #[test]
+    fn short_secrets_are_refused_off_loopback_only() {
+        let short = load_with(&[("auth.jwt_secret", "change-me".into())]).unwrap();
+        let public: SocketAddr = "0.0.0.0:3000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+        let err = short.check_secret_bind(public).unwrap_err().to_string();
+        assert!(err.contains("auth.jwt_secret is 9 bytes"), "{err}");
+        let warning = short.check_secret_bind(local).unwrap().expect("a warning");
+        assert!(warning.contains("at least 32"), "{warning}");
+        let long = load_with(&[("auth.jwt_secret", "x".repeat(32).into())]).unwrap();
+        assert!(long.check_secret_bind(public).unwrap().is_none());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`socket`]: a WebSocket connection that writes its own frames (no write buffer).
 //! - [`outbound`]: a connection's bounded outbound queue.
 //! - [`limits`]: token buckets, the abuse counter, connection caps.
+//! - [`serve`]: the accept loop: connection caps, header and idle timeouts, graceful shutdown.
 //! - [`hub`]: this node's rooms and the fan-out of pre-encoded frames.
 //! - [`broker`]: sequencing, storage and delivery of room events ([`broker::Broker`]).
 //! - [`presence`]: who is in which room, per user ([`presence::Presence`]).
@@ -32,13 +33,13 @@ pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod presence;
+pub mod serve;
 pub mod session;
 pub mod socket;
 pub mod store;
 pub mod validate;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +75,7 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// Every session task, so shutdown can wait for them.
     pub sessions: TaskTracker,
-    /// Open WebSocket connections per IP and per node.
+    /// Open TCP connections per IP and per node.
     pub caps: Arc<limits::ConnectionCaps>,
     /// Who is in which room, per user: the HTTP API reads it (the sequencer writes it).
     pub presence: Arc<dyn Presence>,
@@ -214,6 +215,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     config.check_anonymous_bind(addr)?;
+    if let Some(warning) = config.check_secret_bind(addr)? {
+        warn!("{warning}");
+    }
     let app = App::start(config).await?;
     let mode = if app.auth.is_anonymous() {
         "anonymous"
@@ -239,18 +243,7 @@ pub async fn run(
         tokio::time::sleep(FATAL_GRACE).await;
         token.cancel();
     });
-    let token = app.shutdown.clone();
-    // TCP_NODELAY: a small frame (an ack, a pong) written right after a large one must not wait
-    // for the peer's delayed ACK (Nagle), which stalls it by ~40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { token.cancelled().await })
-    .await?;
+    serve::serve(listener, app.clone()).await;
 
     info!("shutting down: closing sockets");
     app.sessions.close();

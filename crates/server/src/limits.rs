@@ -1,6 +1,7 @@
 //! Limits that keep one client from hurting the rest: per-connection token buckets for `send`
 //! and `typing` (governor's GCRA), the abuse counter that ends a connection which keeps being
-//! refused, and the per-IP and per-node connection caps checked before an upgrade.
+//! refused, and the per-IP and per-node connection caps every accepted TCP connection takes a
+//! place under.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -75,7 +76,7 @@ impl AbuseCounter {
     }
 }
 
-/// Why a connection was refused before its upgrade.
+/// Why a connection was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum CapRefusal {
     /// `limits.max_connections_per_ip` reached (HTTP 429).
@@ -84,17 +85,18 @@ pub enum CapRefusal {
     Node,
 }
 
-/// Open WebSocket connections, per client IP and for the whole node.
+/// Open TCP connections (plain HTTP and WebSocket alike), per client IP and for the whole node.
 pub struct ConnectionCaps {
     per_ip: usize,
     total: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
-/// Holds one connection's place; dropping it frees the place.
+/// Holds one connection's place; dropping it frees the place. A connection from a trusted
+/// proxy holds a node place only until a request names its client ([`ConnectionSlot::claim_ip`]).
 pub struct ConnectionSlot {
     caps: Arc<ConnectionCaps>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 }
 
 impl ConnectionCaps {
@@ -107,22 +109,68 @@ impl ConnectionCaps {
         })
     }
 
-    /// Takes a place for a connection from `ip`, or refuses.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, CapRefusal> {
+    /// Takes a place for a connection from `ip` (counted per node, and per IP when given), or
+    /// refuses.
+    pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<ConnectionSlot, CapRefusal> {
         let mut open = self.open.lock().expect("caps lock");
         if open.0 >= self.total {
             return Err(CapRefusal::Node);
         }
-        let count = open.1.entry(ip).or_insert(0);
-        if *count >= self.per_ip {
-            return Err(CapRefusal::PerIp);
+        if let Some(ip) = ip {
+            let count = open.1.entry(ip).or_insert(0);
+            if *count >= self.per_ip {
+                return Err(CapRefusal::PerIp);
+            }
+            *count += 1;
         }
-        *count += 1;
         open.0 += 1;
         Ok(ConnectionSlot {
             caps: self.clone(),
             ip,
         })
+    }
+
+    /// Open connections of the whole node.
+    pub fn open(&self) -> usize {
+        self.open.lock().expect("caps lock").0
+    }
+
+    fn release_ip(open: &mut (usize, HashMap<IpAddr, usize>), ip: IpAddr) {
+        if let Some(count) = open.1.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.1.remove(&ip);
+            }
+        }
+    }
+}
+
+impl ConnectionSlot {
+    /// Counts this place toward `ip` as well, when it is not counted toward an IP yet (a
+    /// connection from a trusted proxy, once a request names the client); true when it did.
+    pub fn claim_ip(&mut self, ip: IpAddr) -> Result<bool, CapRefusal> {
+        if self.ip.is_some() {
+            return Ok(false);
+        }
+        let mut open = self.caps.open.lock().expect("caps lock");
+        let count = open.1.entry(ip).or_insert(0);
+        if *count >= self.caps.per_ip {
+            if *count == 0 {
+                open.1.remove(&ip);
+            }
+            return Err(CapRefusal::PerIp);
+        }
+        *count += 1;
+        self.ip = Some(ip);
+        Ok(true)
+    }
+
+    /// Undoes a [`ConnectionSlot::claim_ip`]: the place counts toward the node only again.
+    pub fn unclaim_ip(&mut self) {
+        if let Some(ip) = self.ip.take() {
+            let mut open = self.caps.open.lock().expect("caps lock");
+            ConnectionCaps::release_ip(&mut open, ip);
+        }
     }
 }
 
@@ -130,11 +178,8 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut open = self.caps.open.lock().expect("caps lock");
         open.0 -= 1;
-        if let Some(count) = open.1.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.1.remove(&self.ip);
-            }
+        if let Some(ip) = self.ip {
+            ConnectionCaps::release_ip(&mut open, ip);
         }
     }
 }
@@ -161,13 +206,29 @@ mod tests {
         let caps = ConnectionCaps::new(2, 3);
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let s1 = caps.acquire(a).unwrap();
-        let _s2 = caps.acquire(a).unwrap();
-        assert_eq!(caps.acquire(a).err(), Some(CapRefusal::PerIp));
-        let _s3 = caps.acquire(b).unwrap();
-        assert_eq!(caps.acquire(b).err(), Some(CapRefusal::Node));
+        let s1 = caps.acquire(Some(a)).unwrap();
+        let _s2 = caps.acquire(Some(a)).unwrap();
+        assert_eq!(caps.acquire(Some(a)).err(), Some(CapRefusal::PerIp));
+        let _s3 = caps.acquire(Some(b)).unwrap();
+        assert_eq!(caps.acquire(Some(b)).err(), Some(CapRefusal::Node));
         drop(s1);
-        assert!(caps.acquire(a).is_ok());
+        assert!(caps.acquire(Some(a)).is_ok());
+    }
+
+    #[test]
+    fn a_proxied_place_claims_its_client_ip_and_gives_it_back() {
+        let caps = ConnectionCaps::new(1, 10);
+        let client: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut proxied = caps.acquire(None).unwrap();
+        let mut other = caps.acquire(None).unwrap();
+        assert_eq!(proxied.claim_ip(client), Ok(true));
+        assert_eq!(proxied.claim_ip(client), Ok(false), "already counted");
+        assert_eq!(other.claim_ip(client), Err(CapRefusal::PerIp));
+        proxied.unclaim_ip();
+        assert_eq!(other.claim_ip(client), Ok(true));
+        drop(other);
+        assert_eq!(caps.acquire(Some(client)).map(|_| ()), Ok(()));
+        assert_eq!(caps.open(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,13 +1,14 @@
 //! The `parley` binary: parse configuration, start tracing, bind, serve until SIGTERM/SIGINT.
 //! `parley token` mints an HS256 token with the configured secret.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use parley::auth::mint_for_node;
-use parley::config::{parse_set, settings_help, Config, Overrides};
+use parley::config::{parse_set, settings_help, Config, LogConfig, LogFormat, Overrides};
 use tracing_subscriber::EnvFilter;
 
 /// parley: a real-time chat server over WebSockets.
@@ -20,58 +21,99 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// Options shared by every command; each is also a setting (see the table in `--help`).
+/// The server's options; each is also a setting (see the table in `--help`). Given before a
+/// subcommand or after `serve`.
 #[derive(Args, Debug)]
 struct Options {
     /// Listen address [default: 127.0.0.1:3000].
-    #[arg(long, env = "PARLEY_BIND", global = true)]
+    #[arg(long, env = "PARLEY_BIND")]
     bind: Option<String>,
     /// SQLite log of a single node [default: ./parley.db].
-    #[arg(long, env = "PARLEY_DB", global = true)]
+    #[arg(long, env = "PARLEY_DB")]
     db: Option<PathBuf>,
     /// HS256 secret: enables jwt mode.
-    #[arg(long, env = "PARLEY_JWT_SECRET", global = true, hide_env_values = true)]
+    #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// RS256/ES256 PEM public key file: enables jwt mode.
-    #[arg(long, env = "PARLEY_JWT_PUBLIC_KEY", global = true)]
+    #[arg(long, env = "PARLEY_JWT_PUBLIC_KEY")]
     jwt_public_key: Option<PathBuf>,
     /// Cluster mode: Redis URL(s), comma-separated; several shard rooms across servers.
     #[arg(
         long = "redis",
         env = "PARLEY_REDIS_URL",
-        global = true,
         value_delimiter = ',',
         hide_env_values = true
     )]
     redis: Option<Vec<String>>,
     /// Bearer key of the HTTP API under /api; without it the API answers 404.
-    #[arg(long, env = "PARLEY_API_KEY", global = true, hide_env_values = true)]
+    #[arg(long, env = "PARLEY_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Allow anonymous mode on a non-loopback address.
-    #[arg(long, env = "PARLEY_ALLOW_ANONYMOUS", global = true, value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "PARLEY_ALLOW_ANONYMOUS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     allow_anonymous: Option<bool>,
     /// Browser origins allowed to connect (comma-separated).
-    #[arg(
-        long,
-        env = "PARLEY_ALLOWED_ORIGINS",
-        global = true,
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PARLEY_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Option<Vec<String>>,
     /// TOML file with any of the settings.
-    #[arg(long, env = "PARLEY_CONFIG", global = true)]
+    #[arg(long, env = "PARLEY_CONFIG")]
     config: Option<PathBuf>,
     /// Any setting by its dotted name, e.g. --set limits.max_content_bytes=8192 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+/// What `parley token` reads: the secret, and the file and settings that may hold it (and
+/// `auth.issuer` / `auth.audience`).
+#[derive(Args, Debug)]
+struct TokenOptions {
+    /// HS256 secret to sign with.
+    #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// TOML file with any of the settings.
+    #[arg(long, env = "PARLEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Any setting by its dotted name, e.g. --set auth.issuer=chat-backend (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl TokenOptions {
+    fn overrides(&self) -> anyhow::Result<Overrides> {
+        let mut values = Vec::new();
+        if let Some(secret) = &self.jwt_secret {
+            values.push(("auth.jwt_secret".to_owned(), secret.clone().into()));
+        }
+        for arg in &self.set {
+            values.push(parse_set(arg)?);
+        }
+        Ok(Overrides {
+            config_file: self.config.clone(),
+            values,
+        })
+    }
+}
+
+/// `later` on top of `earlier`: its values win, and its file when it names one.
+fn merge(earlier: Overrides, later: Overrides) -> Overrides {
+    let mut values = earlier.values;
+    values.extend(later.values);
+    Overrides {
+        config_file: later.config_file.or(earlier.config_file),
+        values,
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server (the default).
-    Serve,
+    Serve {
+        #[command(flatten)]
+        options: Box<Options>,
+    },
     /// Print an HS256 token signed with the configured secret.
     Token {
+        #[command(flatten)]
+        options: TokenOptions,
         /// The user id.
         #[arg(long)]
         sub: String,
@@ -135,9 +177,16 @@ impl Options {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = Config::load(&cli.options.overrides()?)?;
+    let top = cli.options.overrides()?;
+    let overrides = match &cli.command {
+        Some(Command::Serve { options }) => merge(top, options.overrides()?),
+        Some(Command::Token { options, .. }) => merge(top, options.overrides()?),
+        None => top,
+    };
+    let config = Config::load(&overrides)?;
     match cli.command {
         Some(Command::Token {
+            options: _,
             sub,
             name,
             ttl,
@@ -151,17 +200,13 @@ fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Some(Command::Serve) | None => serve(config),
+        Some(Command::Serve { .. }) | None => serve(config),
     }
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
     limit_malloc_arenas();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.bind)
@@ -169,6 +214,29 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
         parley::run(listener, config, shutdown_signal()).await
     })
+}
+
+/// Log lines on stdout: `log.format` (text or JSON lines) filtered by `RUST_LOG` when it is set,
+/// else by `log.level`. Colours only when stdout is a terminal.
+fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).map_err(|_| {
+            anyhow::anyhow!(
+                "RUST_LOG `{spec}` is not a log filter; use error, warn, info, debug or trace, \
+                 optionally per module (parley=debug,info)"
+            )
+        })?,
+        _ => EnvFilter::try_new(&log.level)?,
+    };
+    let ansi = std::io::stdout().is_terminal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    match log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
 }
 
 /// At most two glibc malloc arenas (the default is eight per core). A connection's memory is

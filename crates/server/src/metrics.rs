@@ -5,6 +5,7 @@
 //! per update: counters and gauges are atomics, the latency histogram gets one observation per
 //! message (not per delivery), and fan-out is counted with one add per event of its member count.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,12 +42,14 @@ pub enum AuthFailure {
     WrongUser,
     /// A missing or wrong HTTP API key.
     ApiKey,
+    /// `exp` further ahead than `auth.max_token_ttl_s`.
+    ExpTooFar,
 }
 
 impl AuthFailure {
     /// Every reason, so each series exists (at 0) from the start and a rate can be computed
     /// from the first scrape.
-    const ALL: [AuthFailure; 10] = [
+    const ALL: [AuthFailure; 11] = [
         AuthFailure::Missing,
         AuthFailure::Expired,
         AuthFailure::NotYetValid,
@@ -57,6 +60,7 @@ impl AuthFailure {
         AuthFailure::NotAuthFrame,
         AuthFailure::WrongUser,
         AuthFailure::ApiKey,
+        AuthFailure::ExpTooFar,
     ];
 
     /// The label value.
@@ -72,6 +76,7 @@ impl AuthFailure {
             AuthFailure::NotAuthFrame => "not_auth_frame",
             AuthFailure::WrongUser => "wrong_user",
             AuthFailure::ApiKey => "api_key",
+            AuthFailure::ExpTooFar => "exp_too_far",
         }
     }
 }
@@ -85,6 +90,7 @@ impl From<&AuthError> for AuthFailure {
             AuthError::BadSignature => AuthFailure::BadSignature,
             AuthError::WrongIssuerOrAudience => AuthFailure::WrongIssuerOrAudience,
             AuthError::Malformed(_) => AuthFailure::Malformed,
+            AuthError::ExpTooFar(_) => AuthFailure::ExpTooFar,
         }
     }
 }
@@ -219,12 +225,15 @@ impl Metrics {
         OpenConnection(self.connections.clone())
     }
 
-    /// Counts one refused authentication.
-    pub fn auth_failure(&self, reason: impl Into<AuthFailure>) {
+    /// Counts one refused authentication and logs it (info) with its reason and the peer.
+    pub fn auth_failure(&self, reason: impl Into<AuthFailure>, peer: Option<SocketAddr>) {
+        let reason = reason.into().as_str();
+        match peer {
+            Some(peer) => tracing::info!(reason, %peer, "authentication refused"),
+            None => tracing::info!(reason, "authentication refused"),
+        }
         self.auth_failures
-            .get_or_create(&ReasonLabel {
-                reason: reason.into().as_str(),
-            })
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 
@@ -259,7 +268,7 @@ mod tests {
     fn every_metric_is_exposed() {
         let metrics = Metrics::new();
         metrics.messages_in.inc();
-        metrics.auth_failure(AuthFailure::Expired);
+        metrics.auth_failure(AuthFailure::Expired, None);
         Metrics::observe(&metrics.send_latency, Duration::from_millis(3));
         let text = metrics.encode();
         for line in [

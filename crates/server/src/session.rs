@@ -225,7 +225,7 @@ impl Session {
                         }
                         Message::Binary(_) => {
                             if self.identity.is_none() {
-                                self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
+                                self.app.metrics.auth_failure(AuthFailure::NotAuthFrame, self.outbound.stream().peer_addr().ok());
                                 self.reply_error(ErrorCode::Unauthorized, "authenticate first", Req::none());
                                 return End::Close(CloseCode::Unauthorized);
                             }
@@ -255,7 +255,7 @@ impl Session {
                     let now = Instant::now();
                     if self.deadline.is_some_and(|d| now >= d) {
                         if self.identity.is_none() {
-                            self.app.metrics.auth_failure(AuthFailure::Timeout);
+                            self.app.metrics.auth_failure(AuthFailure::Timeout, self.outbound.stream().peer_addr().ok());
                             self.reply_error(ErrorCode::Unauthorized, "no auth frame within the auth timeout", Req::none());
                             return End::Close(CloseCode::Unauthorized);
                         }
@@ -390,7 +390,10 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => {
                 if self.identity.is_none() {
-                    self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
+                    self.app.metrics.auth_failure(
+                        AuthFailure::NotAuthFrame,
+                        self.outbound.stream().peer_addr().ok(),
+                    );
                     self.reply_error(
                         ErrorCode::Unauthorized,
                         "the first frame must be auth",
@@ -408,7 +411,10 @@ impl Session {
         };
         let Some(identity) = self.identity.clone() else {
             let ClientFrame::Auth { token, id } = frame else {
-                self.app.metrics.auth_failure(AuthFailure::NotAuthFrame);
+                self.app.metrics.auth_failure(
+                    AuthFailure::NotAuthFrame,
+                    self.outbound.stream().peer_addr().ok(),
+                );
                 self.reply_error(
                     ErrorCode::Unauthorized,
                     "the first frame must be auth",
@@ -422,7 +428,9 @@ impl Session {
                     None
                 }
                 Err(err) => {
-                    self.app.metrics.auth_failure(&err);
+                    self.app
+                        .metrics
+                        .auth_failure(&err, self.outbound.stream().peer_addr().ok());
                     self.reply_error(
                         ErrorCode::Unauthorized,
                         &err.to_string(),
@@ -502,7 +510,10 @@ impl Session {
         let fresh = match self.app.auth.verify(token) {
             Ok(fresh) if fresh.user == identity.user => fresh,
             Ok(_) => {
-                self.app.metrics.auth_failure(AuthFailure::WrongUser);
+                self.app.metrics.auth_failure(
+                    AuthFailure::WrongUser,
+                    self.outbound.stream().peer_addr().ok(),
+                );
                 self.reply_error(
                     ErrorCode::Unauthorized,
                     "the new token is for another user",
@@ -511,7 +522,9 @@ impl Session {
                 return None;
             }
             Err(err) => {
-                self.app.metrics.auth_failure(&err);
+                self.app
+                    .metrics
+                    .auth_failure(&err, self.outbound.stream().peer_addr().ok());
                 self.reply_error(ErrorCode::Unauthorized, &err.to_string(), req);
                 return None;
             }

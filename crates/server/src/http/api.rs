@@ -81,7 +81,11 @@ async fn authorize(State(app): State<App>, request: Request, next: Next) -> Resp
         Some(_) => "wrong API key",
         None => "missing `Authorization: Bearer <api key>` header",
     };
-    app.metrics.auth_failure(AuthFailure::ApiKey);
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    app.metrics.auth_failure(AuthFailure::ApiKey, peer);
     let mut response = ApiError::unauthorized(refusal).into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
@@ -125,13 +129,52 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             "the body must be JSON, sent with `Content-Type: application/json`",
         ),
         JsonRejection::JsonSyntaxError(err) => {
-            ApiError::bad_request(format!("malformed JSON: {}", err.body_text()))
+            let text = err.body_text();
+            let at = position(&text)
+                .map(|at| format!(" ({at})"))
+                .unwrap_or_default();
+            ApiError::bad_request(format!("malformed JSON: the body is not valid JSON{at}"))
         }
-        JsonRejection::JsonDataError(err) => ApiError::bad_request(err.body_text()),
+        JsonRejection::JsonDataError(err) => {
+            ApiError::bad_request(plain_field_error(&err.body_text(), "field"))
+        }
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::too_large("the request body is too large")
         }
         other => ApiError::bad_request(other.body_text()),
+    }
+}
+
+/// `line N column M` at the end of a serde_json message, as `line N, column M`.
+fn position(text: &str) -> Option<String> {
+    let (_, at) = text.rsplit_once(" at line ")?;
+    let (line, column) = at.split_once(" column ")?;
+    Some(format!("line {line}, column {column}"))
+}
+
+/// axum's "Failed to deserialize ...: path: serde message at line N column M" as a sentence
+/// naming the field (or query parameter, `what`): `missing field `user``, `field `content`
+/// has the wrong type: expected a string, got integer `7``.
+fn plain_field_error(text: &str, what: &str) -> String {
+    let text = text.split_once(": ").map_or(text, |(_, rest)| rest);
+    let text = text.rsplit_once(" at line ").map_or(text, |(msg, _)| msg);
+    if let Some(rest) = text.find("missing field `").map(|i| &text[i..]) {
+        return rest.replacen("field", what, 1);
+    }
+    let (path, message) = match text.split_once(": ") {
+        Some((path, message)) if !path.contains(' ') => (Some(path), message),
+        _ => (None, text),
+    };
+    let message = match message.strip_prefix("invalid type: ") {
+        Some(types) => match types.split_once(", expected ") {
+            Some((got, expected)) => format!("has the wrong type: expected {expected}, got {got}"),
+            None => format!("has the wrong type: {types}"),
+        },
+        None => format!("is not valid: {message}"),
+    };
+    match path {
+        Some(path) if path != "." => format!("{what} `{path}` {message}"),
+        _ => format!("the body {message}"),
     }
 }
 
@@ -160,7 +203,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| ApiQuery(value))
-            .map_err(|e| ApiError::bad_request(e.body_text()))
+            .map_err(|e| {
+                ApiError::bad_request(plain_field_error(&e.body_text(), "query parameter"))
+            })
     }
 }
 

@@ -11,15 +11,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parley_protocol::CloseCode;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::upgrade::Upgrade;
 use crate::limits::ConnectionSlot;
+use crate::serve::HeldSlot;
 use crate::socket::{Message, Opcode, Socket};
 use crate::validate;
 use crate::App;
@@ -33,29 +34,56 @@ pub(super) struct EchoQuery {
 pub(super) async fn echo(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(held): Extension<HeldSlot>,
     Query(query): Query<EchoQuery>,
     headers: HeaderMap,
     upgrade: Upgrade,
 ) -> Response {
-    let slot = match super::ws::admit(&app, peer, &headers) {
-        Ok(slot) => slot,
+    let admitted = match super::ws::admit(&app, peer, &headers, &held) {
+        Ok(admitted) => admitted,
         Err(err) => return err.into_response(),
     };
     let raw = matches!(query.raw.as_deref(), Some("1" | "true"));
-    upgrade.on_upgrade(&app.clone(), move |socket| {
+    upgrade.on_upgrade(&app.clone(), admitted, move |socket, slot| {
         echo_socket(socket, app, raw, slot)
     })
 }
 
+/// Echoes until the peer closes, goes silent or the server shuts down. The heartbeat is the
+/// chat socket's: a ping every `heartbeat.interval_ms`, and a peer silent (no frame of any
+/// kind) for `heartbeat.timeout_ms` is dropped, freeing its place under the connection caps.
 async fn echo_socket(mut socket: Socket, app: App, raw: bool, _slot: ConnectionSlot) {
     let limits = &app.config.limits;
     let grace = Duration::from_millis(limits.close_grace_ms);
-    let write_limit = Duration::from_millis(app.config.heartbeat.timeout_ms);
+    let interval = Duration::from_millis(app.config.heartbeat.interval_ms);
+    let silence = Duration::from_millis(app.config.heartbeat.timeout_ms);
+    let write_limit = silence;
+    let mut last_heard = Instant::now();
+    let mut next_ping = last_heard + interval;
     let close_code = loop {
+        let due = next_ping.min(last_heard + silence);
         let msg = tokio::select! {
             _ = app.shutdown.cancelled() => break Some(CloseCode::GoingAway),
             msg = socket.recv() => msg,
+            _ = tokio::time::sleep_until(due) => {
+                let now = Instant::now();
+                if now >= last_heard + silence {
+                    app.metrics.heartbeat_timeouts.inc();
+                    break None;
+                }
+                if now >= next_ping {
+                    next_ping = now + interval;
+                    if !matches!(
+                        timeout(write_limit, socket.send(Opcode::Ping, Bytes::new())).await,
+                        Ok(Ok(()))
+                    ) {
+                        break None;
+                    }
+                }
+                continue;
+            }
         };
+        last_heard = Instant::now();
         let (opcode, payload) = match msg {
             Some(Ok(Message::Text(text))) if raw => (Opcode::Text, Bytes::from(text)),
             Some(Ok(Message::Text(text))) => (

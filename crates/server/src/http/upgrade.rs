@@ -13,11 +13,13 @@ use axum::response::{IntoResponse, Response};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto::upgrade::downcast;
-use tokio::net::TcpStream;
 use tracing::{debug, error};
 
+use super::ws::Admitted;
 use super::ApiError;
+use crate::limits::ConnectionSlot;
 use crate::outbound::QueueBounds;
+use crate::serve::ConnIo;
 use crate::socket::{Socket, SocketLimits};
 use crate::App;
 
@@ -84,10 +86,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 
 impl Upgrade {
     /// Answers 101 and runs `serve` on the socket once the upgrade completes, as a task the
-    /// server tracks (shutdown waits for it).
-    pub(super) fn on_upgrade<F, Fut>(self, app: &App, serve: F) -> Response
+    /// server tracks (shutdown waits for it). The connection's place under the caps goes with
+    /// the socket.
+    pub(super) fn on_upgrade<F, Fut>(self, app: &App, admitted: Admitted, serve: F) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(Socket, ConnectionSlot) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let limits = SocketLimits {
@@ -99,12 +102,13 @@ impl Upgrade {
             },
         };
         let on_upgrade = self.on_upgrade;
+        let slot = admitted.into_slot();
         let sessions = app.sessions.clone();
         app.sessions.spawn(async move {
             if let Some(socket) = upgraded_socket(on_upgrade.await, limits) {
                 // A task of its own, so the connection does not carry this one's state (the
                 // closure's captures stay reserved in a future even after they are moved out).
-                sessions.spawn(serve(socket));
+                sessions.spawn(serve(socket, slot));
             }
         });
         let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -124,8 +128,12 @@ fn upgraded_socket(upgraded: hyper::Result<Upgraded>, limits: SocketLimits) -> O
     let upgraded = upgraded
         .map_err(|err| debug!(error = %err, "upgrade failed"))
         .ok()?;
-    match downcast::<TokioIo<TcpStream>>(upgraded) {
-        Ok(parts) => Some(Socket::new(parts.io.into_inner(), parts.read_buf, limits)),
+    match downcast::<TokioIo<ConnIo>>(upgraded) {
+        Ok(parts) => Some(Socket::new(
+            parts.io.into_inner().into_stream(),
+            parts.read_buf,
+            limits,
+        )),
         Err(_) => {
             error!("an upgraded connection that is not a TCP socket");
             None

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -13,6 +13,7 @@ use super::upgrade::Upgrade;
 use super::ApiError;
 use crate::auth::{anonymous_identity, Identity};
 use crate::limits::{CapRefusal, ConnectionSlot};
+use crate::serve::HeldSlot;
 use crate::session::{self, Start};
 use crate::validate;
 use crate::App;
@@ -64,50 +65,96 @@ fn client_ip(app: &App, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
         .unwrap_or(peer_ip)
 }
 
-/// Everything checked before any WebSocket upgrade (`/ws...` and `/echo`): the `Origin`, then a
-/// place under the per-node and per-IP connection caps, held until the socket closes.
+/// The place of a connection about to be upgraded, taken from its TCP connection. Dropped
+/// without an upgrade (the request was refused), it goes back to the connection, which counts
+/// as before.
+pub(super) struct Admitted {
+    slot: Option<ConnectionSlot>,
+    held: HeldSlot,
+    /// The place was counted toward a forwarded client IP here (the peer is a trusted proxy).
+    claimed: bool,
+}
+
+impl Admitted {
+    /// The place, for the upgraded socket to hold until it closes.
+    pub(super) fn into_slot(mut self) -> ConnectionSlot {
+        self.slot
+            .take()
+            .expect("an admitted connection has its place")
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(mut slot) = self.slot.take() {
+            if self.claimed {
+                slot.unclaim_ip();
+            }
+            self.held.put_back(slot);
+        }
+    }
+}
+
+/// Everything checked before any WebSocket upgrade (`/ws...` and `/echo`): the `Origin`, then
+/// the place the TCP connection already holds under the connection caps, which the socket keeps
+/// until it closes. Behind a trusted proxy the place is also counted toward the forwarded client
+/// IP here (HTTP 429 past `limits.max_connections_per_ip`).
 pub(super) fn admit(
     app: &App,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<ConnectionSlot, ApiError> {
+    held: &HeldSlot,
+) -> Result<Admitted, ApiError> {
     check_origin(app, headers)?;
+    let Some(slot) = held.take() else {
+        return Err(ApiError::bad_request("this connection cannot be upgraded"));
+    };
+    let mut admitted = Admitted {
+        slot: Some(slot),
+        held: held.clone(),
+        claimed: false,
+    };
     let ip = client_ip(app, peer, headers);
-    app.caps.acquire(ip).map_err(|refusal| match refusal {
-        CapRefusal::PerIp => ApiError::too_many_connections(format!(
-            "at most {} connections per client address",
-            app.config.limits.max_connections_per_ip
-        )),
-        CapRefusal::Node => {
-            ApiError::unavailable("this node is at its connection limit; try another")
+    let slot = admitted.slot.as_mut().expect("just set");
+    match slot.claim_ip(ip) {
+        Ok(claimed) => admitted.claimed = claimed,
+        Err(CapRefusal::PerIp | CapRefusal::Node) => {
+            return Err(ApiError::too_many_connections(format!(
+                "at most {} connections per client address",
+                app.config.limits.max_connections_per_ip
+            )))
         }
-    })
+    }
+    Ok(admitted)
 }
 
 pub(super) async fn root(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(held): Extension<HeldSlot>,
     Query(query): Query<ConnectQuery>,
     headers: HeaderMap,
     upgrade: Upgrade,
 ) -> Response {
-    connect(app, peer, query, None, &headers, upgrade)
+    connect(app, peer, &held, query, None, &headers, upgrade)
 }
 
 pub(super) async fn room(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(held): Extension<HeldSlot>,
     Path(room): Path<String>,
     Query(query): Query<ConnectQuery>,
     headers: HeaderMap,
     upgrade: Upgrade,
 ) -> Response {
-    connect(app, peer, query, Some(room), &headers, upgrade)
+    connect(app, peer, &held, query, Some(room), &headers, upgrade)
 }
 
 pub(super) async fn room_user(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(held): Extension<HeldSlot>,
     Path((room, user)): Path<(String, String)>,
     Query(mut query): Query<ConnectQuery>,
     headers: HeaderMap,
@@ -120,19 +167,20 @@ pub(super) async fn room_user(
         .into_response();
     }
     query.user = Some(user);
-    connect(app, peer, query, Some(room), &headers, upgrade)
+    connect(app, peer, &held, query, Some(room), &headers, upgrade)
 }
 
 fn connect(
     app: App,
     peer: SocketAddr,
+    held: &HeldSlot,
     query: ConnectQuery,
     room: Option<String>,
     headers: &HeaderMap,
     upgrade: Upgrade,
 ) -> Response {
-    let slot = match admit(&app, peer, headers) {
-        Ok(slot) => slot,
+    let admitted = match admit(&app, peer, headers, held) {
+        Ok(admitted) => admitted,
         Err(err) => return err.into_response(),
     };
     let auto_join = match room {
@@ -146,7 +194,7 @@ fn connect(
         }
         None => None,
     };
-    let identity = match identify(&app, &query) {
+    let identity = match identify(&app, peer, &query) {
         Ok(identity) => identity,
         Err(err) => return err.into_response(),
     };
@@ -155,14 +203,18 @@ fn connect(
         auto_join,
         peer,
     };
-    upgrade.on_upgrade(&app.clone(), move |socket| {
+    upgrade.on_upgrade(&app.clone(), admitted, move |socket, slot| {
         session::run(socket, app, start, slot)
     })
 }
 
 /// The identity settled before the upgrade: a verified `?token=`, an anonymous user, or
 /// `None` when the client will authenticate with its first frame.
-fn identify(app: &App, query: &ConnectQuery) -> Result<Option<Identity>, ApiError> {
+fn identify(
+    app: &App,
+    peer: SocketAddr,
+    query: &ConnectQuery,
+) -> Result<Option<Identity>, ApiError> {
     if app.auth.is_anonymous() {
         return anonymous_identity(query.user.as_deref(), query.name.as_deref())
             .map(Some)
@@ -170,7 +222,7 @@ fn identify(app: &App, query: &ConnectQuery) -> Result<Option<Identity>, ApiErro
     }
     match &query.token {
         Some(token) => app.auth.verify(token).map(Some).map_err(|e| {
-            app.metrics.auth_failure(&e);
+            app.metrics.auth_failure(&e, Some(peer));
             ApiError::unauthorized(e.to_string())
         }),
         None => Ok(None),

@@ -81,6 +81,7 @@ const REASONS: &[&str] = &[
     "not_auth_frame",
     "wrong_user",
     "api_key",
+    "exp_too_far",
 ];
 
 #[tokio::test]

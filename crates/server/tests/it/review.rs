@@ -89,15 +89,32 @@ async fn history_with_huge_before_or_after_pages_correctly() {
 
 /// A token whose `exp` is far beyond what an `Instant` can hold made `Instant + Duration`
 /// panic: the session task died without a close frame and without leaving its rooms (the
-/// others never saw the leave; the hub and presence kept the member forever).
+/// others never saw the leave; the hub and presence kept the member forever). Since #12 such a
+/// token is refused (`auth.max_token_ttl_s`); the longest lifetime that setting accepts still
+/// works, and a refused far-future refresh leaves the session as it was.
 #[tokio::test]
 async fn a_far_future_exp_does_not_crash_the_session() {
-    let server = TestServer::builder().jwt().start().await;
+    // Ten years: the most auth.max_token_ttl_s takes.
+    const MAX_TTL_S: i64 = 316_224_000;
+    let server = TestServer::builder()
+        .jwt()
+        .set("auth.max_token_ttl_s", MAX_TTL_S)
+        .start()
+        .await;
     let far = json!({"exp": u64::MAX});
 
-    // On the upgrade request.
+    // On the upgrade request: refused before the upgrade.
+    let (status, body) = common::upgrade_status(
+        &server.ws_url(&format!("/ws?token={}", token("carol", 3600, far.clone()))),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    // The longest accepted lifetime works.
     let mut carol = server
-        .connect(&format!("/ws?token={}", token("carol", 3600, far.clone())))
+        .connect(&format!(
+            "/ws?token={}",
+            token("carol", MAX_TTL_S, json!({}))
+        ))
         .await;
     carol.recv_type("authenticated").await;
     carol.send(json!({"type": "ping"})).await;
@@ -117,6 +134,10 @@ async fn a_far_future_exp_does_not_crash_the_session() {
     alice.skip_until("system").await;
 
     bob.send(json!({"type": "refresh", "token": token("bob", 3600, far)}))
+        .await;
+    let refused = bob.recv_type("error").await;
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    bob.send(json!({"type": "refresh", "token": token("bob", MAX_TTL_S, json!({}))}))
         .await;
     bob.recv_type("refreshed").await;
     bob.send(json!({"type": "ping"})).await;
