@@ -542,15 +542,8 @@ impl Session {
         self.rooms = kept;
         self.identity = Some(fresh);
         for room in excluded {
-            let request = LeaveRequest {
-                room,
-                user: identity.user.clone(),
-                name: identity.name.clone(),
-                conn: self.conn,
-                outbound: Some(self.outbound.clone()),
-                request_id: None,
-                reason: Some("forbidden"),
-            };
+            let mut request = self.leave_request(identity, room, None);
+            request.reason = Some("forbidden");
             if let Err(err) = self.app.broker.leave(request).await {
                 self.broker_error(err, req);
             }
@@ -620,6 +613,19 @@ impl Session {
         None
     }
 
+    /// A leave of `room` by this connection, answered `left` on its queue.
+    fn leave_request(&self, identity: &Identity, room: Arc<str>, id: Option<&str>) -> LeaveRequest {
+        LeaveRequest {
+            room,
+            user: identity.user.clone(),
+            name: identity.name.clone(),
+            conn: self.conn,
+            outbound: Some(self.outbound.clone()),
+            request_id: id.map(Box::from),
+            reason: None,
+        }
+    }
+
     /// Leaves a room; `Some` ends the session (rate-limit abuse).
     async fn leave(&mut self, identity: &Identity, room: &str, id: Option<String>) -> Option<End> {
         let req = Req::of(id.as_deref(), Some(room));
@@ -636,15 +642,7 @@ impl Session {
         }
         self.outbound.settled().await;
         let room = self.rooms.swap_remove(at);
-        let request = LeaveRequest {
-            room,
-            user: identity.user.clone(),
-            name: identity.name.clone(),
-            conn: self.conn,
-            outbound: Some(self.outbound.clone()),
-            request_id: id.as_deref().map(Box::from),
-            reason: None,
-        };
+        let request = self.leave_request(identity, room, id.as_deref());
         if let Err(err) = self.app.broker.leave(request).await {
             self.broker_error(err, req);
         }
@@ -743,18 +741,13 @@ impl Session {
     }
 
     async fn leave_all(&mut self) {
-        let Some(identity) = &self.identity else {
+        let Some(identity) = self.identity.clone() else {
             return;
         };
-        for room in self.rooms.drain(..) {
+        for room in std::mem::take(&mut self.rooms) {
             let request = LeaveRequest {
-                room,
-                user: identity.user.clone(),
-                name: identity.name.clone(),
-                conn: self.conn,
                 outbound: None,
-                request_id: None,
-                reason: None,
+                ..self.leave_request(&identity, room, None)
             };
             if let Err(err) = self.app.broker.leave(request).await {
                 debug!(conn = self.conn, error = %err, "leave on close failed");
