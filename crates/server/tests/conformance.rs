@@ -477,6 +477,82 @@ async fn history_pages(mode: Mode) {
     }
 }
 
+/// `history.max_page_bytes` caps every history answer, WebSocket and HTTP alike: fewer events,
+/// `more: true`, at least one event, and the events kept are those nearest the paging origin,
+/// so paging on from the answer finds every event once, without a hole.
+async fn history_pages_are_capped_by_bytes(mode: Mode) {
+    const CAP: usize = 8192;
+    let nodes = Nodes::start(mode, &[("history.max_page_bytes", (CAP as i64).into())]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    alice.join("r").await;
+    // 600 control characters encode to 3,600 bytes each (`\u0001`): two fit a page, not three.
+    let big = "\u{1}".repeat(600);
+    for i in 2..=21 {
+        alice.post("r", &big, &format!("c{i}")).await;
+    }
+    // seq 1 is alice's join, 2..=21 her messages. Read from the other node.
+    let mut bob = nodes.node(1).user("bob").await;
+    let frame_len = |page: &[Value], more: bool| {
+        serde_json::to_string(&json!({"type": "history", "room": "r", "messages": page, "more": more}))
+            .unwrap()
+            .len()
+    };
+    // Paging back from the newest: each page ends where the last one began.
+    let mut seen = Vec::new();
+    let mut query = json!({"limit": 200});
+    loop {
+        let (page, more) = history(&mut bob, "r", query.clone()).await;
+        assert!(!page.is_empty(), "{query}");
+        assert!(frame_len(&page, more) <= CAP, "{query}: {} bytes", frame_len(&page, more));
+        let got = seqs(&page);
+        if let Some(&oldest_seen) = seen.first() {
+            assert_eq!(*got.last().unwrap() + 1, oldest_seen, "no hole: {query}");
+        } else {
+            assert_eq!(*got.last().unwrap(), 21, "the newest are kept");
+        }
+        seen.splice(0..0, got.iter().copied());
+        if !more {
+            break;
+        }
+        query = json!({"before": got[0], "limit": 200});
+    }
+    assert_eq!(seen, range(1, 21));
+    // Paging forward: the oldest are kept.
+    let mut seen = Vec::new();
+    let mut query = json!({"after": 0, "limit": 200});
+    loop {
+        let (page, more) = history(&mut bob, "r", query.clone()).await;
+        assert!(!page.is_empty(), "{query}");
+        assert!(frame_len(&page, more) <= CAP, "{query}");
+        let got = seqs(&page);
+        assert_eq!(got[0], seen.last().map_or(1, |s| s + 1), "no hole: {query}");
+        seen.extend(got.iter().copied());
+        if !more {
+            break;
+        }
+        query = json!({"after": got.last().unwrap(), "before": 100, "limit": 200});
+    }
+    assert_eq!(seen, range(1, 21));
+    // One event bigger than the cap still goes, alone.
+    let huge = "\u{1}".repeat(2000);
+    alice.post("r", &huge, "c22").await;
+    let (page, more) = history(&mut bob, "r", json!({})).await;
+    assert_eq!((seqs(&page), more), (vec![22], true));
+    // The HTTP API: the same cap on its body, the newest kept.
+    let response = reqwest::Client::new()
+        .get(nodes.node(1).http_url("/api/rooms/r/messages?before=22&limit=200"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    let body = response.text().await.unwrap();
+    assert!(body.len() <= CAP, "{} bytes", body.len());
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let page = body["messages"].as_array().unwrap();
+    assert_eq!(seqs(page), range(20, 21));
+    assert_eq!(body["more"], true);
+}
+
 /// `history.max_len`: a room keeps its latest events only, `since` older than what is kept
 /// gives `recovered: false`, and a message dropped by retention no longer de-duplicates.
 async fn retention_keeps_the_latest_max_len(mode: Mode) {
@@ -786,6 +862,7 @@ conformance!(
     acks_follow_the_store_and_resends_are_deduplicated,
     joined_history_and_since_recovery,
     history_pages,
+    history_pages_are_capped_by_bytes,
     retention_keeps_the_latest_max_len,
     retention_drops_events_older_than_ttl,
     presence_counts_people_not_tabs,
