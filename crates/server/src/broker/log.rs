@@ -50,6 +50,12 @@ pub struct PageQuery {
     pub limit: u32,
 }
 
+/// How often empty rooms are swept for `history.empty_room_ttl_s`: a quarter of it, between 1
+/// and 5 seconds, so an empty room is forgotten within its TTL plus at most 5 seconds.
+pub fn sweep_every(empty_room_ttl: Duration) -> Duration {
+    (empty_room_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
 /// Largest history page.
 pub const MAX_PAGE: u32 = 200;
 /// History page when the request gives no limit.
@@ -201,7 +207,11 @@ mod tests {
         cap_page(&mut p, &back, 23);
         assert_eq!(p.frames.len(), 2);
         assert!(p.more);
-        assert!(p.frames[0].starts_with('1'), "the oldest went: {:?}", p.frames);
+        assert!(
+            p.frames[0].starts_with('1'),
+            "the oldest went: {:?}",
+            p.frames
+        );
         let mut p = page(&[10, 10, 10]);
         cap_page(&mut p, &forward, 23);
         assert_eq!(p.frames.len(), 2);
