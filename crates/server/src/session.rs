@@ -703,10 +703,11 @@ impl Session {
                 // history.max_page_bytes bounds the whole frame: what is left of it around the
                 // events is theirs.
                 let empty = json_array(std::iter::empty::<&str>());
+                // `more: false`, the longer of the two.
                 let envelope = ServerFrame::History {
                     room,
                     messages: &empty,
-                    more: true,
+                    more: false,
                     id: req.id,
                 }
                 .encode()

@@ -295,7 +295,7 @@ async fn history(
         .map_err(broker_error)?;
     let room = serde_json::to_string(&room).expect("a string encodes");
     // history.max_page_bytes bounds the whole body, as it bounds the `history` frame.
-    let envelope = format!(r#"{{"room":{room},"messages":,"more":true}}"#).len();
+    let envelope = format!(r#"{{"room":{room},"messages":,"more":false}}"#).len();
     let budget = app.config.history.max_page_bytes.saturating_sub(envelope);
     cap_page(&mut page, &query, budget);
     let messages = json_array(page.frames.iter().map(String::as_str));
