@@ -7,16 +7,12 @@ mod common;
 use common::{seq, seqs, Client, TestServer};
 use serde_json::{json, Value};
 
-/// The `seq` of a frame, which must have one.
-
 /// The frames of a `joined.history` or `history.messages` list.
 fn list<'a>(frame: &'a Value, field: &str) -> &'a [Value] {
     frame[field]
         .as_array()
         .unwrap_or_else(|| panic!("no {field} list in {frame}"))
 }
-
-/// Seqs of a list of frames.
 
 /// Posts `n` messages `{prefix}-{i}` and returns their acked seqs, which must be consecutive.
 async fn post_many(client: &mut Client, room: &str, prefix: &str, n: usize) -> Vec<u64> {

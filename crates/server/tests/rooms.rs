@@ -16,8 +16,6 @@ use std::time::Duration;
 use common::{seq, seqs, upgrade_status, Client, TestServer};
 use serde_json::{json, Value};
 
-/// The `seq` of a frame, which must have one.
-
 /// Sends `ping` and asserts the very next frame is the `pong`: nothing was queued before it.
 async fn expect_pong_next(client: &mut Client, what: &str) {
     client.send(json!({"type": "ping"})).await;
@@ -37,8 +35,6 @@ async fn expect_error(client: &mut Client, request: Value, code: &str) -> Value 
     assert!(frame["message"].is_string(), "{frame}");
     frame
 }
-
-/// Seqs of a list of frames.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_and_leave_frames_and_events() {
