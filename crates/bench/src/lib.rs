@@ -16,6 +16,7 @@
 //! the same executable ([`procs`]): `fanout --publisher-process` (hidden subcommand `publish`)
 //! and `connections --processes P` (hidden subcommand `hold`).
 
+pub mod attack;
 pub mod chat;
 pub mod connections;
 pub mod driver;

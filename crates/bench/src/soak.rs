@@ -4,6 +4,11 @@
 //! reading, so each one's outbound queue overflows), sending garbage (expect `error bad_request`), dropping the connection abruptly
 //! and resuming with `since`. Well-behaved clients post at human rates and must receive every
 //! acked message of their room exactly once, in order; the run fails (exit 1) otherwise.
+//!
+//! Beside them, `--attackers K` of each kind in [`crate::attack`] (half-open HTTP heads,
+//! join/leave churn over fresh names, history hogs that never read, refreshes to a narrower
+//! claim, silent `/echo` sockets), counted apart; with `--server-pid` the report gives the
+//! node's RSS and open files over the run.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
+use crate::attack::AttackReport;
 use crate::driver::{counts, ConnectPhase, Delivery, Drain, Latency, Loss, Traffic};
 use crate::member::{Behaviour, Counts, MemberSpec, SendPlan};
 use crate::{Common, HumanPace};
@@ -30,6 +36,13 @@ pub struct Options {
     /// Fraction of clients that misbehave (split evenly over the four behaviours).
     #[arg(long, default_value_t = 0.1)]
     pub misbehave_fraction: f64,
+    /// Attackers of each kind (see `attack`); 0 for a baseline run without them.
+    #[arg(long, default_value_t = 20)]
+    pub attackers: usize,
+    /// The server's `api.key`: the report then counts the rooms `GET /api/rooms` lists at the
+    /// end (churned rooms are forgotten after `history.empty_room_ttl_s`).
+    #[arg(long, env = "PARLEY_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Duration, well-behaved clients' pace and message size.
     #[command(flatten)]
     pub pace: HumanPace,
@@ -65,6 +78,8 @@ pub struct Report {
     pub good_loss: Loss,
     /// Loss over clients that reconnect abruptly with `since` (reported, not judged).
     pub abrupt_loss: Loss,
+    /// The attackers and the server's resources over the run.
+    pub attack: AttackReport,
     /// Well-behaved clients lost, duplicated and reordered nothing.
     pub ok: bool,
 }
@@ -134,6 +149,13 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
         })
         .collect();
     let is = |b: Behaviour| move |o: &crate::member::Outcome| o.spec.behaviour == b;
+    let attack = crate::attack::start(
+        &o.common,
+        o.attackers,
+        format!("{}-soak-slow", o.common.prefix),
+        o.api_key.clone(),
+    )
+    .await?;
     let t = Traffic::run(
         &o.common,
         specs,
@@ -142,6 +164,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
         |_| Drain::Quiet,
     )
     .await?;
+    let attack = attack.finish().await;
     let outcomes = &t.outcomes;
     let mut behaviours = BTreeMap::new();
     for b in [
@@ -174,6 +197,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
         abrupt_loss: t.loss(is(Behaviour::Abrupt)),
         good_loss,
         ok,
+        attack,
         connect: t.connect,
         delivery: t.delivery,
     })
@@ -208,6 +232,7 @@ impl Report {
             self.abrupt_loss.recovered,
             self.abrupt_loss.not_recovered,
         );
+        s += &self.attack.human();
         s
     }
 }

@@ -273,6 +273,12 @@ pub struct HistoryConfig {
     pub max_len: u64,
     /// Age in seconds after which events are dropped; 0 keeps them regardless of age.
     pub ttl_s: u64,
+    /// Most bytes of one encoded `history` answer (WebSocket frame or HTTP body); past it the
+    /// page holds fewer events (at least one) and `more` is true.
+    pub max_page_bytes: usize,
+    /// Seconds after which a room with no message and no member is forgotten (its head, its
+    /// epoch, its join/leave events); joining it later starts a new epoch.
+    pub empty_room_ttl_s: u64,
 }
 
 impl Default for HistoryConfig {
@@ -283,6 +289,8 @@ impl Default for HistoryConfig {
             max_replay_bytes: 256 * 1024,
             max_len: 10_000,
             ttl_s: 0,
+            max_page_bytes: 1024 * 1024,
+            empty_room_ttl_s: 86_400,
         }
     }
 }
@@ -561,6 +569,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "age limit of kept events in seconds (0: none)",
     ),
     (
+        "history.max_page_bytes",
+        "1048576",
+        "most bytes of one `history` answer (at least one event)",
+    ),
+    (
+        "history.empty_room_ttl_s",
+        "86400",
+        "a room with no message and no member is forgotten after this",
+    ),
+    (
         "presence.announce_max",
         "1000",
         "rooms with more people do not announce join/leave",
@@ -822,6 +840,12 @@ impl Config {
                     "{name} is {rate}; it must be {MIN_RATE} to {MAX_RATE} per second"
                 )));
             }
+        }
+        if self.history.max_page_bytes < 1024 {
+            return invalid("history.max_page_bytes must be at least 1024");
+        }
+        if self.history.empty_room_ttl_s == 0 {
+            return invalid("history.empty_room_ttl_s must be positive");
         }
         if self.api.key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             return invalid("api.key is empty; leave it unset to turn the HTTP API off");

@@ -100,12 +100,16 @@ impl Drop for InFlight {
 struct Frame {
     opcode: Opcode,
     payload: Bytes,
+    /// What the frame added to [`State::bytes`] (its payload length, or 0 for a frame queued
+    /// unbounded): exactly this is taken off again when it leaves the queue.
+    counted: usize,
 }
 
 #[derive(Default)]
 struct State {
     frames: VecDeque<Frame>,
-    /// Payload bytes waiting (the front frame's in full, even when partly written).
+    /// Payload bytes waiting that count towards the byte bound: the sum of the frames'
+    /// `counted` (the front frame's in full, even when partly written).
     bytes: usize,
     /// How much of the front frame (header and payload) is already written.
     written: usize,
@@ -125,7 +129,15 @@ impl State {
     fn drop_waiting(&mut self) {
         let keep = usize::from(self.written > 0);
         self.frames.truncate(keep);
-        self.bytes = self.frames.iter().map(|f| f.payload.len()).sum();
+        self.bytes = self.frames.iter().map(|f| f.counted).sum();
+    }
+
+    /// The front frame went out in full: it leaves the queue, and what it added to `bytes`
+    /// (nothing for a frame queued unbounded) is taken off.
+    fn pop_sent(&mut self) {
+        if let Some(front) = self.frames.pop_front() {
+            self.bytes -= front.counted;
+        }
     }
 
     /// The peer is gone: nothing more is written.
@@ -275,6 +287,7 @@ impl Outbound {
         state.frames.push_back(Frame {
             opcode: Opcode::Close,
             payload: payload.into(),
+            counted: 0,
         });
         state.closed.get_or_insert(CloseCode::Normal);
     }
@@ -367,10 +380,13 @@ impl Outbound {
             self.ready.notify_one();
             return false;
         }
-        state.frames.push_back(Frame { opcode, payload });
-        if !unbounded {
-            state.bytes += len;
-        }
+        let counted = if unbounded { 0 } else { len };
+        state.frames.push_back(Frame {
+            opcode,
+            payload,
+            counted,
+        });
+        state.bytes += counted;
         true
     }
 
@@ -449,8 +465,7 @@ impl Outbound {
             if written >= left {
                 written -= left;
                 state.written = 0;
-                state.bytes = state.bytes.saturating_sub(front.payload.len());
-                state.frames.pop_front();
+                state.pop_sent();
             } else {
                 state.written += written;
                 written = 0;
@@ -605,6 +620,32 @@ mod tests {
         assert!(out.push_in(frame(50), &mut batch));
         assert!(!out.push_in(frame(1), &mut batch));
         assert_eq!(out.closed(), Some(CloseCode::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn the_byte_count_takes_off_exactly_what_it_added() {
+        let (out, _client) = pair(QueueBounds {
+            frames: 100,
+            bytes: 100,
+        })
+        .await;
+        // Held in a batch, so nothing is written: a big `joined` queued unbounded, then live
+        // events behind it.
+        let mut batch = Batch::default();
+        assert!(out.push_unbounded_in(frame(500), &mut batch));
+        assert!(out.push_in(frame(60), &mut batch));
+        assert_eq!(out.lock().bytes, 60, "the unbounded frame adds nothing");
+        // The big frame goes out: the 60 bytes behind it still count.
+        out.lock().pop_sent();
+        assert_eq!(out.lock().bytes, 60, "what leaves is what was added");
+        // So the bound still holds at 100 bytes: 40 more fit, one more byte does not.
+        assert!(out.push_in(frame(40), &mut batch));
+        assert!(!out.push_in(frame(1), &mut batch));
+        assert_eq!(out.closed(), Some(CloseCode::SlowConsumer));
+        let mut state = out.lock();
+        state.in_batch = false;
+        // 4009 dropped the waiting frames; nothing is left counted.
+        assert_eq!(state.bytes, 0);
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::auth::{now_unix, Identity};
+use crate::broker::log::cap_page;
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
 use crate::hub::ConnId;
 use crate::limits::{AbuseCounter, Bucket, ConnectionSlot};
@@ -712,7 +713,27 @@ impl Session {
             Err(refusal) => return self.refuse(refusal, req),
         };
         match self.app.broker.history(room, query).await {
-            Ok(page) => {
+            Ok(mut page) => {
+                // history.max_page_bytes bounds the whole frame: what is left of it around the
+                // events is theirs.
+                let empty = json_array(std::iter::empty::<&str>());
+                // `more: false`, the longer of the two.
+                let envelope = ServerFrame::History {
+                    room,
+                    messages: &empty,
+                    more: false,
+                    id: req.id,
+                }
+                .encode()
+                .len()
+                    - 2;
+                let budget = self
+                    .app
+                    .config
+                    .history
+                    .max_page_bytes
+                    .saturating_sub(envelope);
+                cap_page(&mut page, &query, budget);
                 let messages = json_array(page.frames.iter().map(String::as_str));
                 self.push(
                     ServerFrame::History {

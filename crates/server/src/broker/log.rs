@@ -50,6 +50,12 @@ pub struct PageQuery {
     pub limit: u32,
 }
 
+/// How often empty rooms are swept for `history.empty_room_ttl_s`: a quarter of it, between 1
+/// and 5 seconds, so an empty room is forgotten within its TTL plus at most 5 seconds.
+pub fn sweep_every(empty_room_ttl: Duration) -> Duration {
+    (empty_room_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
 /// Largest history page.
 pub const MAX_PAGE: u32 = 200;
 /// History page when the request gives no limit.
@@ -69,6 +75,41 @@ pub fn cap_replay(frames: &mut Vec<String>, max_bytes: usize) -> bool {
     let cut = keep < frames.len();
     frames.truncate(keep);
     cut
+}
+
+/// Cuts a history page so that its events, encoded as the JSON array `[f1,f2,...]`, take at
+/// most `max_array_bytes` (keeping at least one event); sets `more` when anything was cut. The
+/// events kept are those nearest the paging origin, so the next page continues without a hole:
+/// for `before` or no bounds (paging back from the newest) the newest are kept and the oldest
+/// dropped, and the client's next `before=<oldest seq returned>` finds them; for `after` (with
+/// or without `before`) the oldest are kept and the next `after=<newest seq returned>` finds
+/// the rest. Both brokers' pages pass through here, for the `history` frame and the HTTP API.
+pub fn cap_page(page: &mut Page, query: &PageQuery, max_array_bytes: usize) {
+    let newest_first = query.after.is_none();
+    let n = page.frames.len();
+    let mut total = 2usize; // `[` and `]`
+    let mut keep = 0usize;
+    for i in 0..n {
+        let frame = if newest_first {
+            &page.frames[n - 1 - i]
+        } else {
+            &page.frames[i]
+        };
+        let add = frame.len() + usize::from(keep > 0); // a comma before every later one
+        if keep > 0 && total + add > max_array_bytes {
+            break;
+        }
+        total += add;
+        keep += 1;
+    }
+    if keep < n {
+        if newest_first {
+            page.frames.drain(..n - keep);
+        } else {
+            page.frames.truncate(keep);
+        }
+        page.more = true;
+    }
 }
 
 /// The `system` frame of a join (`joined`) or leave event: the one place its text is written.
@@ -147,6 +188,53 @@ mod tests {
                 (transition, joined, users_after, announce_max)
             );
         }
+    }
+
+    #[test]
+    fn pages_are_capped_keeping_the_events_nearest_their_origin() {
+        let page = |sizes: &[usize]| Page {
+            frames: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| format!("{i}{}", "x".repeat(n - 1)))
+                .collect(),
+            more: false,
+        };
+        let back = PageQuery {
+            before: Some(10),
+            after: None,
+            limit: 50,
+        };
+        let forward = PageQuery {
+            before: None,
+            after: Some(1),
+            limit: 50,
+        };
+        // `[` + 10 + `,` + 10 + `]` = 23 bytes.
+        let mut p = page(&[10, 10, 10]);
+        cap_page(&mut p, &back, 23);
+        assert_eq!(p.frames.len(), 2);
+        assert!(p.more);
+        assert!(
+            p.frames[0].starts_with('1'),
+            "the oldest went: {:?}",
+            p.frames
+        );
+        let mut p = page(&[10, 10, 10]);
+        cap_page(&mut p, &forward, 23);
+        assert_eq!(p.frames.len(), 2);
+        assert!(p.frames[0].starts_with('0') && p.frames[1].starts_with('1'));
+        assert!(p.more);
+        let mut p = page(&[10, 10, 10]);
+        cap_page(&mut p, &forward, 22);
+        assert_eq!(p.frames.len(), 1);
+        let mut p = page(&[100, 1]);
+        cap_page(&mut p, &forward, 10);
+        assert_eq!(p.frames.len(), 1, "one event always goes, however big");
+        let mut p = page(&[5, 5]);
+        cap_page(&mut p, &back, 13);
+        assert_eq!(p.frames.len(), 2);
+        assert!(!p.more, "nothing cut, nothing added to `more`");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use parley_protocol::server::{json_array, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{debug, error};
 
 use super::log::{Page, PageQuery, StoredRoom};
 use super::{
@@ -151,6 +151,8 @@ enum Plan {
     },
     Leave {
         announced: bool,
+        /// The room's last member left: the store notes when (a [`Draft::Vacated`]).
+        vacated: bool,
     },
     Publish,
 }
@@ -158,8 +160,23 @@ enum Plan {
 async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: SequencerParts) {
     let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
     let mut ops: Vec<Op> = Vec::new();
+    // The retention sweep that needs no traffic (empty rooms): between batches, so it sees
+    // presence as the batches before it left it.
+    let mut sweep = tokio::time::interval(writer.sweep_every());
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.tick().await;
     while closing.is_empty() {
-        let Some(first) = rx.recv().await else { break };
+        let first = tokio::select! {
+            op = rx.recv() => op,
+            _ = sweep.tick() => {
+                match run_sweep(writer, &parts).await {
+                    Some(back) => writer = back,
+                    None => return,
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
         ops.push(first);
         while ops.len() < parts.max_batch {
             match rx.try_recv() {
@@ -200,6 +217,25 @@ async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: Seq
     }
 }
 
+/// Runs the store's sweep ([`LogWriter::sweep`]) with this node's presence; `None` when the
+/// blocking task was lost (the runtime is shutting down).
+async fn run_sweep(mut writer: LogWriter, parts: &SequencerParts) -> Option<LogWriter> {
+    let presence = parts.presence.clone();
+    let (writer, result) = tokio::task::spawn_blocking(move || {
+        let result = writer.sweep(|room| presence.occupied(room));
+        (writer, result)
+    })
+    .await
+    .map_err(|e| error!(error = %e, "the log writer task was lost"))
+    .ok()?;
+    match result {
+        Ok(0) => {}
+        Ok(forgotten) => debug!(forgotten, "empty rooms forgotten"),
+        Err(e) => error!(error = %e, "retention sweep failed"),
+    }
+    Some(writer)
+}
+
 /// Runs one batch; `None` when the blocking commit task was lost (the runtime is shutting
 /// down), which ends the sequencer: callers then get [`BrokerError::Closed`].
 async fn run_batch(
@@ -231,7 +267,13 @@ async fn run_batch(
                         joined: false,
                     });
                 }
-                Plan::Leave { announced }
+                let vacated = change.users == 0;
+                if vacated {
+                    drafts.push(Draft::Vacated {
+                        room: req.room.clone(),
+                    });
+                }
+                Plan::Leave { announced, vacated }
             }
             Op::Publish(req, _) => {
                 drafts.push(Draft::Message {
@@ -372,11 +414,14 @@ fn finish(
             parts.metrics.memberships.inc();
             let _ = reply.send(Ok(()));
         }
-        (Op::Leave(req, reply), Plan::Leave { announced }) => {
+        (Op::Leave(req, reply), Plan::Leave { announced, vacated }) => {
             parts.hub.remove(&req.room, req.conn);
             parts.metrics.memberships.dec();
             if announced {
                 deliver(parts, &req.room, written.next(), writes);
+            }
+            if vacated {
+                written.next();
             }
             if let Some(outbound) = &req.outbound {
                 outbound.push_in(req.left_frame(), writes);

@@ -8,6 +8,9 @@
 //!   clock in ms when it was appended);
 //! - `parley:{room}:dedup:<len(user)>:<user>:<id>` the seq of a client id, for
 //!   [`crate::broker::log::DEDUP_WINDOW`];
+//! - `parley:{room}:active` when the room was last known in use (Redis's clock in ms: set
+//!   when its last member leaves, or by a sweep that finds it in use), for forgetting empty
+//!   rooms (`lua/sweep.lua`);
 //! - `parley:{room}:users` user -> connections in the whole cluster;
 //!   `parley:{room}:presence:<node>` user -> connections on one node;
 //! - channel `parley:{room}`: `"<seq> <epoch> <frame>"` for every event, and
@@ -49,6 +52,11 @@ pub fn epoch(room_name: &str) -> String {
 /// The room's event stream.
 pub fn log(room_name: &str) -> String {
     format!("{}:log", room(room_name))
+}
+
+/// When the room was last known in use (ms), for the sweep of empty rooms.
+pub fn active(room_name: &str) -> String {
+    format!("{}:active", room(room_name))
 }
 
 /// The room's people in the whole cluster (user -> connections).
@@ -136,6 +144,7 @@ impl ScriptKeys {
                 ("run", RUN.to_owned()),
                 ("durable", DURABLE.to_owned()),
                 ("gen", GEN.to_owned()),
+                ("active", active(room_name)),
             ],
         }
     }

@@ -33,6 +33,7 @@ static LEAVE: LazyLock<Script> = op_script!("leave");
 static REAP: LazyLock<Script> = op_script!("reap");
 static SYNC: LazyLock<Script> = op_script!("sync");
 static TRIM: LazyLock<Script> = op_script!("trim");
+static SWEEP: LazyLock<Script> = op_script!("sweep");
 
 /// One script operation: its arguments, keys and reply.
 pub trait Op {
@@ -386,6 +387,34 @@ impl Op for Trim<'_> {
     }
 }
 
+/// `sweep`: forgets the room if it has been empty (no member, no message) for
+/// `empty_ttl_s`. Idempotent; any node may run it on any room.
+pub struct Sweep<'a> {
+    pub room: &'a str,
+    pub node: &'a str,
+    pub empty_ttl_s: u64,
+}
+
+impl Op for Sweep<'_> {
+    /// Whether the room was forgotten.
+    type Reply = bool;
+    fn script(&self) -> &'static Script {
+        &SWEEP
+    }
+    fn keys(&self) -> ScriptKeys {
+        ScriptKeys::new(self.room, self.node, None)
+    }
+    fn args(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("room", self.room.to_owned()),
+            ("empty_ttl_s", self.empty_ttl_s.to_string()),
+        ]
+    }
+    fn reply(value: Value) -> RedisResult<bool> {
+        Ok(flag(u8::from_redis_value(value)?))
+    }
+}
+
 fn is_noscript(value: &Value) -> bool {
     matches!(value, Value::ServerError(e) if e.code() == "NOSCRIPT")
 }
@@ -549,6 +578,11 @@ mod tests {
             node: "n",
             ttl_s: 0,
         };
+        let sweep = Sweep {
+            room: "r",
+            node: "n",
+            empty_ttl_s: 0,
+        };
         let cases = [
             (include_str!("lua/msg.lua"), names(msg.args())),
             (include_str!("lua/join.lua"), names(join.args())),
@@ -556,6 +590,7 @@ mod tests {
             (include_str!("lua/reap.lua"), names(reap.args())),
             (include_str!("lua/sync.lua"), names(sync.args())),
             (include_str!("lua/trim.lua"), names(trim.args())),
+            (include_str!("lua/sweep.lua"), names(sweep.args())),
         ];
         for (source, rust) in cases {
             assert_eq!(lua_names(source, "local a = args"), rust);

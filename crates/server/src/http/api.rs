@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 
 use super::ApiError;
 use crate::auth::mint_for_node;
+use crate::broker::log::cap_page;
 use crate::broker::{BrokerError, PublishReply, PublishRequest};
 use crate::metrics::AuthFailure;
 use crate::validate::{self, MAX_TOKEN_NAME, MAX_USER_ID};
@@ -332,13 +333,17 @@ async fn history(
     ApiQuery(params): ApiQuery<HistoryParams>,
 ) -> Result<Response, ApiError> {
     let query = validate::page(params.before, params.after, params.limit)?;
-    let page = app
+    let mut page = app
         .broker
         .history(&room, query)
         .await
         .map_err(broker_error)?;
-    let messages = json_array(page.frames.iter().map(String::as_str));
     let room = serde_json::to_string(&room).expect("a string encodes");
+    // history.max_page_bytes bounds the whole body, as it bounds the `history` frame.
+    let envelope = format!(r#"{{"room":{room},"messages":,"more":false}}"#).len();
+    let budget = app.config.history.max_page_bytes.saturating_sub(envelope);
+    cap_page(&mut page, &query, budget);
+    let messages = json_array(page.frames.iter().map(String::as_str));
     let body = format!(
         r#"{{"room":{room},"messages":{messages},"more":{}}}"#,
         page.more

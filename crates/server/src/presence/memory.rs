@@ -32,6 +32,11 @@ impl MemoryPresence {
         }
     }
 
+    /// Whether `room` has anyone in it.
+    pub fn occupied(&self, room: &str) -> bool {
+        self.rooms.lock().expect("presence lock").contains_key(room)
+    }
+
     /// One connection of `user` fewer in `room`; `transition` when it was the user's last.
     pub fn remove(&self, room: &str, user: &str) -> PresenceChange {
         let mut rooms = self.rooms.lock().expect("presence lock");

@@ -4,7 +4,9 @@
 //! event that arrived together in one transaction (group commit). Readers use their own
 //! connections and never block the writer.
 //!
-//! Schema: `rooms(room, epoch, seq)` holds each room's head and the epoch of its log;
+//! Schema: `rooms(room, epoch, seq, active_ms)` holds each room's head, the epoch of its log
+//! and when it was last known in use (created, or left by its last member), for the sweep
+//! that forgets empty rooms ([`LogWriter::sweep`]);
 //! `events(room, seq, ts_ms, user, client_id, frame)` holds the encoded frame of every retained
 //! event, so history is served without re-encoding.
 
@@ -62,6 +64,11 @@ pub enum Draft {
         /// `true` for join, `false` for leave.
         joined: bool,
     },
+    /// The room's last member left: it may be empty from now on (see [`LogWriter::sweep`]).
+    Vacated {
+        /// The room.
+        room: Arc<str>,
+    },
     /// Read the room's head (creating the room) and, for a join, the history it gets.
     Head {
         /// The room.
@@ -96,6 +103,8 @@ pub enum Written {
     },
     /// The client id is taken by a stored message with other content; nothing was stored.
     Conflict,
+    /// A [`Draft::Vacated`] was noted.
+    Noted,
     /// The room head, with the join history when asked for.
     Head {
         /// Head and epoch after everything before it in the batch.
@@ -109,7 +118,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rooms (
     room TEXT PRIMARY KEY,
     epoch TEXT NOT NULL,
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    active_ms INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     room TEXT NOT NULL,
@@ -124,6 +134,24 @@ CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms);
 ";
+
+/// Whether a stored frame is a chat message (not a join/leave event): a room whose log holds
+/// none and that has no member is empty. Frames are encoded with `type` first.
+const IS_MESSAGE: &str = "frame LIKE '{\"type\":\"message\"%'";
+
+/// Adds `rooms.active_ms` to a log created before it existed; such rooms count as in use
+/// from now.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_active: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('rooms') WHERE name = 'active_ms'")?
+        .exists([])?;
+    if !has_active {
+        conn.execute_batch("ALTER TABLE rooms ADD COLUMN active_ms INTEGER NOT NULL DEFAULT 0")?;
+        conn.execute("UPDATE rooms SET active_ms = ?1", params![now_ms() as i64])?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS rooms_active ON rooms (active_ms)")?;
+    Ok(())
+}
 
 /// The original seq of a client id. INDEXED BY: without statistics SQLite prefers the primary
 /// key's `room` prefix and would scan the room's whole log for every message with an id (a soak
@@ -155,6 +183,7 @@ pub fn open_log(
 ) -> Result<(LogWriter, LogReader), StoreError> {
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     let writer = LogWriter {
         conn,
         heads: HashMap::new(),
@@ -164,6 +193,7 @@ pub fn open_log(
         on_join: history.on_join,
         max_replay: history.max_replay,
         max_replay_bytes: history.max_replay_bytes,
+        empty_room_ttl: Duration::from_secs(history.empty_room_ttl_s),
     };
     let reader = LogReader {
         path: path.to_owned(),
@@ -184,6 +214,7 @@ pub struct LogWriter {
     on_join: usize,
     max_replay: usize,
     max_replay_bytes: usize,
+    empty_room_ttl: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -288,6 +319,11 @@ impl LogWriter {
                     note(&mut touched, room);
                     Written::Event { seq, frame }
                 }
+                Draft::Vacated { room } => {
+                    tx.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
+                        .execute(params![&**room, now as i64])?;
+                    Written::Noted
+                }
                 Draft::Head { room, window } => {
                     let head = head_of(&tx, &mut self.heads, room)?.clone();
                     let history = match window {
@@ -340,6 +376,65 @@ impl LogWriter {
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// How often the sequencer calls [`LogWriter::sweep`]: a quarter of
+    /// `history.empty_room_ttl_s`, between 1 and 5 seconds.
+    pub fn sweep_every(&self) -> Duration {
+        crate::broker::log::sweep_every(self.empty_room_ttl)
+    }
+
+    /// The retention sweep that needs no traffic: drops events older than `history.ttl_s`
+    /// and forgets every room that has been empty for `history.empty_room_ttl_s` (no member,
+    /// `occupied` says, and no `message` event in its log): its row and its join/leave events
+    /// go, so it is no longer listed, and a later join starts it afresh with a new epoch. A
+    /// room found in use (members, or messages) counts as in use from now. Returns how many
+    /// rooms were forgotten.
+    pub fn sweep(&mut self, occupied: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
+        let result = self.sweep_inner(occupied);
+        // Forgotten rooms must not live on in the cache of heads (nor a rolled-back one).
+        self.heads.clear();
+        result
+    }
+
+    fn sweep_inner(&mut self, occupied: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if !self.ttl.is_zero() {
+            let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
+            tx.prepare_cached("DELETE FROM events WHERE ts_ms < ?1")?
+                .execute(params![cutoff as i64])?;
+            self.last_sweep_ms = now;
+        }
+        let cutoff = now.saturating_sub(self.empty_room_ttl.as_millis() as u64);
+        let candidates: Vec<String> = {
+            let mut stmt = tx.prepare_cached("SELECT room FROM rooms WHERE active_ms <= ?1")?;
+            let rows = stmt.query_map(params![cutoff as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut forgotten = 0;
+        for room in candidates {
+            let has_message = occupied(&room)
+                || tx
+                    .prepare_cached(&format!(
+                        "SELECT 1 FROM events WHERE room = ?1 AND {IS_MESSAGE} LIMIT 1"
+                    ))?
+                    .exists(params![&room])?;
+            if has_message {
+                tx.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
+                    .execute(params![&room, now as i64])?;
+            } else {
+                tx.prepare_cached("DELETE FROM events WHERE room = ?1")?
+                    .execute(params![&room])?;
+                tx.prepare_cached("DELETE FROM rooms WHERE room = ?1")?
+                    .execute(params![&room])?;
+                forgotten += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(forgotten)
     }
 }
 
@@ -417,8 +512,10 @@ fn head_of<'a>(
             },
             None => {
                 let epoch = new_epoch();
-                tx.prepare_cached("INSERT INTO rooms (room, epoch, seq) VALUES (?1, ?2, 0)")?
-                    .execute(params![&**room, &epoch])?;
+                tx.prepare_cached(
+                    "INSERT INTO rooms (room, epoch, seq, active_ms) VALUES (?1, ?2, 0, ?3)",
+                )?
+                .execute(params![&**room, &epoch, now_ms() as i64])?;
                 RoomHead {
                     seq: 0,
                     epoch: epoch.into(),

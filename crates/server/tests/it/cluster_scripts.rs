@@ -8,8 +8,8 @@ use crate::redis_server;
 use parley::broker::log::{announce, ANNOUNCE_CASES, DEDUP_WINDOW};
 use parley::cluster::keys;
 use parley::cluster::script::{
-    self, Announced, Join, JoinReply, Leave, LeaveReply, Msg, MsgOutcome, MsgReply, Reap, Sync,
-    Trim,
+    self, Announced, Join, JoinReply, Leave, LeaveReply, Msg, MsgOutcome, MsgReply, Reap, Sweep,
+    Sync, Trim,
 };
 use parley::cluster::Shards;
 use redis::aio::ConnectionManager;
@@ -252,6 +252,44 @@ async fn every_op_through_its_typed_structs() {
     .await;
     let len: u64 = cmd(conn, &["XLEN", &keys::log("r")]).await;
     assert_eq!(len, 8);
+
+    // sweep: a room with a message stays, however long empty; one with only join/leave
+    // events and nobody in it goes, keys and room-set entry; again, it is a no-op; a room
+    // with someone in it stays.
+    let sweep = |room| Sweep {
+        room,
+        node: NODE,
+        empty_ttl_s: 0,
+    };
+    // A message is an event whose frame is a `message` (the encoder writes `type` first).
+    let mut message = msg("m", "alice", "", "hello");
+    message.prefix = "{\"type\":\"message\",\"seq\":".to_owned();
+    run(conn, &message).await;
+    assert!(!run(conn, &sweep("m")).await, "m holds a message");
+    assert!(
+        run(conn, &sweep("r")).await,
+        "r holds join/leave events and test frames only"
+    );
+    run(conn, &join("e", "alice", NODE, 10)).await;
+    assert!(!run(conn, &sweep("e")).await, "alice is in e");
+    run(conn, &leave("e", "alice", NODE, 10)).await;
+    assert!(run(conn, &sweep("e")).await, "e is empty");
+    for key in [
+        keys::seq("e"),
+        keys::epoch("e"),
+        keys::log("e"),
+        keys::active("e"),
+    ] {
+        let exists: u64 = cmd(conn, &["EXISTS", &key]).await;
+        assert_eq!(exists, 0, "{key}");
+    }
+    let member: u64 = cmd(conn, &["SISMEMBER", keys::ROOMS, "e"]).await;
+    assert_eq!(member, 0);
+    assert!(!run(conn, &sweep("e")).await, "already forgotten");
+    let exists: u64 = cmd(conn, &["EXISTS", &keys::active("e")]).await;
+    assert_eq!(exists, 0, "a repeated sweep leaves nothing behind");
+    let member: u64 = cmd(conn, &["SISMEMBER", keys::ROOMS, "m"]).await;
+    assert_eq!(member, 1);
 }
 
 /// The Lua announce rule on the same cases as `broker::log::announce`: each case sets up a

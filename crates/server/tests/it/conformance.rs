@@ -479,6 +479,241 @@ async fn history_pages(mode: Mode) {
     }
 }
 
+/// `history.max_page_bytes` caps every history answer, WebSocket and HTTP alike: fewer events,
+/// `more: true`, at least one event, and the events kept are those nearest the paging origin,
+/// so paging on from the answer finds every event once, without a hole.
+async fn history_pages_are_capped_by_bytes(mode: Mode) {
+    const CAP: usize = 8192;
+    let nodes = Nodes::start(mode, &[("history.max_page_bytes", (CAP as i64).into())]).await;
+    let mut alice = nodes.node(0).user("alice").await;
+    alice.join("r").await;
+    // 600 control characters encode to 3,600 bytes each (`\u0001`): two fit a page, not three.
+    let big = "\u{1}".repeat(600);
+    for i in 2..=21 {
+        alice.post("r", &big, &format!("c{i}")).await;
+    }
+    // seq 1 is alice's join, 2..=21 her messages. Read from the other node.
+    let mut bob = nodes.node(1).user("bob").await;
+    let frame_len = |page: &[Value], more: bool| {
+        serde_json::to_string(
+            &json!({"type": "history", "room": "r", "messages": page, "more": more}),
+        )
+        .unwrap()
+        .len()
+    };
+    // Paging back from the newest: each page ends where the last one began.
+    let mut seen = Vec::new();
+    let mut query = json!({"limit": 200});
+    loop {
+        let (page, more) = history(&mut bob, "r", query.clone()).await;
+        assert!(!page.is_empty(), "{query}");
+        assert!(
+            frame_len(&page, more) <= CAP,
+            "{query}: {} bytes",
+            frame_len(&page, more)
+        );
+        let got = seqs(&page);
+        if let Some(&oldest_seen) = seen.first() {
+            assert_eq!(*got.last().unwrap() + 1, oldest_seen, "no hole: {query}");
+        } else {
+            assert_eq!(*got.last().unwrap(), 21, "the newest are kept");
+        }
+        seen.splice(0..0, got.iter().copied());
+        if !more {
+            break;
+        }
+        query = json!({"before": got[0], "limit": 200});
+    }
+    assert_eq!(seen, range(1, 21));
+    // Paging forward: the oldest are kept.
+    let mut seen = Vec::new();
+    let mut query = json!({"after": 0, "limit": 200});
+    loop {
+        let (page, more) = history(&mut bob, "r", query.clone()).await;
+        assert!(!page.is_empty(), "{query}");
+        assert!(frame_len(&page, more) <= CAP, "{query}");
+        let got = seqs(&page);
+        assert_eq!(got[0], seen.last().map_or(1, |s| s + 1), "no hole: {query}");
+        seen.extend(got.iter().copied());
+        if !more {
+            break;
+        }
+        query = json!({"after": got.last().unwrap(), "before": 100, "limit": 200});
+    }
+    assert_eq!(seen, range(1, 21));
+    // One event bigger than the cap still goes, alone.
+    let huge = "\u{1}".repeat(2000);
+    alice.post("r", &huge, "c22").await;
+    let (page, more) = history(&mut bob, "r", json!({})).await;
+    assert_eq!((seqs(&page), more), (vec![22], true));
+    // The HTTP API: the same cap on its body, the newest kept.
+    let response = reqwest::Client::new()
+        .get(
+            nodes
+                .node(1)
+                .http_url("/api/rooms/r/messages?before=22&limit=200"),
+        )
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    let body = response.text().await.unwrap();
+    assert!(body.len() <= CAP, "{} bytes", body.len());
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let page = body["messages"].as_array().unwrap();
+    assert_eq!(seqs(page), range(20, 21));
+    assert_eq!(body["more"], true);
+}
+
+/// `history.empty_room_ttl_s`: a room with no message and no member is forgotten (not listed,
+/// nothing of it in SQLite or Redis) soon after the TTL; a later join starts it afresh with a
+/// new epoch. Rooms with a message, or with someone in them, stay; a room whose messages were
+/// all dropped by retention is empty too.
+async fn empty_rooms_are_forgotten(mode: Mode) {
+    const CYCLES: usize = 300;
+    let nodes = Nodes::start(
+        mode,
+        &[
+            ("history.empty_room_ttl_s", 1.into()),
+            ("history.max_len", 2.into()),
+            ("limits.join_rate", 100_000.into()),
+            ("limits.join_burst", 100_000.into()),
+        ],
+    )
+    .await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let mut bob = nodes.node(1).user("bob").await;
+    async fn leave(client: &mut Client, room: &str) {
+        client.send(json!({"type": "leave", "room": room})).await;
+        client.skip_until("left").await;
+    }
+    let listed = |i: usize| {
+        let url = nodes.node(i).http_url("/api/rooms");
+        async move {
+            let body: Value = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["rooms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["room"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    // Churn over fresh names: join/leave events only.
+    let first_epoch = join(&mut alice, "e-0").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    leave(&mut alice, "e-0").await;
+    assert!(
+        listed(1).await.contains(&"e-0".to_owned()),
+        "listed until its TTL passes"
+    );
+    for i in 1..CYCLES {
+        let room = format!("e-{i}");
+        join(&mut alice, &room).await;
+        leave(&mut alice, &room).await;
+    }
+    // A room with a message stays; one whose message retention dropped (max_len 2) does not.
+    join(&mut alice, "kept").await;
+    alice.post("kept", "hello", "k1").await;
+    leave(&mut alice, "kept").await;
+    join(&mut alice, "dropped").await;
+    alice.post("dropped", "hello", "d1").await;
+    leave(&mut alice, "dropped").await;
+    for _ in 0..2 {
+        join(&mut alice, "dropped").await;
+        leave(&mut alice, "dropped").await;
+    }
+    // A room with someone in it stays, message or not.
+    join(&mut bob, "occupied").await;
+
+    // The TTL is 1 s and the sweep runs every second: all gone within a few seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rooms = listed(1).await;
+        if rooms == ["kept", "occupied"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still listed after 20 s: {} rooms, e.g. {:?}",
+            rooms.len(),
+            &rooms[..rooms.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(listed(0).await, ["kept", "occupied"]);
+    // Nothing of them is kept on disk or in Redis.
+    match &nodes._redis {
+        None => {
+            let db = rusqlite::Connection::open(&nodes.node(0).db).unwrap();
+            let rooms: Vec<String> = db
+                .prepare("SELECT room FROM rooms ORDER BY room")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(rooms, ["kept", "occupied"]);
+            let stray: i64 = db
+                .query_row(
+                    "SELECT COUNT(*) FROM events WHERE room NOT IN ('kept', 'occupied')",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(stray, 0);
+        }
+        Some(redis) => {
+            let client = redis::Client::open(redis.url()).unwrap();
+            let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+            let mut members: Vec<String> = redis::cmd("SMEMBERS")
+                .arg("parley:rooms")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            members.sort();
+            assert_eq!(members, ["kept", "occupied"]);
+            let mut stray: Vec<String> = Vec::new();
+            for pattern in ["parley:{e-*", "parley:{dropped}*"] {
+                let found: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                stray.extend(found);
+            }
+            // A message's de-duplication key outlives it by at most the window, then expires
+            // by itself.
+            for key in stray.iter().filter(|k| k.contains(":dedup:")) {
+                let ttl: i64 = redis::cmd("TTL")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(ttl > 0, "{key} expires");
+            }
+            stray.retain(|k| !k.contains(":dedup:"));
+            assert!(stray.is_empty(), "{stray:?}");
+        }
+    }
+    // Joining a forgotten room starts it afresh.
+    let joined = join(&mut bob, "e-0").await;
+    assert_ne!(joined["epoch"].as_str().unwrap(), first_epoch);
+    assert_eq!(joined["seq"], 1, "{joined}");
+    let joined = join_since(&mut alice, "e-0", CYCLES as u64, &first_epoch).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+}
+
 /// `history.max_len`: a room keeps its latest events only, `since` older than what is kept
 /// gives `recovered: false`, and a message dropped by retention no longer de-duplicates.
 async fn retention_keeps_the_latest_max_len(mode: Mode) {
@@ -788,6 +1023,8 @@ conformance!(
     acks_follow_the_store_and_resends_are_deduplicated,
     joined_history_and_since_recovery,
     history_pages,
+    history_pages_are_capped_by_bytes,
+    empty_rooms_are_forgotten,
     retention_keeps_the_latest_max_len,
     retention_drops_events_older_than_ttl,
     presence_counts_people_not_tabs,

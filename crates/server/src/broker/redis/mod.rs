@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use super::log::{Page, PageQuery, StoredRoom};
 use super::{Broker, BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
-use crate::cluster::script::{self, Trim};
+use crate::cluster::script::{self, Sweep, Trim};
 use crate::cluster::{self, keys, Shards};
 use crate::config::HistoryConfig;
 use crate::faults::{Faults, Health};
@@ -155,6 +155,9 @@ impl RedisBroker {
                 typing::run(inner.clone(), index, rx),
             ));
         }
+        for index in 0..n {
+            inner.tasks.spawn(sweeper(inner.clone(), index));
+        }
         let repairer = inner.clone();
         inner.tasks.spawn(health.clone().guard(
             "the heartbeat".into(),
@@ -167,7 +170,62 @@ impl RedisBroker {
     }
 }
 
+/// Forgets empty rooms on one shard: every [`sweep_every`](super::log::sweep_every) of
+/// `history.empty_room_ttl_s`, one pass of `lua/sweep.lua` over the shard's room set. Every
+/// node runs one per shard; the script is idempotent, so passes may overlap.
+async fn sweeper(inner: Arc<Inner>, shard: usize) {
+    let ttl_s = inner.parts.history.empty_room_ttl_s;
+    let mut tick = tokio::time::interval(super::log::sweep_every(Duration::from_secs(ttl_s)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match inner.sweep(shard, ttl_s).await {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::debug!(shard, forgotten, "empty rooms forgotten"),
+            Err(e) => tracing::debug!(shard, error = %cluster::reason(&e), "sweep failed"),
+        }
+    }
+}
+
 impl Inner {
+    /// One sweep pass over a shard's rooms (SSCAN, then the script on each page of them);
+    /// returns how many rooms were forgotten.
+    async fn sweep(&self, shard: usize, empty_ttl_s: u64) -> redis::RedisResult<usize> {
+        let conn = &self.shards.shards[shard].conn;
+        let mut scan = conn.clone();
+        let mut cursor: u64 = 0;
+        let mut forgotten = 0;
+        loop {
+            let (next, rooms): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(keys::ROOMS)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut scan)
+                .await?;
+            let ops: Vec<Sweep<'_>> = rooms
+                .iter()
+                .map(|room| Sweep {
+                    room,
+                    node: &self.parts.node,
+                    empty_ttl_s,
+                })
+                .collect();
+            if !ops.is_empty() {
+                let refs: Vec<&Sweep<'_>> = ops.iter().collect();
+                let replies = script::run_batch(conn, &refs).await?;
+                forgotten += replies.into_iter().filter(|r| r == &Ok(true)).count();
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(forgotten);
+            }
+        }
+    }
+
     /// Hands a command to the room's actor, starting one when the room has none.
     fn room_cmd(inner: &Arc<Inner>, room: &Arc<str>, cmd: RoomCmd) {
         let mut rooms = inner.rooms.lock().expect("rooms lock");

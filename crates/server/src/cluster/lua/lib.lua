@@ -16,7 +16,7 @@ end
 local function keys(names) return named(KEYS, names, 'KEYS') end
 local function args(names) return named(ARGV, names, 'ARGV') end
 local K = keys{'seq', 'epoch', 'log', 'users', 'channel', 'rooms', 'nodes', 'presence',
-  'node_rooms', 'alive', 'dedup', 'room_gen', 'run', 'durable', 'gen'}
+  'node_rooms', 'alive', 'dedup', 'room_gen', 'run', 'durable', 'gen', 'active'}
 
 local function fmt(n) return string.format('%d', n) end
 -- Redis may come back with less than it acknowledged (restarted from an older snapshot, AOF
@@ -155,5 +155,8 @@ local function remove(room, user, count)
   local c = redis.call('HINCRBY', K.users, user, -count)
   if c > 0 then return false, redis.call('HLEN', K.users) end
   redis.call('HDEL', K.users, user)
-  return true, redis.call('HLEN', K.users)
+  local after = redis.call('HLEN', K.users)
+  -- The room may be empty from now on (see sweep.lua).
+  if after == 0 then redis.call('SET', K.active, fmt(now_ms())) end
+  return true, after
 end
