@@ -17,6 +17,7 @@
 //! and `connections --processes P` (hidden subcommand `hold`).
 
 pub mod chat;
+pub mod check;
 pub mod connections;
 pub mod driver;
 pub mod fanout;
@@ -126,6 +127,10 @@ pub enum Command {
     Chat(chat::Options),
     /// A crowd with misbehaving clients; exits non-zero if a well-behaved client lost anything.
     Soak(soak::Options),
+    /// Fault-injecting consistency checker: starts its own nodes (and redis-server), injects
+    /// faults from a seed, checks every client's view against the final logs; exits non-zero
+    /// if a check failed.
+    Check(check::Options),
     /// The publisher process of `fanout --publisher-process` (JSON lines on stdout).
     #[command(hide = true)]
     Publish(fanout::PublishOptions),
@@ -142,6 +147,7 @@ impl Command {
             Command::Fanout(o) => &o.common,
             Command::Chat(o) => &o.common,
             Command::Soak(o) => &o.common,
+            Command::Check(o) => &o.common,
             Command::Publish(o) => &o.common,
             Command::Hold(o) => &o.common,
         }
@@ -160,6 +166,8 @@ pub enum Report {
     Chat(chat::Report),
     /// From `soak`.
     Soak(soak::Report),
+    /// From `check`.
+    Check(check::Report),
     /// From the hidden `publish`.
     Publish(fanout::PublisherReport),
     /// From the hidden `hold`.
@@ -174,6 +182,7 @@ impl Report {
             Report::Fanout(r) => r.human(),
             Report::Chat(r) => r.human(),
             Report::Soak(r) => r.human(),
+            Report::Check(r) => r.human(),
             Report::Publish(_) | Report::Hold(_) => serde_json::to_string(self).unwrap_or_default(),
         }
     }
@@ -182,6 +191,7 @@ impl Report {
     pub fn ok(&self) -> bool {
         match self {
             Report::Soak(r) => r.ok,
+            Report::Check(r) => r.ok,
             _ => true,
         }
     }
@@ -194,6 +204,7 @@ pub async fn run(command: &Command) -> anyhow::Result<Report> {
         Command::Fanout(o) => Report::Fanout(fanout::run(o).await?),
         Command::Chat(o) => Report::Chat(chat::run(o).await?),
         Command::Soak(o) => Report::Soak(soak::run(o).await?),
+        Command::Check(o) => Report::Check(check::run(o).await?),
         Command::Publish(o) => Report::Publish(fanout::publish(o).await?),
         Command::Hold(o) => Report::Hold(connections::hold(o).await?),
     })
