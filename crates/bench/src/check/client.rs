@@ -277,7 +277,10 @@ pub async fn run(ctl: Arc<ClientCtl>, shared: Arc<Shared>) {
         c.conn += 1;
         c.node = node;
         c.rec().counts.connects += 1;
-        c.note(None, format!("connected to n{node} (connection {})", c.conn));
+        c.note(
+            None,
+            format!("connected to n{node} (connection {})", c.conn),
+        );
         match c.session(ws).await {
             End::Stop => return,
             End::Reconnect => {
@@ -535,10 +538,7 @@ impl Client {
                 },
             );
             self.rec().counts.leaves += 1;
-            let frame = ClientFrame::Leave {
-                room,
-                id: Some(id),
-            };
+            let frame = ClientFrame::Leave { room, id: Some(id) };
             return Some(self.write(ws, &frame).await);
         }
         Some(self.send(ws, &room).await)
@@ -674,7 +674,10 @@ impl Client {
                     unanswered,
                 }) => {
                     if id.as_deref() != Some(want.as_str()) {
-                        self.protocol_error(Some(&room), format!("left with id {id:?}, want {want}"));
+                        self.protocol_error(
+                            Some(&room),
+                            format!("left with id {id:?}, want {want}"),
+                        );
                     }
                     let checked = !unanswered.is_empty();
                     let late: Vec<String> = unanswered
@@ -687,8 +690,10 @@ impl Client {
                         rec.order_checked += 1;
                     }
                     for i in late {
-                        rec.order_violations
-                            .push((room.clone(), format!("c{}: left before the ack of {i}", self.ctl.spec.index)));
+                        rec.order_violations.push((
+                            room.clone(),
+                            format!("c{}: left before the ack of {i}", self.ctl.spec.index),
+                        ));
                     }
                 }
                 other => {
@@ -711,7 +716,10 @@ impl Client {
                 if self.inflight.remove(&id).is_some() {
                     // A send: unavailable / rate_limited / not_joined are retried with the same
                     // id; anything else must not happen to this workload.
-                    if !matches!(code_s.as_str(), "unavailable" | "rate_limited" | "not_joined") {
+                    if !matches!(
+                        code_s.as_str(),
+                        "unavailable" | "rate_limited" | "not_joined"
+                    ) {
                         self.pending.remove(&id);
                         self.protocol_error(room.as_deref(), format!("send {id}: error {code_s}"));
                     }
@@ -732,7 +740,10 @@ impl Client {
                     Some(RoomState::Leaving { id: want, .. }) if *want == id => {
                         self.protocol_error(Some(&room), format!("leave {id}: error {code_s}"));
                     }
-                    _ => self.protocol_error(Some(&room), format!("error {code_s} for unknown request {id}")),
+                    _ => self.protocol_error(
+                        Some(&room),
+                        format!("error {code_s} for unknown request {id}"),
+                    ),
                 }
             }
             Received::History { .. }
@@ -763,7 +774,11 @@ impl Client {
             joined_seq: j.seq,
             recovered: j.recovered,
             truncated: j.truncated,
-            history: j.history.iter().map(|e| (e.seq(), fingerprint(e))).collect(),
+            history: j
+                .history
+                .iter()
+                .map(|e| (e.seq(), fingerprint(e)))
+                .collect(),
             live: Vec::new(),
             end: None,
         };

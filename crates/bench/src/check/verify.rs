@@ -79,7 +79,12 @@ pub fn acked_in_log(
 ) {
     let mut by_id: HashMap<(&str, &str, &str, &str), u64> = HashMap::new();
     for a in acks {
-        let key = (a.room.as_str(), a.epoch.as_str(), a.user.as_str(), a.id.as_str());
+        let key = (
+            a.room.as_str(),
+            a.epoch.as_str(),
+            a.user.as_str(),
+            a.id.as_str(),
+        );
         if let Some(&seq) = by_id.get(&key) {
             v.case("acked_in_log", &a.room, seq == a.seq, || {
                 format!("{} acked at seq {seq} and again at {}", a.id, a.seq)
@@ -140,14 +145,32 @@ pub fn same_event(
     };
     for s in segments {
         for (seq, fp) in &s.history {
-            put(&s.room, &s.epoch, *seq, fp.clone(), format!("c{} history (conn {})", s.client, s.conn));
+            put(
+                &s.room,
+                &s.epoch,
+                *seq,
+                fp.clone(),
+                format!("c{} history (conn {})", s.client, s.conn),
+            );
         }
         for (seq, fp) in &s.live {
-            put(&s.room, &s.epoch, *seq, fp.clone(), format!("c{} live on n{} (conn {})", s.client, s.node, s.conn));
+            put(
+                &s.room,
+                &s.epoch,
+                *seq,
+                fp.clone(),
+                format!("c{} live on n{} (conn {})", s.client, s.node, s.conn),
+            );
         }
     }
     for a in acks {
-        put(&a.room, &a.epoch, a.seq, message_fp(&a.user, &a.id, &a.content), format!("c{} ack", a.client));
+        put(
+            &a.room,
+            &a.epoch,
+            a.seq,
+            message_fp(&a.user, &a.id, &a.content),
+            format!("c{} ack", a.client),
+        );
     }
     for (room, log) in logs {
         if let Some(epoch) = &log.epoch {
@@ -158,8 +181,15 @@ pub fn same_event(
     }
     for ((room, epoch, seq), fps) in seen {
         v.case("same_event", &room, fps.len() == 1, || {
-            let list: Vec<String> = fps.iter().map(|(fp, who)| format!("[{who}] {fp}")).collect();
-            format!("epoch {epoch} seq {seq} names {} events: {}", fps.len(), list.join(" / "))
+            let list: Vec<String> = fps
+                .iter()
+                .map(|(fp, who)| format!("[{who}] {fp}"))
+                .collect();
+            format!(
+                "epoch {epoch} seq {seq} names {} events: {}",
+                fps.len(),
+                list.join(" / ")
+            )
         });
     }
 }
@@ -202,7 +232,10 @@ pub fn recovered(v: &mut Verdicts, segments: &[Segment]) {
         };
         if s.recovered != Some(true) {
             v.case("recovered", &s.room, s.recovered == Some(false), || {
-                format!("c{} conn {}: join with since gave recovered {:?}", s.client, s.conn, s.recovered)
+                format!(
+                    "c{} conn {}: join with since gave recovered {:?}",
+                    s.client, s.conn, s.recovered
+                )
             });
             continue;
         }
@@ -210,7 +243,10 @@ pub fn recovered(v: &mut Verdicts, segments: &[Segment]) {
         let want_first = since + 1;
         let ok = *epoch == s.epoch
             && s.joined_seq >= *since
-            && hist.iter().enumerate().all(|(i, &seq)| seq == want_first + i as u64)
+            && hist
+                .iter()
+                .enumerate()
+                .all(|(i, &seq)| seq == want_first + i as u64)
             && (s.truncated || since + hist.len() as u64 == s.joined_seq);
         v.case("recovered", &s.room, ok, || {
             format!(

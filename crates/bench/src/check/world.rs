@@ -155,7 +155,10 @@ impl Redis {
     /// snapshot are gone), then turn the AOF back on (rewritten from the rolled-back data) so
     /// later restarts keep what comes next.
     pub async fn rollback(&mut self) -> anyhow::Result<()> {
-        let snapshot = self.snapshot.take().context("no snapshot to roll back to")?;
+        let snapshot = self
+            .snapshot
+            .take()
+            .context("no snapshot to roll back to")?;
         self.kill().await;
         let _ = std::fs::remove_dir_all(self.dir.join("appendonlydir"));
         let _ = std::fs::remove_file(self.dir.join("appendonly.aof"));
@@ -322,7 +325,10 @@ impl Node {
             .arg("--bind")
             .arg(format!("127.0.0.1:{}", self.port))
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("PARLEY_CHECK_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PARLEY_CHECK_LOG").unwrap_or("info".into()),
+            )
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
