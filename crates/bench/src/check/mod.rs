@@ -667,7 +667,12 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
             s.end = None;
         }
     }
-    verify::acked_in_log(&mut verdicts, &acks, &logs, rollback_done);
+    let retention = o
+        .node_set
+        .iter()
+        .any(|s| s.starts_with("history.ttl_s") || s.starts_with("history.max_len"));
+    verify::acked_in_log(&mut verdicts, &acks, &logs, rollback_done, retention);
+    verify::log_contiguous(&mut verdicts, &logs, retention);
     verify::same_event(&mut verdicts, &segments, &acks, &logs);
     verify::contiguous(&mut verdicts, &segments);
     verify::recovered(&mut verdicts, &segments);

@@ -76,6 +76,7 @@ pub fn acked_in_log(
     acks: &[AckRec],
     logs: &BTreeMap<String, FinalLog>,
     rollback: bool,
+    retention: bool,
 ) {
     let mut by_id: HashMap<(&str, &str, &str, &str), u64> = HashMap::new();
     for a in acks {
@@ -106,6 +107,12 @@ pub fn acked_in_log(
                     )
                 });
             }
+            continue;
+        }
+        let first = log.events.first().map_or(u64::MAX, Event::seq);
+        if retention && a.seq < first {
+            // Dropped by the configured retention (a prefix of the log).
+            v.exempt("acked_in_log");
             continue;
         }
         let found: Vec<u64> = log
@@ -275,5 +282,73 @@ pub fn caught_up(v: &mut Verdicts, segments: &[Segment], logs: &BTreeMap<String,
                 s.last_seen()
             )
         });
+    }
+}
+
+/// `log_contiguous`: the final log is one run of consecutive seqs (retention drops a prefix,
+/// never events in the middle), and without retention it starts at 1.
+pub fn log_contiguous(v: &mut Verdicts, logs: &BTreeMap<String, FinalLog>, retention: bool) {
+    for (room, log) in logs {
+        let seqs: Vec<u64> = log.events.iter().map(Event::seq).collect();
+        let gap = seqs.windows(2).find(|w| w[1] != w[0] + 1);
+        let start_ok = retention || seqs.first().is_none_or(|&f| f == 1);
+        v.case(
+            "log_contiguous",
+            room,
+            gap.is_none() && start_ok,
+            || match gap {
+                Some(w) => format!("the final log jumps from seq {} to {}", w[0], w[1]),
+                None => format!(
+                    "the final log starts at seq {:?} with no retention configured",
+                    seqs.first()
+                ),
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(room: &str, epoch: &str, joined: u64, live: &[(u64, &str)]) -> Segment {
+        Segment {
+            client: 0,
+            node: 0,
+            conn: 1,
+            room: room.into(),
+            since: None,
+            epoch: epoch.into(),
+            joined_seq: joined,
+            recovered: None,
+            truncated: false,
+            history: Vec::new(),
+            live: live.iter().map(|(s, f)| (*s, (*f).to_owned())).collect(),
+            end: None,
+        }
+    }
+
+    #[test]
+    fn two_events_under_one_seq_fail() {
+        let mut v = Verdicts::default();
+        let a = seg("r", "e", 4, &[(5, "x"), (6, "y")]);
+        let b = seg("r", "e", 4, &[(5, "x"), (6, "z")]);
+        same_event(&mut v, &[a.clone(), b], &[], &BTreeMap::new());
+        assert_eq!(v.checks["same_event"].failed, 1);
+        assert_eq!(v.checks["same_event"].passed, 1);
+        let mut v = Verdicts::default();
+        let c = seg("r", "other", 4, &[(5, "q")]);
+        same_event(&mut v, &[a, c], &[], &BTreeMap::new());
+        assert!(v.ok(), "another epoch may reuse seqs");
+    }
+
+    #[test]
+    fn gaps_and_duplicates_fail() {
+        let mut v = Verdicts::default();
+        contiguous(&mut v, &[seg("r", "e", 4, &[(5, "a"), (6, "b")])]);
+        contiguous(&mut v, &[seg("r", "e", 4, &[(5, "a"), (7, "b")])]);
+        contiguous(&mut v, &[seg("r", "e", 4, &[(5, "a"), (5, "a")])]);
+        assert_eq!(v.checks["contiguous"].passed, 1);
+        assert_eq!(v.checks["contiguous"].failed, 2);
     }
 }
