@@ -1,6 +1,6 @@
 //! `parley-bench`: the load tool for parley.
 //!
-//! Four runs, each a library entry point the binary and the smoke test share:
+//! Five runs, each a library entry point the binary and the smoke test share:
 //! - [`connections::run`]: N authenticated connections in rooms of M, held idle; connect rate,
 //!   failures, the server's RSS per connection, idle CPU, and how soon after the last join the
 //!   server is idle again (the join storm, with M = N).
@@ -10,6 +10,9 @@
 //!   rejoins and reconnects with `since`/`epoch`.
 //! - [`soak::run`]: a crowd with 10% misbehaving clients (floods, stalled readers, garbage,
 //!   abrupt disconnects); well-behaved clients must lose nothing.
+//! - [`check::run`]: a fault-injecting consistency checker that starts its own nodes (and
+//!   redis-server), injects faults from a seed and checks what every client saw against the
+//!   final logs (docs/OPERATIONS.md, "Faults").
 //!
 //! Every run spreads sockets over `--source-ips` and `--url`s, bounds connect concurrency, and
 //! reads the server's /proc entries given `--server-pid`. Two runs can use child processes of
