@@ -561,6 +561,26 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
     if settled {
         verdicts.case("settle", "-", true, String::new);
     }
+    // A pause is judged by presence after the run, and the workload's own leaves and rejoins
+    // mend what a pause broke: so one more pause comes once the clients have settled (they no
+    // longer leave or rejoin), before presence is checked.
+    if faults.contains(&Fault::Pause) {
+        let node = plan.gen_range(0..n_nodes);
+        let hold = Duration::from_millis(o.ttl_ms * 2 + plan.gen_range(0..1500));
+        note(
+            &mut timeline,
+            format!(
+                "pause (closing): SIGSTOP node {node} for {} ms",
+                hold.as_millis()
+            ),
+        );
+        world.nodes[node].pause(true)?;
+        sleep(hold).await;
+        world.nodes[node].pause(false)?;
+        note(&mut timeline, format!("pause: SIGCONT node {node}"));
+        *counts.entry(Fault::Pause.name().to_owned()).or_default() += 1;
+    }
+
     progress(o, origin, "clients settled; checking presence");
 
     // Presence: every node lists exactly the users with a joined connection.
