@@ -1,6 +1,6 @@
 //! `parley-bench`: the load tool for parley.
 //!
-//! Four runs, each a library entry point the binary and the smoke test share:
+//! Five runs, each a library entry point the binary and the smoke test share:
 //! - [`connections::run`]: N authenticated connections in rooms of M, held idle; connect rate,
 //!   failures, the server's RSS per connection, idle CPU, and how soon after the last join the
 //!   server is idle again (the join storm, with M = N).
@@ -10,6 +10,9 @@
 //!   rejoins and reconnects with `since`/`epoch`.
 //! - [`soak::run`]: a crowd with 10% misbehaving clients (floods, stalled readers, garbage,
 //!   abrupt disconnects); well-behaved clients must lose nothing.
+//! - [`check::run`]: a fault-injecting consistency checker that starts its own nodes (and
+//!   redis-server), injects faults from a seed and checks what every client saw against the
+//!   final logs (docs/OPERATIONS.md, "Faults").
 //!
 //! Every run spreads sockets over `--source-ips` and `--url`s, bounds connect concurrency, and
 //! reads the server's /proc entries given `--server-pid`. Two runs can use child processes of
@@ -18,6 +21,7 @@
 
 pub mod attack;
 pub mod chat;
+pub mod check;
 pub mod connections;
 pub mod driver;
 pub mod fanout;
@@ -127,6 +131,10 @@ pub enum Command {
     Chat(chat::Options),
     /// A crowd with misbehaving clients; exits non-zero if a well-behaved client lost anything.
     Soak(soak::Options),
+    /// Fault-injecting consistency checker: starts its own nodes (and redis-server), injects
+    /// faults from a seed, checks every client's view against the final logs; exits non-zero
+    /// if a check failed.
+    Check(check::Options),
     /// The publisher process of `fanout --publisher-process` (JSON lines on stdout).
     #[command(hide = true)]
     Publish(fanout::PublishOptions),
@@ -143,6 +151,7 @@ impl Command {
             Command::Fanout(o) => &o.common,
             Command::Chat(o) => &o.common,
             Command::Soak(o) => &o.common,
+            Command::Check(o) => &o.common,
             Command::Publish(o) => &o.common,
             Command::Hold(o) => &o.common,
         }
@@ -161,6 +170,8 @@ pub enum Report {
     Chat(chat::Report),
     /// From `soak`.
     Soak(soak::Report),
+    /// From `check`.
+    Check(check::Report),
     /// From the hidden `publish`.
     Publish(fanout::PublisherReport),
     /// From the hidden `hold`.
@@ -175,6 +186,7 @@ impl Report {
             Report::Fanout(r) => r.human(),
             Report::Chat(r) => r.human(),
             Report::Soak(r) => r.human(),
+            Report::Check(r) => r.human(),
             Report::Publish(_) | Report::Hold(_) => serde_json::to_string(self).unwrap_or_default(),
         }
     }
@@ -183,6 +195,7 @@ impl Report {
     pub fn ok(&self) -> bool {
         match self {
             Report::Soak(r) => r.ok,
+            Report::Check(r) => r.ok,
             _ => true,
         }
     }
@@ -195,6 +208,7 @@ pub async fn run(command: &Command) -> anyhow::Result<Report> {
         Command::Fanout(o) => Report::Fanout(fanout::run(o).await?),
         Command::Chat(o) => Report::Chat(chat::run(o).await?),
         Command::Soak(o) => Report::Soak(soak::run(o).await?),
+        Command::Check(o) => Report::Check(check::run(o).await?),
         Command::Publish(o) => Report::Publish(fanout::publish(o).await?),
         Command::Hold(o) => Report::Hold(connections::hold(o).await?),
     })
