@@ -342,7 +342,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
             format!("presence.ttl_ms={}", o.ttl_ms),
             // No retention unless asked for (`--node-set history.max_len=…`): a long run
             // writes more than the default 10000 events to a room.
-            "history.max_len=10000000".into(),
+            "history.max_len=1000000".into(),
             "limits.send_rate=1000".into(),
             "limits.send_burst=1000".into(),
             "limits.join_rate=1000".into(),

@@ -31,7 +31,11 @@ local function generation()
   local was = redis.call('GET', K.run)
   if was ~= run then
     if was then
-      if redis.call('SREM', K.durable, was) == 0 then redis.call('INCR', K.gen) end
+      -- Lossless only if `was` ran durably AND this process replayed its append-only file: a
+      -- process without AOF loaded a snapshot, which may be older (a restored backup).
+      local aof = string.match(redis.call('INFO', 'persistence'), 'aof_enabled:(%d)')
+      local durable = redis.call('SREM', K.durable, was) == 1
+      if not (durable and aof == '1') then redis.call('INCR', K.gen) end
     end
     redis.call('SET', K.run, run)
   end
