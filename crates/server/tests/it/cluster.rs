@@ -8,7 +8,7 @@ use crate::redis_server;
 
 use std::time::Duration;
 
-use common::{http_get, Client, TestServer};
+use common::{http_get, seqs, Client, TestServer};
 use redis_server::RedisServer;
 use serde_json::{json, Value};
 
@@ -64,10 +64,6 @@ async fn send_many(c: &mut Client, who: &str, n: usize) {
         c.send(json!({"type": "send", "room": "r", "content": format!("{who} {i}"), "id": format!("{who}-{i}")}))
             .await;
     }
-}
-
-fn seqs(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect()
 }
 
 async fn wait_ready(server: &TestServer, ready: bool) -> (u16, String) {

@@ -12,7 +12,7 @@ use crate::redis_server;
 
 use std::time::Duration;
 
-use common::{Client, TestServer};
+use common::{seqs, Client, TestServer};
 use redis_server::RedisServer;
 use serde_json::{json, Value};
 
@@ -83,10 +83,6 @@ impl Nodes {
             .map(|u| u.as_str().unwrap().to_owned())
             .collect()
     }
-}
-
-fn seqs(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect()
 }
 
 /// `(event, user)` of the system frames among `frames`.
