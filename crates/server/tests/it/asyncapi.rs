@@ -6,6 +6,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::common;
+use crate::common::resolve;
 use parley_protocol::client::{self, ClientFrame};
 use parley_protocol::received::{self, Event, Joined, MessageEvent, Received, SystemEvent};
 use parley_protocol::server::Limits;
@@ -13,22 +15,7 @@ use parley_protocol::ErrorCode;
 use serde_json::Value;
 
 fn spec() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/asyncapi.yaml");
-    let text = std::fs::read_to_string(path).expect("docs/asyncapi.yaml");
-    serde_yaml::from_str(&text).expect("docs/asyncapi.yaml is valid YAML")
-}
-
-/// Follows local `$ref`s until a value without one.
-fn resolve<'a>(spec: &'a Value, mut value: &'a Value) -> &'a Value {
-    while let Some(reference) = value.get("$ref").and_then(Value::as_str) {
-        let pointer = reference
-            .strip_prefix('#')
-            .unwrap_or_else(|| panic!("only local $refs: {reference}"));
-        value = spec
-            .pointer(pointer)
-            .unwrap_or_else(|| panic!("dangling $ref {reference}"));
-    }
-    value
+    common::spec("asyncapi.yaml")
 }
 
 /// The messages of the `/ws` channel's `publish` (client to server) or `subscribe` operation.

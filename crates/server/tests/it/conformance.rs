@@ -64,18 +64,22 @@ impl Nodes {
         &self.servers[i % self.servers.len()]
     }
 
-    /// The people in `room` as `GET /api/rooms/{room}/users` on node `i` reports them.
-    async fn users(&self, i: usize, room: &str) -> Vec<String> {
-        let url = self.node(i).http_url(&format!("/api/rooms/{room}/users"));
-        let body: Value = reqwest::Client::new()
-            .get(url)
+    /// `GET path` of the HTTP API on node `i`, with the key.
+    async fn api_get(&self, i: usize, path: &str) -> Value {
+        reqwest::Client::new()
+            .get(self.node(i).http_url(path))
             .bearer_auth(API_KEY)
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The people in `room` as `GET /api/rooms/{room}/users` on node `i` reports them.
+    async fn users(&self, i: usize, room: &str) -> Vec<String> {
+        let body = self.api_get(i, &format!("/api/rooms/{room}/users")).await;
         body["users"]
             .as_array()
             .unwrap_or_else(|| panic!("{body}"))
@@ -584,17 +588,9 @@ async fn empty_rooms_are_forgotten(mode: Mode) {
         client.skip_until("left").await;
     }
     let listed = |i: usize| {
-        let url = nodes.node(i).http_url("/api/rooms");
+        let nodes = &nodes;
         async move {
-            let body: Value = reqwest::Client::new()
-                .get(url)
-                .bearer_auth(API_KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = nodes.api_get(i, "/api/rooms").await;
             body["rooms"]
                 .as_array()
                 .unwrap()

@@ -4,6 +4,7 @@
 //! spec must also list exactly the API's operations, so an undocumented route fails here too.
 
 use crate::common;
+use crate::common::resolve;
 
 use std::collections::BTreeSet;
 
@@ -45,22 +46,7 @@ const NOT_PRODUCED: &[(&str, &str, &str, &str)] = &[
 ];
 
 fn spec() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.yaml");
-    let text = std::fs::read_to_string(path).expect("docs/openapi.yaml");
-    serde_yaml::from_str(&text).expect("docs/openapi.yaml is valid YAML")
-}
-
-/// Follows `$ref`s of the form `#/components/...` until a value without one.
-fn resolve<'a>(spec: &'a Value, mut value: &'a Value) -> &'a Value {
-    while let Some(reference) = value.get("$ref").and_then(Value::as_str) {
-        let pointer = reference
-            .strip_prefix('#')
-            .unwrap_or_else(|| panic!("only local $refs: {reference}"));
-        value = spec
-            .pointer(pointer)
-            .unwrap_or_else(|| panic!("dangling $ref {reference}"));
-    }
-    value
+    common::spec("openapi.yaml")
 }
 
 /// Every (method, path, status) the spec documents.

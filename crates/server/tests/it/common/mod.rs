@@ -457,3 +457,25 @@ pub async fn upgrade_status(url: &str) -> (u16, String) {
         Err(other) => panic!("unexpected error {other:?}"),
     }
 }
+
+/// One of the project's YAML specs under docs/ (`openapi.yaml`, `asyncapi.yaml`), as JSON.
+pub fn spec(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("docs/{name}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("docs/{name} is not valid YAML: {e}"))
+}
+
+/// Follows local `$ref`s in `spec` until a value without one.
+pub fn resolve<'a>(spec: &'a Value, mut value: &'a Value) -> &'a Value {
+    while let Some(reference) = value.get("$ref").and_then(Value::as_str) {
+        let pointer = reference
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("only local $refs: {reference}"));
+        value = spec
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("dangling $ref {reference}"));
+    }
+    value
+}
