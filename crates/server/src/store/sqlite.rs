@@ -9,9 +9,17 @@
 //! that forgets empty rooms ([`LogWriter::sweep`]);
 //! `events(room, seq, ts_ms, user, client_id, frame)` holds the encoded frame of every retained
 //! event, so history is served without re-encoding.
+//!
+//! Checkpoints (copying the WAL back into the database file) run on a thread of their own with
+//! its own connection ([`Checkpointer`]), not in the writer's commits: in rooms of two each
+//! message dirties pages all over the file, and a checkpoint every 1,000 pages inside a commit
+//! (SQLite's default) made one commit in five take 50-400 ms on a busy disk, which stalled
+//! every room behind it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,8 +33,14 @@ use crate::config::{HistoryConfig, Synchronous};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(#[from] rusqlite::Error);
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The checkpointer's thread could not start.
+    #[error("store: {0}")]
+    Thread(#[from] std::io::Error),
+}
 
 /// A room's head: its latest seq and the epoch of its log.
 #[derive(Debug, Clone)]
@@ -174,6 +188,57 @@ fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError>
     Ok(conn)
 }
 
+/// WAL frames not yet copied back past which the writer stops to checkpoint itself (a
+/// `RESTART` checkpoint, waiting for it): 65,536 pages of 4 KiB, 256 MiB. Only a disk slower
+/// than the writes for a long time gets there; it bounds the WAL file.
+const MAX_WAL_BACKLOG: u64 = 65_536;
+
+/// After a checkpoint, SQLite truncates a WAL file larger than this (64 MiB).
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// Copies the WAL back into the database file, on its own thread and connection, whenever the
+/// writer has committed (a `PASSIVE` checkpoint: it never blocks the writer or readers). Once
+/// everything is copied back, the writer's next transaction starts the WAL over. The thread
+/// ends when the writer is dropped.
+struct Checkpointer {
+    wake: SyncSender<()>,
+    /// WAL frames not yet copied back, as of the last checkpoint.
+    backlog: Arc<AtomicU64>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, synchronous: Synchronous) -> Result<Checkpointer, StoreError> {
+        let conn = open(path, synchronous)?;
+        let (wake, woken) = sync_channel::<()>(1);
+        let backlog = Arc::new(AtomicU64::new(0));
+        let seen = backlog.clone();
+        std::thread::Builder::new()
+            .name("parley-checkpoint".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    });
+                    match result {
+                        Ok((log, copied)) => {
+                            seen.store(log.saturating_sub(copied).max(0) as u64, Ordering::Relaxed)
+                        }
+                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                    }
+                }
+            })
+            ?;
+        Ok(Checkpointer { wake, backlog })
+    }
+
+    /// Asks for a checkpoint (one that is already asked for covers this commit too).
+    fn wake(&self) {
+        match self.wake.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
+        }
+    }
+}
+
 /// Opens (creating when needed) the log at `path`: the writer for the sequencer and a pool of
 /// readers for history.
 pub fn open_log(
@@ -184,8 +249,13 @@ pub fn open_log(
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
+    // Checkpoints are the checkpointer's (see the module docs).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    let checkpointer = Checkpointer::start(path, synchronous)?;
     let writer = LogWriter {
         conn,
+        checkpointer,
         heads: HashMap::new(),
         max_len: history.max_len,
         ttl: Duration::from_secs(history.ttl_s),
@@ -207,6 +277,7 @@ pub fn open_log(
 /// each commit.
 pub struct LogWriter {
     conn: Connection,
+    checkpointer: Checkpointer,
     heads: HashMap<Arc<str>, RoomHead>,
     max_len: u64,
     ttl: Duration,
@@ -242,7 +313,22 @@ impl LogWriter {
             // The cached heads may include seqs of the rolled-back transaction.
             self.heads.clear();
         }
+        self.checkpoint();
         result
+    }
+
+    /// Hands the WAL to the checkpointer; past [`MAX_WAL_BACKLOG`] checkpoints here and waits.
+    fn checkpoint(&self) {
+        if self.checkpointer.backlog.load(Ordering::Relaxed) > MAX_WAL_BACKLOG {
+            match self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+            {
+                Ok(_) => self.checkpointer.backlog.store(0, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+            }
+        }
+        self.checkpointer.wake();
     }
 
     fn commit_inner(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
@@ -394,6 +480,7 @@ impl LogWriter {
         let result = self.sweep_inner(occupied);
         // Forgotten rooms must not live on in the cache of heads (nor a rolled-back one).
         self.heads.clear();
+        self.checkpoint();
         result
     }
 
