@@ -188,10 +188,11 @@ fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError>
     Ok(conn)
 }
 
-/// WAL frames not yet copied back past which the writer stops to checkpoint itself (a
-/// `RESTART` checkpoint, waiting for it): 65,536 pages of 4 KiB, 256 MiB. Only a disk slower
-/// than the writes for a long time gets there; it bounds the WAL file.
-const MAX_WAL_BACKLOG: u64 = 65_536;
+/// WAL frames past which the writer stops to checkpoint itself (a `RESTART` checkpoint, which
+/// finishes the copy and makes the next commit start the WAL over): 65,536 pages of 4 KiB,
+/// 256 MiB. A passive checkpoint that never quite catches up with a busy writer leaves the WAL
+/// growing; this bounds it.
+const MAX_WAL_FRAMES: u64 = 65_536;
 
 /// After a checkpoint, SQLite truncates a WAL file larger than this (64 MiB).
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
@@ -202,33 +203,31 @@ const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// ends when the writer is dropped.
 struct Checkpointer {
     wake: SyncSender<()>,
-    /// WAL frames not yet copied back, as of the last checkpoint.
-    backlog: Arc<AtomicU64>,
+    /// Frames in the WAL, as of the last checkpoint.
+    frames: Arc<AtomicU64>,
 }
 
 impl Checkpointer {
     fn start(path: &Path, synchronous: Synchronous) -> Result<Checkpointer, StoreError> {
         let conn = open(path, synchronous)?;
         let (wake, woken) = sync_channel::<()>(1);
-        let backlog = Arc::new(AtomicU64::new(0));
-        let seen = backlog.clone();
+        let frames = Arc::new(AtomicU64::new(0));
+        let seen = frames.clone();
         std::thread::Builder::new()
             .name("parley-checkpoint".into())
             .spawn(move || {
                 while woken.recv().is_ok() {
                     let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                        r.get::<_, i64>(1)
                     });
                     match result {
-                        Ok((log, copied)) => {
-                            seen.store(log.saturating_sub(copied).max(0) as u64, Ordering::Relaxed)
-                        }
+                        Ok(log) => seen.store(log.max(0) as u64, Ordering::Relaxed),
                         Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
                     }
                 }
             })
             ?;
-        Ok(Checkpointer { wake, backlog })
+        Ok(Checkpointer { wake, frames })
     }
 
     /// Asks for a checkpoint (one that is already asked for covers this commit too).
@@ -317,14 +316,14 @@ impl LogWriter {
         result
     }
 
-    /// Hands the WAL to the checkpointer; past [`MAX_WAL_BACKLOG`] checkpoints here and waits.
+    /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
     fn checkpoint(&self) {
-        if self.checkpointer.backlog.load(Ordering::Relaxed) > MAX_WAL_BACKLOG {
+        if self.checkpointer.frames.load(Ordering::Relaxed) > MAX_WAL_FRAMES {
             match self
                 .conn
                 .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
             {
-                Ok(_) => self.checkpointer.backlog.store(0, Ordering::Relaxed),
+                Ok(_) => self.checkpointer.frames.store(0, Ordering::Relaxed),
                 Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
             }
         }
