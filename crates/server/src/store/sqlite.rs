@@ -250,6 +250,10 @@ pub fn open_log(
     migrate(&conn)?;
     // Checkpoints are the checkpointer's (see the module docs).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // The writer touches the last page of every busy room (in the log and in the client-id
+    // index): with thousands of small rooms that is tens of MiB, and a page that fell out of
+    // the cache is read back from the OS with a system call. 128 MiB, used only as the log grows.
+    conn.pragma_update(None, "cache_size", -131_072)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     let checkpointer = Checkpointer::start(path, synchronous)?;
     let writer = LogWriter {
