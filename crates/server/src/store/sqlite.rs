@@ -194,11 +194,18 @@ fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError>
 /// growing; this bounds it.
 const MAX_WAL_FRAMES: u64 = 65_536;
 
+/// Events written between two wake-ups of the checkpointer: about as many WAL pages as SQLite's
+/// own automatic checkpoint waits for (1,000) when every event dirties its own page, and far
+/// fewer checkpoints (each one syncs the database file) when events share pages, as in one
+/// busy room.
+const CHECKPOINT_EVERY: usize = 1_000;
+
 /// After a checkpoint, SQLite truncates a WAL file larger than this (64 MiB).
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
-/// Copies the WAL back into the database file, on its own thread and connection, whenever the
-/// writer has committed (a `PASSIVE` checkpoint: it never blocks the writer or readers). Once
+/// Copies the WAL back into the database file, on its own thread and connection, after every
+/// [`CHECKPOINT_EVERY`] events and after each sweep (a `PASSIVE` checkpoint: it never blocks
+/// the writer or readers). Once
 /// everything is copied back, the writer's next transaction starts the WAL over. The thread
 /// ends when the writer is dropped.
 struct Checkpointer {
@@ -259,6 +266,7 @@ pub fn open_log(
     let writer = LogWriter {
         conn,
         checkpointer,
+        unchecked: 0,
         heads: HashMap::new(),
         max_len: history.max_len,
         ttl: Duration::from_secs(history.ttl_s),
@@ -281,6 +289,8 @@ pub fn open_log(
 pub struct LogWriter {
     conn: Connection,
     checkpointer: Checkpointer,
+    /// Events written since the checkpointer was last woken.
+    unchecked: usize,
     heads: HashMap<Arc<str>, RoomHead>,
     max_len: u64,
     ttl: Duration,
@@ -316,12 +326,16 @@ impl LogWriter {
             // The cached heads may include seqs of the rolled-back transaction.
             self.heads.clear();
         }
-        self.checkpoint();
+        self.unchecked += drafts.len();
+        if self.unchecked >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
         result
     }
 
     /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
-    fn checkpoint(&self) {
+    fn checkpoint(&mut self) {
+        self.unchecked = 0;
         if self.checkpointer.frames.load(Ordering::Relaxed) > MAX_WAL_FRAMES {
             match self
                 .conn
