@@ -43,6 +43,9 @@ use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, StoreError, 
 /// Requests waiting for the sequencer; past this, callers wait (backpressure).
 const QUEUE_DEPTH: usize = 65_536;
 
+/// Committed batches waiting for the deliverer; past this, the writer waits.
+const COMMITTED_DEPTH: usize = 64;
+
 enum Op {
     Join(JoinRequest, oneshot::Sender<Result<(), BrokerError>>),
     Leave(
@@ -85,11 +88,11 @@ impl SqliteBroker {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let parts = Arc::new(parts);
         let health = parts.health.clone();
-        // One planned batch waits while one commits, and one committed batch waits while one
-        // is delivered: a stage that falls behind holds the ones before it back, so requests
-        // gather in the sequencer's queue and the next batch is bigger.
+        // One planned batch waits while one commits: a writer that falls behind holds the
+        // sequencer back, so requests gather in its queue and the next batch is bigger. The
+        // deliverer takes every batch committed while it was writing at once.
         let (jobs, job_rx) = mpsc::channel(1);
-        let (committed, committed_rx) = mpsc::channel(1);
+        let (committed, committed_rx) = mpsc::channel(COMMITTED_DEPTH);
         let (finished, finished_rx) = oneshot::channel();
         let sweep_every = writer.sweep_every();
         let log = {
@@ -368,35 +371,43 @@ fn write_log(
 }
 
 /// Stage 3: delivers and answers each committed batch, in order, then writes every touched
-/// connection once. Says `finished` when the writer has stopped and everything is delivered.
+/// connection once. Every batch committed while the last writes went out is taken together:
+/// a member of a busy room gets all of them in one system call. Says `finished` when the
+/// writer has stopped and everything is delivered.
 async fn deliverer(
     mut committed: mpsc::Receiver<Committed>,
     parts: Arc<SequencerParts>,
     finished: oneshot::Sender<()>,
 ) {
-    while let Some(Committed { ops, plans, result }) = committed.recv().await {
-        match result {
-            Ok(written) => {
-                // Every frame of the batch is queued first and each connection is written once:
-                // a member that gets several events (and its ack) gets them in one system call.
-                let mut writes = Batch::default();
-                let mut written = written.into_iter();
-                for (op, plan) in ops.into_iter().zip(plans) {
-                    finish(op, plan, &mut written, &parts, &mut writes);
-                }
-                writes.write();
+    while let Some(first) = committed.recv().await {
+        let mut writes = Batch::default();
+        deliver_batch(first, &parts, &mut writes);
+        while let Ok(next) = committed.try_recv() {
+            deliver_batch(next, &parts, &mut writes);
+        }
+        writes.write();
+    }
+    let _ = finished.send(());
+}
+
+/// Queues what one committed batch delivers and answers, in request order, in `writes`.
+fn deliver_batch(batch: Committed, parts: &SequencerParts, writes: &mut Batch) {
+    let Committed { ops, plans, result } = batch;
+    match result {
+        Ok(written) => {
+            let mut written = written.into_iter();
+            for (op, plan) in ops.into_iter().zip(plans) {
+                finish(op, plan, &mut written, parts, writes);
             }
-            Err(e) => {
-                error!(error = %e, "group commit failed");
-                let err =
-                    BrokerError::Unavailable("the store cannot take writes now; retry".into());
-                for (op, plan) in ops.into_iter().zip(plans) {
-                    fail(op, plan, &err, &parts);
-                }
+        }
+        Err(e) => {
+            error!(error = %e, "group commit failed");
+            let err = BrokerError::Unavailable("the store cannot take writes now; retry".into());
+            for (op, plan) in ops.into_iter().zip(plans) {
+                fail(op, plan, &err, parts, writes);
             }
         }
     }
-    let _ = finished.send(());
 }
 
 async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {
@@ -533,7 +544,7 @@ fn finish(
     }
 }
 
-fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
+fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts, writes: &mut Batch) {
     match (op, plan) {
         (Op::Join(req, reply), _) => {
             parts.presence.remove(&req.room, &req.user);
@@ -544,13 +555,13 @@ fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
             parts.hub.remove(&req.room, req.conn);
             parts.metrics.memberships.dec();
             if let Some(outbound) = &req.outbound {
-                outbound.push(req.left_frame());
+                outbound.push_in(req.left_frame(), writes);
             }
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }
         }
-        (Op::Publish(req, reply), _) => reply.answer(&req, Err(err.clone()), None),
+        (Op::Publish(req, reply), _) => reply.answer(&req, Err(err.clone()), Some(writes)),
         (Op::Close(_), _) => {}
     }
 }
