@@ -22,6 +22,7 @@ use crate::broker::log::{
     cap_replay, system_event, JoinHistory, Page, PageQuery, StoredRoom, DEDUP_WINDOW,
 };
 use crate::config::{HistoryConfig, Synchronous};
+use crate::policy::Policies;
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +181,7 @@ pub fn open_log(
     path: &Path,
     synchronous: Synchronous,
     history: &HistoryConfig,
+    policies: Arc<Policies>,
 ) -> Result<(LogWriter, LogReader), StoreError> {
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
@@ -187,8 +189,8 @@ pub fn open_log(
     let writer = LogWriter {
         conn,
         heads: HashMap::new(),
-        max_len: history.max_len,
-        ttl: Duration::from_secs(history.ttl_s),
+        ttls: policies.ttls(),
+        policies,
         last_sweep_ms: 0,
         on_join: history.on_join,
         max_replay: history.max_replay,
@@ -208,8 +210,11 @@ pub fn open_log(
 pub struct LogWriter {
     conn: Connection,
     heads: HashMap<Arc<str>, RoomHead>,
-    max_len: u64,
-    ttl: Duration,
+    /// Each room's retention (`history_max_len`, `history_ttl_s`).
+    policies: Arc<Policies>,
+    /// Every age limit some room has ([`Policies::ttls`]); empty: nothing expires.
+    ttls: Vec<u64>,
+    /// When expired events were last dropped ([`expire`]); 0 before the first time.
     last_sweep_ms: u64,
     on_join: usize,
     max_replay: usize,
@@ -345,36 +350,20 @@ impl LogWriter {
             let seq = self.heads[room].seq;
             tx.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
                 .execute(params![&**room, seq as i64])?;
-            if seq > self.max_len {
+            let max_len = self.policies.for_room(room).history_max_len;
+            if seq > max_len {
                 tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
-                    .execute(params![&**room, (seq - self.max_len) as i64])?;
+                    .execute(params![&**room, (seq - max_len) as i64])?;
             }
         }
-        if !self.ttl.is_zero() && now >= self.last_sweep_ms + 1000 {
-            let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
-            // Per room, only the events below its first young one in seq order: a clock that
-            // stepped back must not cut a hole (the oldest kept seq decides `recovered`). The
-            // walk in seq order (NOT INDEXED: the primary key) reads about what it deletes.
-            let rooms: Vec<String> = {
-                let mut stmt =
-                    tx.prepare_cached("SELECT DISTINCT room FROM events WHERE ts_ms < ?1")?;
-                let rows = stmt.query_map(params![cutoff as i64], |r| r.get(0))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            for room in &rooms {
-                let young: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
-                         ORDER BY seq LIMIT 1",
-                    )?
-                    .query_row(params![room, cutoff as i64], |r| r.get(0))
-                    .optional()?;
-                tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
-                    .execute(params![room, young.unwrap_or(i64::MAX)])?;
-            }
-            self.last_sweep_ms = now;
+        let expiring = !self.ttls.is_empty() && now >= self.last_sweep_ms + 1000;
+        if expiring {
+            expire(&tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
         }
         tx.commit()?;
+        if expiring {
+            self.last_sweep_ms = now;
+        }
         Ok(out)
     }
 
@@ -402,12 +391,7 @@ impl LogWriter {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if !self.ttl.is_zero() {
-            let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
-            tx.prepare_cached("DELETE FROM events WHERE ts_ms < ?1")?
-                .execute(params![cutoff as i64])?;
-            self.last_sweep_ms = now;
-        }
+        expire(&tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
         let cutoff = now.saturating_sub(self.empty_room_ttl.as_millis() as u64);
         let candidates: Vec<String> = {
             let mut stmt = tx.prepare_cached("SELECT room FROM rooms WHERE active_ms <= ?1")?;
@@ -434,8 +418,53 @@ impl LogWriter {
             }
         }
         tx.commit()?;
+        self.last_sweep_ms = now;
         Ok(forgotten)
     }
+}
+
+/// Drops the events that outlived their room's `history_ttl_s`, one age limit `T` at a time
+/// (rooms have their own, from their policy): the rooms with an event that turned older than
+/// `T` since the previous pass at `last_ms` (an index range over `events.ts_ms` as wide as the
+/// time between passes; everything older at the first pass) and whose limit is `T`. Per room,
+/// only the events below its first young one in seq order go: a clock that stepped back must
+/// not cut a hole (the oldest kept seq decides `recovered`), and an old event kept above a
+/// young one goes when that one expires. The walk in seq order (NOT INDEXED: the primary key)
+/// reads about what it deletes.
+fn expire(
+    tx: &Connection,
+    policies: &Policies,
+    ttls: &[u64],
+    last_ms: u64,
+    now: u64,
+) -> Result<(), StoreError> {
+    for &ttl_s in ttls {
+        let ttl_ms = ttl_s.saturating_mul(1000);
+        let cutoff = now.saturating_sub(ttl_ms);
+        let from = last_ms.saturating_sub(ttl_ms);
+        let rooms: Vec<String> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2",
+            )?;
+            let rows = stmt.query_map(params![from as i64, cutoff as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for room in rooms
+            .iter()
+            .filter(|room| policies.for_room(room).history_ttl_s == ttl_s)
+        {
+            let young: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
+                     ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![room, cutoff as i64], |r| r.get(0))
+                .optional()?;
+            tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
+                .execute(params![room, young.unwrap_or(i64::MAX)])?;
+        }
+    }
+    Ok(())
 }
 
 /// The history for a joiner: after `since` when it continues the retained log in the same
@@ -674,10 +703,12 @@ mod tests {
     fn dedup_lookup_uses_its_index() {
         let dir = std::env::temp_dir().join(format!("parley-plan-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let config = crate::config::Config::default();
         let (writer, _) = open_log(
             &dir.join("p.db"),
             Synchronous::Normal,
-            &HistoryConfig::default(),
+            &config.history,
+            Arc::new(Policies::from_config(&config).unwrap()),
         )
         .unwrap();
         let plan: String = writer
