@@ -76,13 +76,14 @@ pub(super) struct Event {
 pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let policy = inner.parts.policies.for_room(&room);
     let actor = RoomActor {
         inner: inner.clone(),
         room,
         cmds: cmd_rx,
         events: ev_rx,
         pending: None,
-        policy: inner.parts.policies.for_room(&room),
+        policy,
         epoch: String::new(),
         subscribed: false,
         writes: Batch::default(),
