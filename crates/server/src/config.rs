@@ -771,7 +771,7 @@ impl Config {
             // Filter before splitting: figment applies each step to the key the previous one
             // produced, and after `split` no key contains `__` any more. `PARLEY_ROOMS` is the
             // one top-level list of tables: `[{match="news.*",publish="api"}]`.
-            env.filter(|key| key.as_str().contains("__") || key.as_str() == "rooms")
+            env.filter(|key| key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("rooms"))
                 .split("__"),
         );
         for (key, value) in &overrides.values {
