@@ -732,7 +732,13 @@ pub const MAX_HISTORY_COUNT: u64 = 1_000_000;
 pub const MAX_TOKEN_TTL_S: u64 = 10 * 366 * 86_400;
 
 /// Checks that setting `name` lies in `min..=max` (in `unit`).
-pub(crate) fn in_range(name: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+pub(crate) fn in_range(
+    name: &str,
+    value: u64,
+    min: u64,
+    max: u64,
+    unit: &str,
+) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         return Ok(());
     }
@@ -771,8 +777,10 @@ impl Config {
             // Filter before splitting: figment applies each step to the key the previous one
             // produced, and after `split` no key contains `__` any more. `PARLEY_ROOMS` is the
             // one top-level list of tables: `[{match="news.*",publish="api"}]`.
-            env.filter(|key| key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("rooms"))
-                .split("__"),
+            env.filter(|key| {
+                key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("rooms")
+            })
+            .split("__"),
         );
         for (key, value) in &overrides.values {
             figment = figment.merge((key.as_str(), value.clone()));

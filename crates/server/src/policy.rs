@@ -97,9 +97,7 @@ impl Policies {
             let matcher = GlobBuilder::new(&section.pattern)
                 .literal_separator(false)
                 .build()
-                .map_err(|e| {
-                    ConfigError::Invalid(format!("{} is not a glob: {e}", name("match")))
-                })?
+                .map_err(|e| ConfigError::Invalid(format!("{} is not a glob: {e}", name("match"))))?
                 .compile_matcher();
             let presence = section.presence.unwrap_or(default.presence);
             if !presence && section.announce == Some(true) {
@@ -215,11 +213,13 @@ mod tests {
 
     #[test]
     fn no_presence_means_no_announcements() {
-        let mut config = Config::default();
-        config.rooms = vec![RoomSection {
-            presence: Some(false),
-            ..section("*")
-        }];
+        let mut config = Config {
+            rooms: vec![RoomSection {
+                presence: Some(false),
+                ..section("*")
+            }],
+            ..Config::default()
+        };
         let policy = Policies::from_config(&config).unwrap().for_room("r");
         assert!(!policy.announce && !policy.presence);
         assert_eq!((policy.announce_max(1000), policy.users_max(1000)), (0, 0));
@@ -248,8 +248,10 @@ mod tests {
                 "rooms[0].history_ttl_s",
             ),
         ] {
-            let mut config = Config::default();
-            config.rooms = vec![bad];
+            let config = Config {
+                rooms: vec![bad],
+                ..Config::default()
+            };
             let err = Policies::from_config(&config).unwrap_err().to_string();
             assert!(err.contains(names), "{err}");
         }

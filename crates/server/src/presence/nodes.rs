@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 use crate::broker::BrokerError;
 use crate::cluster::script::{self, Reap};
 use crate::cluster::{self, keys, Shards};
-use crate::policy::Policies;
 use crate::faults::Faults;
+use crate::policy::Policies;
 
 /// How soon the heartbeat retries a presence repair that could not run yet.
 const REPAIR_RETRY: Duration = Duration::from_millis(250);

@@ -770,7 +770,9 @@ async fn the_composer_is_disabled_with_a_hint_where_only_the_server_posts() {
         .start()
         .await;
     let browser = open_browser(&driver, "ana").await;
-    browser.sign_in(&server.http_url("/"), "ana", "news.daily").await;
+    browser
+        .sign_in(&server.http_url("/"), "ana", "news.daily")
+        .await;
     let hint = browser
         .wait_for(
             "the composer to be disabled with a hint",

@@ -80,7 +80,10 @@ impl Nodes {
     /// `POST /api/rooms/{room}/messages` on node `i` as `user`; returns the status and body.
     async fn api_post(&self, i: usize, room: &str, user: &str, content: &str) -> (u16, Value) {
         let response = reqwest::Client::new()
-            .post(self.node(i).http_url(&format!("/api/rooms/{room}/messages")))
+            .post(
+                self.node(i)
+                    .http_url(&format!("/api/rooms/{room}/messages")),
+            )
             .bearer_auth(API_KEY)
             .json(&json!({"user": user, "content": content}))
             .send()
@@ -1049,7 +1052,10 @@ async fn publish_api_and_typing_policies(mode: Mode) {
         (&json!("api"), &json!(false), &json!(["alice"])),
         "{joined}"
     );
-    assert!(joined.get("announce").is_none(), "defaults are not named: {joined}");
+    assert!(
+        joined.get("announce").is_none(),
+        "defaults are not named: {joined}"
+    );
     let joined = bob.join("news.today").await;
     assert_eq!(joined["publish"], "api", "{joined}");
     let head = joined["seq"].as_u64().unwrap();
@@ -1065,7 +1071,11 @@ async fn publish_api_and_typing_policies(mode: Mode) {
     );
     let (status, body) = nodes.api_post(1, "news.today", "newsdesk", "extra!").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["seq"], head + 1, "the refused send took no seq: {body}");
+    assert_eq!(
+        body["seq"],
+        head + 1,
+        "the refused send took no seq: {body}"
+    );
     for member in [&mut alice, &mut bob] {
         let live = read_to_seq(member, head + 1).await;
         assert_eq!(contents(&live), ["extra!"], "{live:?}");
@@ -1094,7 +1104,9 @@ async fn publish_api_and_typing_policies(mode: Mode) {
         (&json!("forbidden"), &json!("t-1"), &json!("calm-1")),
         "{refused}"
     );
-    alice.send(json!({"type": "typing", "room": "news.today"})).await;
+    alice
+        .send(json!({"type": "typing", "room": "news.today"}))
+        .await;
     assert_eq!(alice.skip_until("error").await["code"], "forbidden");
     alice.send(json!({"type": "typing", "room": "r"})).await;
     assert_eq!(
@@ -1102,7 +1114,9 @@ async fn publish_api_and_typing_policies(mode: Mode) {
         [("r".to_owned(), "alice".to_owned())]
     );
     // Bob heard nothing of calm-1 or news.today: the typing of r came first and alone.
-    alice.send(json!({"type": "typing", "room": "calm-1"})).await;
+    alice
+        .send(json!({"type": "typing", "room": "calm-1"}))
+        .await;
     assert_eq!(alice.skip_until("error").await["code"], "forbidden");
     let before = until_marker(&mut bob, "r", "m1").await;
     assert!(typings(&before).is_empty(), "{before:?}");
@@ -1204,20 +1218,31 @@ async fn announce_and_presence_policies(mode: Mode) {
 
     let joined = alice.join("hidden-1").await;
     assert_eq!(
-        (&joined["presence"], &joined["announce"], &joined["user_count"]),
+        (
+            &joined["presence"],
+            &joined["announce"],
+            &joined["user_count"]
+        ),
         (&json!(false), &json!(false), &json!(1)),
         "{joined}"
     );
     assert!(joined.get("users").is_none(), "no member list: {joined}");
     let joined = bob.join("hidden-1").await;
     assert!(joined.get("users").is_none(), "{joined}");
-    assert_eq!((&joined["user_count"], &joined["seq"]), (&json!(2), &json!(0)));
+    assert_eq!(
+        (&joined["user_count"], &joined["seq"]),
+        (&json!(2), &json!(0))
+    );
     bob.send(json!({"type": "leave", "room": "hidden-1"})).await;
     bob.recv_type("left").await;
     let (seq, before) = mark(&mut alice, "hidden-1", "h1").await;
     assert_eq!(seq, 1, "no join or leave event");
     assert!(events(&before).is_empty(), "{before:?}");
-    assert_eq!(nodes.users(1, "hidden-1").await, ["alice"], "the API lists them");
+    assert_eq!(
+        nodes.users(1, "hidden-1").await,
+        ["alice"],
+        "the API lists them"
+    );
     let (page, _) = history(&mut alice, "hidden-1", json!({})).await;
     assert_eq!(contents(&page), ["h1"]);
     assert!(events(&page).is_empty());
