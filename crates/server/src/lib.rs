@@ -105,11 +105,11 @@ impl std::ops::Deref for App {
 impl App {
     /// Opens the store and starts the broker for `config`.
     pub async fn start(config: Config) -> anyhow::Result<App> {
+        let policies = Arc::new(Policies::from_config(&config)?);
         if !config.redis.urls.is_empty() {
-            return Self::start_cluster(config);
+            return Self::start_cluster(config, policies);
         }
         let auth = Authenticator::from_config(&config.auth)?;
-        let policies = Arc::new(Policies::from_config(&config)?);
         let (writer, reader) = {
             let path = config.store.db.clone();
             let sync = config.store.synchronous;
@@ -149,9 +149,8 @@ impl App {
     }
 
     /// Cluster mode: sequencing, history and presence in Redis (`redis.urls`); no SQLite.
-    fn start_cluster(config: Config) -> anyhow::Result<App> {
+    fn start_cluster(config: Config, policies: Arc<Policies>) -> anyhow::Result<App> {
         let auth = Authenticator::from_config(&config.auth)?;
-        let policies = Arc::new(Policies::from_config(&config)?);
         let shards = Arc::new(cluster::Shards::open(&config.redis.urls)?);
         let node = cluster::node_id();
         let hub = Arc::new(Hub::default());
