@@ -423,6 +423,11 @@ impl LogWriter {
     }
 }
 
+/// The rooms with an event whose time lies in a range: one pass of [`expire`] over one age
+/// limit reads the range of `events_ts` that expired since the previous pass, never the
+/// events that rooms with a longer limit (or none) keep.
+const NEWLY_EXPIRED: &str = "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2";
+
 /// Drops the events that outlived their room's `history_ttl_s`, one age limit `T` at a time
 /// (rooms have their own, from their policy): the rooms with an event that turned older than
 /// `T` since the previous pass at `last_ms` (an index range over `events.ts_ms` as wide as the
@@ -443,9 +448,7 @@ fn expire(
         let cutoff = now.saturating_sub(ttl_ms);
         let from = last_ms.saturating_sub(ttl_ms);
         let rooms: Vec<String> = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2",
-            )?;
+            let mut stmt = tx.prepare_cached(NEWLY_EXPIRED)?;
             let rows = stmt.query_map(params![from as i64, cutoff as i64], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -700,7 +703,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dedup_lookup_uses_its_index() {
+    fn dedup_lookup_and_expiry_use_their_indexes() {
         let dir = std::env::temp_dir().join(format!("parley-plan-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = crate::config::Config::default();
@@ -720,6 +723,15 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("events_client_id"), "{plan}");
+        let plan: String = writer
+            .conn
+            .query_row(
+                &format!("EXPLAIN QUERY PLAN {NEWLY_EXPIRED}"),
+                params![0, 1],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("events_ts"), "{plan}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
