@@ -702,6 +702,69 @@ fn same_content(frame: &str, content: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Age limits per room: each room loses what is older than its own limit, one pass after
+    /// another (each reading only what expired since the previous one), and never a hole.
+    #[test]
+    fn expiry_follows_each_rooms_own_age_limit() {
+        use crate::config::{Config, RoomSection};
+        let config = Config {
+            rooms: vec![
+                RoomSection {
+                    pattern: "fast-*".into(),
+                    history_ttl_s: Some(10),
+                    ..RoomSection::default()
+                },
+                RoomSection {
+                    pattern: "slow-*".into(),
+                    history_ttl_s: Some(100),
+                    ..RoomSection::default()
+                },
+            ],
+            ..Config::default()
+        };
+        let policies = Policies::from_config(&config).unwrap();
+        let ttls = policies.ttls();
+        assert_eq!(ttls, [10, 100]);
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let add = |room: &str, seq: u64, ts_s: u64| {
+            insert(&conn, room, seq, ts_s * 1000, None, None, "{}").unwrap();
+        };
+        let kept = |room: &str| -> Vec<u64> {
+            let mut stmt = conn
+                .prepare("SELECT seq FROM events WHERE room = ?1 ORDER BY seq")
+                .unwrap();
+            let rows = stmt
+                .query_map(params![room], |r| r.get::<_, i64>(0))
+                .unwrap();
+            rows.map(|r| r.unwrap() as u64).collect()
+        };
+        for room in ["fast-1", "slow-1", "other"] {
+            add(room, 1, 1000);
+            add(room, 2, 1050);
+        }
+        // A clock that stepped back: seq 4 is older than seq 3.
+        add("fast-1", 3, 1095);
+        add("fast-1", 4, 1060);
+        expire(&conn, &policies, &ttls, 0, 1_070_000).unwrap();
+        assert_eq!(
+            kept("fast-1"),
+            [3, 4],
+            "older than 10 s, below the first young one"
+        );
+        assert_eq!(kept("slow-1"), [1, 2]);
+        assert_eq!(kept("other"), [1, 2], "no age limit");
+        // The next pass reads what expired since: seq 3 now, and seq 4 above it with it.
+        expire(&conn, &policies, &ttls, 1_070_000, 1_106_000).unwrap();
+        assert_eq!(kept("fast-1"), Vec::<u64>::new());
+        assert_eq!(kept("slow-1"), [2], "seq 1 is older than 100 s");
+        expire(&conn, &policies, &ttls, 1_106_000, 1_140_000).unwrap();
+        assert_eq!(kept("slow-1"), [2], "seq 2 is not");
+        expire(&conn, &policies, &ttls, 1_140_000, 1_151_000).unwrap();
+        assert_eq!(kept("slow-1"), Vec::<u64>::new());
+        assert_eq!(kept("other"), [1, 2]);
+    }
+
     #[test]
     fn dedup_lookup_and_expiry_use_their_indexes() {
         let dir = std::env::temp_dir().join(format!("parley-plan-{}", std::process::id()));
