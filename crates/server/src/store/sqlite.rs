@@ -225,16 +225,14 @@ impl Checkpointer {
             .name("parley-checkpoint".into())
             .spawn(move || {
                 while woken.recv().is_ok() {
-                    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                        r.get::<_, i64>(1)
-                    });
+                    let result = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
                     match result {
                         Ok(log) => seen.store(log.max(0) as u64, Ordering::Relaxed),
                         Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
                     }
                 }
-            })
-            ?;
+            })?;
         Ok(Checkpointer { wake, frames })
     }
 
@@ -867,6 +865,55 @@ mod tests {
         expire(&conn, &policies, &ttls, 1_140_000, 1_151_000).unwrap();
         assert_eq!(kept("slow-1"), Vec::<u64>::new());
         assert_eq!(kept("other"), [1, 2]);
+    }
+
+    /// The writer never checkpoints (`wal_autocheckpoint = 0`); the checkpointer copies the WAL
+    /// back into the database file once [`CHECKPOINT_EVERY`] events are written, so the file
+    /// grows while the writer goes on.
+    #[test]
+    fn the_checkpointer_copies_the_wal_back() {
+        let dir = std::env::temp_dir().join(format!("parley-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.db");
+        let config = crate::config::Config::default();
+        let (mut writer, _) = open_log(
+            &path,
+            Synchronous::Normal,
+            &config.history,
+            Arc::new(Policies::from_config(&config).unwrap()),
+        )
+        .unwrap();
+        let auto: i64 = writer
+            .conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto, 0, "the writer leaves checkpoints to the checkpointer");
+        let before = std::fs::metadata(&path).unwrap().len();
+        let room: Arc<str> = "r".into();
+        let user: Arc<str> = "u".into();
+        for chunk in 0..CHECKPOINT_EVERY / 100 {
+            let drafts: Vec<Draft> = (0..100)
+                .map(|i| Draft::Message {
+                    room: room.clone(),
+                    user: user.clone(),
+                    name: user.clone(),
+                    content: format!("message {chunk}-{i} {}", "x".repeat(200)),
+                    client_id: Some(format!("c{chunk}-{i}")),
+                })
+                .collect();
+            writer.commit(&drafts).unwrap();
+        }
+        // The checkpointer works on its own thread: wait for the file to take the pages.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file never grew: no checkpoint ran"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(writer);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
