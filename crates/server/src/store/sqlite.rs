@@ -11,7 +11,7 @@
 //! event, so history is served without re-encoding.
 //!
 //! Checkpoints (copying the WAL back into the database file) run on a thread of their own with
-//! its own connection ([`Checkpointer`]), not in the writer's commits: in rooms of two each
+//! its own connection (`Checkpointer`), not in the writer's commits: in rooms of two each
 //! message dirties pages all over the file, and a checkpoint every 1,000 pages inside a commit
 //! (SQLite's default) made one commit in five take 50-400 ms on a busy disk, which stalled
 //! every room behind it.
