@@ -1,5 +1,5 @@
 //! The single-node durable log in SQLite (WAL mode). One [`LogWriter`] owns the write
-//! connection and is driven by the broker's sequencer: it assigns each room's next seq inside
+//! connection and is driven by the broker's log-writer thread: it assigns each room's next seq inside
 //! the transaction that stores the event, so seq order is commit order, and it writes every
 //! event that arrived together in one transaction (group commit). Readers use their own
 //! connections and never block the writer.
@@ -284,8 +284,8 @@ pub fn open_log(
     Ok((writer, reader))
 }
 
-/// The write side of the log. Not shared: the sequencer moves it into a blocking thread for
-/// each commit.
+/// The write side of the log. Not shared: the broker's log-writer thread owns it for the
+/// node's life.
 pub struct LogWriter {
     conn: Connection,
     checkpointer: Checkpointer,
