@@ -8,7 +8,7 @@
 //!
 //! [`Faults`]: switches the tests flip through `POST /_faults/{name}` (only with the cargo
 //! feature `fault-hooks`, which the server's own tests enable) to make a task panic or the
-//! heartbeat stop, as a crash or a SIGSTOP would.
+//! heartbeat stop, as a crash or a SIGSTOP would, or to hold a task at a racy moment.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,17 +69,24 @@ pub struct Faults {
     pub panic_room: AtomicBool,
     /// A subscriber panics on its next pub/sub message.
     pub panic_subscriber: AtomicBool,
+    /// A subscriber whose connection dropped stays away (does not resubscribe) while set.
+    pub hold_resubscribe: AtomicBool,
+    /// A room actor bringing its members up to a head waits for pub/sub while set, instead of
+    /// reading the stream after a moment.
+    pub hold_catch_up: AtomicBool,
 }
 
 impl Faults {
     /// Sets the switch `name` (`pause-heartbeat`, `panic-sequencer`, `panic-room`,
-    /// `panic-subscriber`); `false` for an unknown name.
+    /// `panic-subscriber`, `hold-resubscribe`, `hold-catch-up`); `false` for an unknown name.
     pub fn set(&self, name: &str, on: bool) -> bool {
         let switch = match name {
             "pause-heartbeat" => &self.pause_heartbeat,
             "panic-sequencer" => &self.panic_sequencer,
             "panic-room" => &self.panic_room,
             "panic-subscriber" => &self.panic_subscriber,
+            "hold-resubscribe" => &self.hold_resubscribe,
+            "hold-catch-up" => &self.hold_catch_up,
             _ => return false,
         };
         switch.store(on, Ordering::SeqCst);

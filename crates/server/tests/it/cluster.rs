@@ -1256,3 +1256,68 @@ async fn a_dead_room_actor_or_subscriber_makes_the_node_unready_and_exit_non_zer
         assert!(err.to_string().contains(reason), "{switch}: {err}");
     }
 }
+
+/// Issue #11, the join right after Redis comes back: node A's pub/sub connection is away (held
+/// by a fault switch) while carol joins on A; her join's script runs, then A waits for pub/sub
+/// to bring its member alice up to carol's head (held too). Bob sends `y` right after carol's
+/// join event. A resubscribes and reads what it missed while carol's join is still catching
+/// up: carol receives every event after her `joined.seq`, `y` first, and alice everything, in
+/// seq order, without a gap or a duplicate.
+#[tokio::test]
+async fn a_join_while_pubsub_resubscribes_misses_nothing() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut alice = a.user("alice").await;
+    let first = alice.join("r").await["seq"].as_u64().unwrap();
+    let mut bob = b.user("bob").await;
+    bob.join("r").await;
+    alice.recv_type("system").await;
+
+    // A's subscriber loses its connection and stays away; B's comes back.
+    fault(&a, "hold-resubscribe", true).await;
+    fault(&a, "hold-catch-up", true).await;
+    cli(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    wait_ready(&a, false).await;
+    wait_ready(&b, true).await;
+    let (x, _) = bob.post("r", "x", "x").await;
+
+    // Carol's join runs its script (bob sees her join event), then waits to catch alice up.
+    let mut carol = a.user("carol").await;
+    carol.send(json!({"type": "join", "room": "r"})).await;
+    let join = bob.skip_until("system").await;
+    assert_eq!((&join["event"], &join["user"]), (&json!("join"), &json!("carol")));
+    let head = common::seq(&join);
+    let (y, _) = bob.post("r", "y", "y").await;
+    assert_eq!(y["seq"].as_u64(), Some(head + 1));
+
+    // A resubscribes (and tells the room) while carol's join is still catching up.
+    fault(&a, "hold-resubscribe", false).await;
+    wait_ready(&a, true).await;
+    fault(&a, "hold-catch-up", false).await;
+    let joined = carol.recv_type("joined").await;
+    assert_eq!(joined["seq"].as_u64(), Some(head), "{joined}");
+    let (z, _) = bob.post("r", "z", "z").await;
+    let z = z["seq"].as_u64().unwrap();
+
+    let got = frames_until_seq(&mut carol, z).await;
+    assert_eq!(seqs(&got), (head + 1..=z).collect::<Vec<_>>(), "carol: {got:?}");
+    let got = frames_until_seq(&mut alice, z).await;
+    assert_eq!(seqs(&got), (first + 2..=z).collect::<Vec<_>>(), "alice: {got:?}");
+    assert_eq!(got[0]["seq"], x["seq"]);
+}
+
+/// The sequenced frames (messages and system events) a member receives up to seq `last`.
+async fn frames_until_seq(client: &mut Client, last: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        if let Some(seq) = frame["seq"].as_u64() {
+            if frame["type"] == "message" || frame["type"] == "system" {
+                out.push(frame);
+                if seq >= last {
+                    return out;
+                }
+            }
+        }
+    }
+}

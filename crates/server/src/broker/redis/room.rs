@@ -501,12 +501,15 @@ impl RoomActor {
     /// Delivers every event up to `target`: from pub/sub when it comes soon, else from the
     /// stream. `false` when that is impossible.
     async fn catch_up(&mut self, target: u64) -> bool {
-        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        let mut deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         while self.next().is_some_and(|next| next <= target) {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(RoomEvent::Event(event))) => self.on_event(event).await,
                 Ok(Some(RoomEvent::Resync)) => self.resync().await,
                 Ok(None) => return false,
+                Err(_) if Faults::on(&self.inner.parts.faults.hold_catch_up) => {
+                    deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+                }
                 Err(_) => return self.fill(target).await,
             }
         }
