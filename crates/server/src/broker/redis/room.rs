@@ -9,9 +9,11 @@
 //! A join subscribes first, then runs the script (presence, the join event, head and history
 //! in one atomic step), catches the local members up to that head, then queues `joined` and
 //! registers the member, so it receives exactly the seqs after `joined.seq`. A leave catches
-//! up to just before its own leave event, then removes the member and queues `left`.
+//! up to just before its own leave event, then removes the member and queues `left`. A
+//! catch-up never goes past its target: an event beyond it, or a resync (pub/sub came back
+//! and Redis may be further on), is held back and handled right after the join or leave.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,6 +83,7 @@ pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
         cmds: cmd_rx,
         events: ev_rx,
         pending: None,
+        held: VecDeque::new(),
         epoch: String::new(),
         subscribed: false,
         writes: Batch::default(),
@@ -109,6 +112,9 @@ struct RoomActor {
     events: mpsc::UnboundedReceiver<RoomEvent>,
     /// A command taken from the queue while gathering publishes, to run next.
     pending: Option<RoomCmd>,
+    /// Events a catch-up took from the queue but could not handle without passing its target,
+    /// to handle next, before the queue.
+    held: VecDeque<RoomEvent>,
     /// The epoch the members' stream belongs to; meaningful only while there are members.
     epoch: String,
     subscribed: bool,
@@ -131,6 +137,8 @@ impl RoomActor {
         loop {
             if let Some(cmd) = self.pending.take() {
                 self.command(cmd).await;
+            } else if let Some(ev) = self.held.pop_front() {
+                self.room_event(ev).await;
             } else {
                 tokio::select! {
                     biased;
@@ -139,22 +147,7 @@ impl RoomActor {
                         None => break,
                     },
                     ev = self.events.recv() => match ev {
-                        Some(RoomEvent::Event(event)) => {
-                            self.on_event(event).await;
-                            // Whatever else has arrived goes out with it, one write per
-                            // member: the busier the room, the more events per system call.
-                            while let Ok(next) = self.events.try_recv() {
-                                match next {
-                                    RoomEvent::Event(event) => self.on_event(event).await,
-                                    RoomEvent::Resync => {
-                                        self.write();
-                                        self.resync().await;
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        Some(RoomEvent::Resync) => self.resync().await,
+                        Some(ev) => self.room_event(ev).await,
                         None => break,
                     },
                     _ = self.inner.stop.cancelled() => break,
@@ -171,6 +164,29 @@ impl RoomActor {
             .lock()
             .expect("rooms lock")
             .remove(&self.room);
+    }
+
+    /// Handles an event from pub/sub (or held back by a catch-up), and whatever else has
+    /// arrived with it: one write per member, so the busier the room, the more events per
+    /// system call.
+    async fn room_event(&mut self, ev: RoomEvent) {
+        match ev {
+            RoomEvent::Event(event) => {
+                self.on_event(event).await;
+                while let Some(next) = self.held.pop_front().or_else(|| self.events.try_recv().ok())
+                {
+                    match next {
+                        RoomEvent::Event(event) => self.on_event(event).await,
+                        RoomEvent::Resync => {
+                            self.write();
+                            self.resync().await;
+                            break;
+                        }
+                    }
+                }
+            }
+            RoomEvent::Resync => self.resync().await,
+        }
     }
 
     /// Leaves the map if no command is waiting; `false` when one is (go on serving).
@@ -498,14 +514,29 @@ impl RoomActor {
         Ok(())
     }
 
-    /// Delivers every event up to `target`: from pub/sub when it comes soon, else from the
-    /// stream. `false` when that is impossible.
+    /// Delivers every event up to `target` and none after it: from pub/sub when it comes
+    /// soon, else from the stream. `false` when that is impossible. An event beyond `target`,
+    /// or a resync (Redis may be past `target` by now), is held back for after the caller: a
+    /// joiner starts at `target + 1` and must receive what follows it.
     async fn catch_up(&mut self, target: u64) -> bool {
         let mut deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         while self.next().is_some_and(|next| next <= target) {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            let ev = match self.held.pop_front() {
+                Some(ev) => Ok(Some(ev)),
+                None => tokio::time::timeout_at(deadline, self.events.recv()).await,
+            };
+            match ev {
+                Ok(Some(RoomEvent::Event(event)))
+                    if event.seq > target && event.epoch == self.epoch =>
+                {
+                    self.held.push_front(RoomEvent::Event(event));
+                    return self.fill(target).await;
+                }
                 Ok(Some(RoomEvent::Event(event))) => self.on_event(event).await,
-                Ok(Some(RoomEvent::Resync)) => self.resync().await,
+                Ok(Some(RoomEvent::Resync)) => {
+                    self.held.push_front(RoomEvent::Resync);
+                    return self.fill(target).await;
+                }
                 Ok(None) => return false,
                 Err(_) if Faults::on(&self.inner.parts.faults.hold_catch_up) => {
                     deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
