@@ -1110,7 +1110,21 @@ async fn send_then_leave_keeps_their_order() {
 /// snapshot's.
 #[tokio::test]
 async fn redis_back_with_less_than_it_acked_starts_a_new_epoch() {
-    let mut redis = RedisServer::start_snapshotting();
+    back_with_less_than_acked(RedisServer::start_snapshotting(), false).await;
+}
+
+/// Issue #11 item 1, the rollback: a durable Redis (AOF, `appendfsync always`, known durable to
+/// the nodes) restored from an older RDB snapshot, the AOF turned back on. Its run id changed,
+/// as on any restart, and it runs durably: only the nodes can tell that it holds fewer events
+/// than they saw it store.
+#[tokio::test]
+async fn a_durable_redis_restored_from_an_older_snapshot_starts_a_new_epoch() {
+    back_with_less_than_acked(RedisServer::start_persistent(), true).await;
+}
+
+/// Three acked messages are lost: by a restart from a snapshot (`rollback`: a restore of the
+/// snapshot of a durable run), and the room must start a new epoch.
+async fn back_with_less_than_acked(mut redis: RedisServer, rollback: bool) {
     let (a, b) = (node(&redis).await, node(&redis).await);
     let mut alice = a.user("alice").await;
     let joined = alice.join("r").await;
@@ -1121,7 +1135,24 @@ async fn redis_back_with_less_than_it_acked_starts_a_new_epoch() {
     let (ack, _) = bob.post("r", "kept", "k0").await;
     let saved = ack["seq"].as_u64().unwrap();
     messages(&mut alice, 1).await;
-    assert_eq!(cli(&redis, &["SAVE"]).trim(), "OK");
+    if rollback {
+        // The snapshot holds the nodes' finding that this run is durable.
+        let info = redis.cli(&["INFO", "server"]);
+        let run = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while redis.cli(&["SISMEMBER", parley::cluster::keys::DURABLE, &run]).trim() != "1" {
+            assert!(std::time::Instant::now() < deadline, "a node marks the run durable");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis.snapshot();
+    } else {
+        assert_eq!(cli(&redis, &["SAVE"]).trim(), "OK");
+    }
     let mut lost = Vec::new();
     for i in 0..3 {
         let (ack, _) = bob.post("r", &format!("lost {i}"), &format!("l{i}")).await;
@@ -1131,7 +1162,11 @@ async fn redis_back_with_less_than_it_acked_starts_a_new_epoch() {
     assert_eq!(seqs(&messages(&mut alice, 3).await), lost);
 
     // The fault: SIGKILL, and Redis restarts from the snapshot (seq `saved`, same epoch).
-    redis.restart();
+    if rollback {
+        redis.roll_back();
+    } else {
+        redis.restart();
+    }
     assert_eq!(
         cli(&redis, &["GET", &parley::cluster::keys::seq("r")]).trim(),
         saved.to_string(),
