@@ -897,7 +897,7 @@ async fn users_reaped_while_their_node_was_cut_off_come_back() {
         max_len: 10_000,
         ttl_s: 0,
     };
-    let seq = parley::cluster::script::run(&shards.shards[0].conn, &reap)
+    let seq = parley::cluster::script::run(&shards.shards[0], &reap)
         .await
         .unwrap()
         .unwrap()

@@ -296,8 +296,8 @@ impl RoomActor {
             .collect();
         let refs: Vec<&Msg> = ops.iter().collect();
         let started = Instant::now();
-        let conn = &self.inner.shards.for_room(&self.room).conn;
-        let result = script::run_batch(conn, &refs).await;
+        let shard = self.inner.shards.for_room(&self.room);
+        let result = script::run_batch(shard, &refs).await;
         Metrics::observe(&parts.metrics.store_commit, started.elapsed());
         drop(refs);
         drop(ops);
@@ -357,8 +357,8 @@ impl RoomActor {
             epoch_candidate: cluster::new_epoch(),
             presence_ttl_ms: parts.presence_ttl.as_millis() as u64,
         };
-        let conn = &self.inner.shards.for_room(&self.room).conn;
-        let reply = script_outcome(script::run(conn, &op).await);
+        let shard = self.inner.shards.for_room(&self.room);
+        let reply = script_outcome(script::run(shard, &op).await);
         // The script may have run even though its answer was lost.
         let JoinReply {
             head,
@@ -426,8 +426,8 @@ impl RoomActor {
             max_len: parts.history.max_len,
             ttl_s: parts.history.ttl_s,
         };
-        let conn = &self.inner.shards.for_room(&self.room).conn;
-        match script_outcome(script::run(conn, &op).await) {
+        let shard = self.inner.shards.for_room(&self.room);
+        match script_outcome(script::run(shard, &op).await) {
             Ok(reply) if self.hub().contains(&self.room, req.conn) => {
                 // Everything sequenced before the leave reaches the leaver; its own leave
                 // event does not.
@@ -460,8 +460,8 @@ impl RoomActor {
     async fn reconcile(&mut self) -> Result<(), BrokerError> {
         let parts = &self.inner.parts;
         let node = &parts.node;
-        let manager = &self.inner.shards.for_room(&self.room).conn;
-        let mut conn = manager.clone();
+        let shard = self.inner.shards.for_room(&self.room);
+        let mut conn = shard.conn.clone();
         let stored: HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(keys::presence(&self.room, node))
             .query_async(&mut conn)
@@ -508,7 +508,7 @@ impl RoomActor {
                 max_len: parts.history.max_len,
                 ttl_s: parts.history.ttl_s,
             };
-            let announced = script_outcome(script::run(manager, &op).await)?;
+            let announced = script_outcome(script::run(shard, &op).await)?;
             info!(room = %self.room, user, connections = target, announced = ?announced.seq, "presence repaired");
         }
         Ok(())
