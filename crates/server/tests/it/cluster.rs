@@ -1145,8 +1145,15 @@ async fn back_with_less_than_acked(mut redis: RedisServer, rollback: bool) {
             .trim()
             .to_owned();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while redis.cli(&["SISMEMBER", parley::cluster::keys::DURABLE, &run]).trim() != "1" {
-            assert!(std::time::Instant::now() < deadline, "a node marks the run durable");
+        while redis
+            .cli(&["SISMEMBER", parley::cluster::keys::DURABLE, &run])
+            .trim()
+            != "1"
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a node marks the run durable"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         redis.snapshot();
@@ -1320,7 +1327,10 @@ async fn a_join_while_pubsub_resubscribes_misses_nothing() {
     let mut carol = a.user("carol").await;
     carol.send(json!({"type": "join", "room": "r"})).await;
     let join = bob.skip_until("system").await;
-    assert_eq!((&join["event"], &join["user"]), (&json!("join"), &json!("carol")));
+    assert_eq!(
+        (&join["event"], &join["user"]),
+        (&json!("join"), &json!("carol"))
+    );
     let head = common::seq(&join);
     let (y, _) = bob.post("r", "y", "y").await;
     assert_eq!(y["seq"].as_u64(), Some(head + 1));
@@ -1335,9 +1345,17 @@ async fn a_join_while_pubsub_resubscribes_misses_nothing() {
     let z = z["seq"].as_u64().unwrap();
 
     let got = frames_until_seq(&mut carol, z).await;
-    assert_eq!(seqs(&got), (head + 1..=z).collect::<Vec<_>>(), "carol: {got:?}");
+    assert_eq!(
+        seqs(&got),
+        (head + 1..=z).collect::<Vec<_>>(),
+        "carol: {got:?}"
+    );
     let got = frames_until_seq(&mut alice, z).await;
-    assert_eq!(seqs(&got), (first + 2..=z).collect::<Vec<_>>(), "alice: {got:?}");
+    assert_eq!(
+        seqs(&got),
+        (first + 2..=z).collect::<Vec<_>>(),
+        "alice: {got:?}"
+    );
     assert_eq!(got[0]["seq"], x["seq"]);
 }
 

@@ -211,7 +211,10 @@ async fn every_op_through_its_typed_structs() {
             ttl_s: 0,
         }
     };
-    assert_eq!(run(shard, &sync("node-2", 2)).await, Announced { seq: None });
+    assert_eq!(
+        run(shard, &sync("node-2", 2)).await,
+        Announced { seq: None }
+    );
     assert_eq!(run(shard, &sync(NODE, 0)).await, Announced { seq: None });
     assert_eq!(
         run(shard, &sync("node-2", 0)).await,

@@ -173,7 +173,10 @@ impl RoomActor {
         match ev {
             RoomEvent::Event(event) => {
                 self.on_event(event).await;
-                while let Some(next) = self.held.pop_front().or_else(|| self.events.try_recv().ok())
+                while let Some(next) = self
+                    .held
+                    .pop_front()
+                    .or_else(|| self.events.try_recv().ok())
                 {
                     match next {
                         RoomEvent::Event(event) => self.on_event(event).await,
