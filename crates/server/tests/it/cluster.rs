@@ -1374,3 +1374,58 @@ async fn frames_until_seq(client: &mut Client, last: u64) -> Vec<Value> {
         }
     }
 }
+
+/// Redis came back with less (here: a snapshot restart) and bob's node has not noticed yet
+/// (its pub/sub connection is held away): bob's next message is the room's first write since,
+/// so the script stores it under the room's new epoch. Bob is still a member in the old epoch,
+/// where that seq named another message ("lost"): he must not be acked there. He is closed
+/// with 4009 first; resuming, he learns the new epoch and his resend (same id) is acked as a
+/// duplicate at the seq it got.
+#[tokio::test]
+async fn a_send_that_starts_a_new_epoch_is_not_acked_in_the_old_one() {
+    let mut redis = RedisServer::start_snapshotting();
+    let a = node(&redis).await;
+    let mut bob = a.user("bob").await;
+    let epoch = bob.join("r").await["epoch"].as_str().unwrap().to_owned();
+    let (kept, _) = bob.post("r", "kept", "k0").await;
+    let saved = common::seq(&kept);
+    assert_eq!(cli(&redis, &["SAVE"]).trim(), "OK");
+    let (lost, _) = bob.post("r", "lost", "l0").await;
+    assert_eq!(common::seq(&lost), saved + 1);
+
+    fault(&a, "hold-resubscribe", true).await;
+    redis.restart();
+    let send = json!({"type": "send", "room": "r", "content": "after", "id": "a0"});
+    bob.send(send.clone()).await;
+    loop {
+        match bob.next_event().await {
+            common::Event::Frame(f) if f["type"] == "error" && f["code"] == "unavailable" => {
+                // Node A has not reconnected yet: nothing was stored; again.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                bob.send(send.clone()).await;
+            }
+            common::Event::Frame(f) if f["type"] == "ack" => panic!(
+                "acked while bob is in epoch {epoch}, where seq {} is \"lost\": {f}",
+                saved + 1
+            ),
+            common::Event::Frame(_) => {}
+            common::Event::Close(code) => {
+                assert_eq!(code, 4009);
+                break;
+            }
+            common::Event::Ended => panic!("ended without a close frame"),
+        }
+    }
+
+    fault(&a, "hold-resubscribe", false).await;
+    let mut again = a.user("bob").await;
+    again
+        .send(json!({"type": "join", "room": "r", "since": saved + 1, "epoch": epoch}))
+        .await;
+    let joined = again.recv_type("joined").await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+    let (ack, _) = again.post("r", "after", "a0").await;
+    assert_eq!(ack["duplicate"], true, "{ack}");
+    assert_eq!(common::seq(&ack), saved + 1, "{ack}");
+}
