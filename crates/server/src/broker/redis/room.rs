@@ -264,7 +264,8 @@ impl RoomActor {
     /// Stores a run of messages in one pipeline, in order, and answers each: the ack (or the
     /// error) is queued once Redis has stored it. Delivery follows through pub/sub.
     async fn publish(&mut self, batch: Vec<Publish>) {
-        let parts = &self.inner.parts;
+        let inner = self.inner.clone();
+        let parts = &inner.parts;
         let ts = cluster::now_ts();
         let ops: Vec<Msg> = batch
             .iter()
@@ -304,6 +305,21 @@ impl RoomActor {
         Metrics::observe(&parts.metrics.store_commit, started.elapsed());
         drop(refs);
         drop(ops);
+        // Stored in the room's new epoch (Redis came back with less) while the members here
+        // are in the old one, where that seq may name another event: they are closed with 4009
+        // before any answer (an ack to a closed connection is dropped), resume in the new epoch
+        // and resend, acked then as duplicates.
+        let other_epoch = self.next().is_some()
+            && result.as_ref().is_ok_and(|replies| {
+                replies.iter().any(|r| {
+                    r.as_ref().is_ok_and(|r| {
+                        r.outcome != MsgOutcome::Conflict && r.epoch != self.epoch
+                    })
+                })
+            });
+        if other_epoch {
+            self.evict("the room's log was replaced");
+        }
         let outcomes: Vec<Result<Posted, BrokerError>> = match result {
             Ok(replies) => replies
                 .into_iter()
