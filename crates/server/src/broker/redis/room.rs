@@ -32,6 +32,7 @@ use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
+use crate::policy::RoomPolicy;
 
 /// Most publishes one pipeline carries.
 const MAX_BATCH: usize = 256;
@@ -77,6 +78,7 @@ pub(super) struct Event {
 pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let policy = inner.parts.policies.for_room(&room);
     let actor = RoomActor {
         inner: inner.clone(),
         room,
@@ -84,6 +86,7 @@ pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
         events: ev_rx,
         pending: None,
         held: VecDeque::new(),
+        policy,
         epoch: String::new(),
         subscribed: false,
         writes: Batch::default(),
@@ -115,6 +118,8 @@ struct RoomActor {
     /// Events a catch-up took from the queue but could not handle without passing its target,
     /// to handle next, before the queue.
     held: VecDeque<RoomEvent>,
+    /// The room's policy: its retention, announcements and member list.
+    policy: RoomPolicy,
     /// The epoch the members' stream belongs to; meaningful only while there are members.
     epoch: String,
     subscribed: bool,
@@ -266,6 +271,7 @@ impl RoomActor {
     async fn publish(&mut self, batch: Vec<Publish>) {
         let inner = self.inner.clone();
         let parts = &inner.parts;
+        let policy = self.policy;
         let ts = cluster::now_ts();
         let ops: Vec<Msg> = batch
             .iter()
@@ -290,8 +296,8 @@ impl RoomActor {
                     content: &r.content,
                     prefix,
                     suffix,
-                    max_len: parts.history.max_len,
-                    ttl_s: parts.history.ttl_s,
+                    max_len: policy.history_max_len,
+                    ttl_s: policy.history_ttl_s,
                     epoch_candidate: cluster::new_epoch(),
                     dedup_window_s: DEDUP_WINDOW.as_secs(),
                     node: &parts.node,
@@ -312,9 +318,8 @@ impl RoomActor {
         let other_epoch = self.next().is_some()
             && result.as_ref().is_ok_and(|replies| {
                 replies.iter().any(|r| {
-                    r.as_ref().is_ok_and(|r| {
-                        r.outcome != MsgOutcome::Conflict && r.epoch != self.epoch
-                    })
+                    r.as_ref()
+                        .is_ok_and(|r| r.outcome != MsgOutcome::Conflict && r.epoch != self.epoch)
                 })
             });
         if other_epoch {
@@ -360,6 +365,7 @@ impl RoomActor {
         // Subscribe first: every event after the script's head is then published to us.
         self.subscribe().await?;
         let parts = &self.inner.parts;
+        let policy = self.policy;
         let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, &req.name, true);
         let op = Join {
             room: &req.room,
@@ -368,11 +374,12 @@ impl RoomActor {
             since: req.since.as_ref().map(|(s, e)| (*s, e.as_str())),
             on_join: parts.history.on_join,
             max_replay: parts.history.max_replay,
-            announce_max: parts.announce_max,
+            announce_max: policy.announce_max(parts.announce_max),
+            users_max: policy.users_max(parts.announce_max),
             prefix,
             suffix,
-            max_len: parts.history.max_len,
-            ttl_s: parts.history.ttl_s,
+            max_len: policy.history_max_len,
+            ttl_s: policy.history_ttl_s,
             epoch_candidate: cluster::new_epoch(),
             presence_ttl_ms: parts.presence_ttl.as_millis() as u64,
         };
@@ -401,7 +408,7 @@ impl RoomActor {
             self.evict("missed events could not be recovered");
         }
         let parts = &self.inner.parts;
-        let users = (people <= parts.announce_max).then(|| {
+        let users = (people <= policy.users_max(parts.announce_max)).then(|| {
             let mut users = users;
             users.sort();
             users
@@ -417,6 +424,7 @@ impl RoomActor {
             history: &array,
             truncated,
             recovered,
+            rules: policy.rules(),
             id: req.request_id.as_deref(),
         }
         .encode();
@@ -434,16 +442,17 @@ impl RoomActor {
 
     async fn leave(&mut self, req: LeaveRequest) {
         let parts = &self.inner.parts;
+        let policy = self.policy;
         let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, &req.name, false);
         let op = Leave {
             room: &req.room,
             user: &req.user,
             node: &parts.node,
-            announce_max: parts.announce_max,
+            announce_max: policy.announce_max(parts.announce_max),
             prefix,
             suffix,
-            max_len: parts.history.max_len,
-            ttl_s: parts.history.ttl_s,
+            max_len: policy.history_max_len,
+            ttl_s: policy.history_ttl_s,
         };
         let shard = self.inner.shards.for_room(&self.room);
         match script_outcome(script::run(shard, &op).await) {
@@ -519,13 +528,13 @@ impl RoomActor {
                 user: &user,
                 node,
                 target,
-                announce_max: parts.announce_max,
+                announce_max: self.policy.announce_max(parts.announce_max),
                 join_prefix,
                 join_suffix,
                 leave_prefix,
                 leave_suffix,
-                max_len: parts.history.max_len,
-                ttl_s: parts.history.ttl_s,
+                max_len: self.policy.history_max_len,
+                ttl_s: self.policy.history_ttl_s,
             };
             let announced = script_outcome(script::run(shard, &op).await)?;
             info!(room = %self.room, user, connections = target, announced = ?announced.seq, "presence repaired");
