@@ -8,7 +8,7 @@
 //!
 //! [`Faults`]: switches the tests flip through `POST /_faults/{name}` (only with the cargo
 //! feature `fault-hooks`, which the server's own tests enable) to make a task panic or the
-//! heartbeat stop, as a crash or a SIGSTOP would.
+//! heartbeat stop, as a crash or a SIGSTOP would, or to hold a task at a racy moment.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +69,11 @@ pub struct Faults {
     pub panic_room: AtomicBool,
     /// A subscriber panics on its next pub/sub message.
     pub panic_subscriber: AtomicBool,
+    /// A subscriber whose connection dropped stays away (does not resubscribe) while set.
+    pub hold_resubscribe: AtomicBool,
+    /// A room actor bringing its members up to a head waits for pub/sub while set, instead of
+    /// reading the stream after a moment.
+    pub hold_catch_up: AtomicBool,
     /// The single-node log writer holds each retention sweep it takes while set (before the
     /// sweep reads anything), saying so in `sweep_held`.
     pub hold_sweep: AtomicBool,
@@ -78,13 +83,15 @@ pub struct Faults {
 
 impl Faults {
     /// The switch called `name` (`pause-heartbeat`, `panic-sequencer`, `panic-room`,
-    /// `panic-subscriber`, `hold-sweep`, `sweep-held`).
+    /// `panic-subscriber`, `hold-resubscribe`, `hold-catch-up`, `hold-sweep`, `sweep-held`).
     fn switch(&self, name: &str) -> Option<&AtomicBool> {
         Some(match name {
             "pause-heartbeat" => &self.pause_heartbeat,
             "panic-sequencer" => &self.panic_sequencer,
             "panic-room" => &self.panic_room,
             "panic-subscriber" => &self.panic_subscriber,
+            "hold-resubscribe" => &self.hold_resubscribe,
+            "hold-catch-up" => &self.hold_catch_up,
             "hold-sweep" => &self.hold_sweep,
             "sweep-held" => &self.sweep_held,
             _ => return None,
