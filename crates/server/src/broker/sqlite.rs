@@ -65,6 +65,8 @@ pub struct SequencerParts {
     pub health: Arc<Health>,
     /// Test-only fault switches.
     pub faults: Arc<Faults>,
+    /// Notified after every commit that stored events (the webhook deliverer reads them).
+    pub committed: Arc<tokio::sync::Notify>,
 }
 
 impl SqliteBroker {
@@ -306,6 +308,7 @@ async fn run_batch(
     // Step 3: deliver and answer, in order.
     match result {
         Ok(written) => {
+            parts.committed.notify_one();
             // Every frame of the batch is queued first and each connection is written once:
             // a member that gets several events (and its ack) gets them in one system call.
             let mut writes = Batch::default();
