@@ -104,7 +104,7 @@ pub fn build(room: &str, cursor: Option<&Cursor>, slice: &Slice, wanted: &[HookE
             seq: 0,
         },
     };
-    let mut step = |at: &mut Cursor, epoch: &str, next_seq: u64, batch: &mut Batch| {
+    let step = |at: &mut Cursor, epoch: &str, next_seq: u64, batch: &mut Batch| {
         if at.epoch != epoch {
             // A cluster's room got a new epoch (Redis may have lost some of its events) and
             // its seqs go on: what followed the cursor in the old epoch may be gone.

@@ -56,11 +56,14 @@ pub struct Scan {
 #[error("webhook log: {0}")]
 pub struct LogError(pub String);
 
+/// Which rooms' events are sent (`webhooks.rooms`).
+pub type Wanted<'a> = dyn for<'r> Fn(&'r str) -> bool + Send + Sync + 'a;
+
 /// The durable log as the deliverer sees it.
 #[async_trait]
 pub trait HookLog: Send + Sync + 'static {
     /// Rooms whose log has events (or a new epoch) past their cursor; `wanted` filters names.
-    async fn scan(&self, wanted: &(dyn Fn(&str) -> bool + Sync)) -> Result<Scan, LogError>;
+    async fn scan(&self, wanted: &Wanted<'_>) -> Result<Scan, LogError>;
 
     /// Takes or renews this node's right to deliver `room` (always granted on one node).
     async fn claim(&self, room: &str) -> Result<bool, LogError>;

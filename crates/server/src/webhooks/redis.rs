@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redis::Script;
 
-use super::log::{Cursor, Entry, HookLog, LogError, Scan, Slice};
+use super::log::{Cursor, Entry, HookLog, LogError, Scan, Slice, Wanted};
 use crate::cluster::{keys, Shards};
 
 /// Takes the lease when free, renews it when ours: 1 if we hold it now.
@@ -93,7 +93,7 @@ fn read_after(cursor: Option<&Cursor>, epoch: &str, head: u64) -> u64 {
 
 #[async_trait]
 impl HookLog for RedisHookLog {
-    async fn scan(&self, wanted: &(dyn Fn(&str) -> bool + Sync)) -> Result<Scan, LogError> {
+    async fn scan(&self, wanted: &Wanted<'_>) -> Result<Scan, LogError> {
         let mut scan = Scan::default();
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::log::{Cursor, Entry, HookLog, LogError, Scan, Slice};
+use super::log::{Cursor, Entry, HookLog, LogError, Scan, Slice, Wanted};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS webhook_cursors (
@@ -72,7 +72,7 @@ fn now_ms() -> u64 {
 
 #[async_trait]
 impl HookLog for SqliteHookLog {
-    async fn scan(&self, wanted: &(dyn Fn(&str) -> bool + Sync)) -> Result<Scan, LogError> {
+    async fn scan(&self, wanted: &Wanted<'_>) -> Result<Scan, LogError> {
         let rows: Vec<(String, i64, i64, Option<i64>)> = self
             .with(|conn| {
                 let mut stmt = conn.prepare_cached(PENDING)?;
