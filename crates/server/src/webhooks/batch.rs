@@ -145,11 +145,15 @@ mod tests {
     const ALL: &[HookEvent] = &[HookEvent::Message, HookEvent::Join, HookEvent::Leave];
 
     fn message(seq: u64) -> String {
-        format!(r#"{{"type":"message","room":"r","seq":{seq},"user":"u","name":"u","content":"c{seq}","ts":"t"}}"#)
+        format!(
+            r#"{{"type":"message","room":"r","seq":{seq},"user":"u","name":"u","content":"c{seq}","ts":"t"}}"#
+        )
     }
 
     fn join(seq: u64) -> String {
-        format!(r#"{{"type":"system","room":"r","seq":{seq},"event":"join","user":"u","name":"u","content":"u joined the room","ts":"t"}}"#)
+        format!(
+            r#"{{"type":"system","room":"r","seq":{seq},"event":"join","user":"u","name":"u","content":"u joined the room","ts":"t"}}"#
+        )
     }
 
     fn slice(epoch: &str, head: u64, after: u64, entries: &[(u64, &str, String)]) -> Slice {
@@ -209,14 +213,20 @@ mod tests {
         let batch = build("r", Some(&at("e1", 2)), &s, ALL);
         let events = parsed(&batch);
         assert_eq!(events[0]["type"], "gap");
-        assert_eq!((&events[0]["from_seq"], &events[0]["to_seq"]), (&3.into(), &7.into()));
+        assert_eq!(
+            (&events[0]["from_seq"], &events[0]["to_seq"]),
+            (&3.into(), &7.into())
+        );
         assert_eq!(events[0]["epoch"], "e1");
         assert_eq!(batch.gaps, 1);
         // Nothing retained at all past the cursor.
         let s = slice("e1", 9, 2, &[]);
         let batch = build("r", Some(&at("e1", 2)), &s, ALL);
         let events = parsed(&batch);
-        assert_eq!((&events[0]["from_seq"], &events[0]["to_seq"]), (&3.into(), &9.into()));
+        assert_eq!(
+            (&events[0]["from_seq"], &events[0]["to_seq"]),
+            (&3.into(), &9.into())
+        );
         assert_eq!(batch.cursor, Some(at("e1", 9)));
     }
 
@@ -229,7 +239,10 @@ mod tests {
         assert_eq!(events[0]["epoch"], "e1");
         assert_eq!(events[0]["from_seq"], 6);
         assert!(events[0].get("to_seq").is_none());
-        assert_eq!((&events[1]["seq"], &events[1]["epoch"]), (&1.into(), &"e2".into()));
+        assert_eq!(
+            (&events[1]["seq"], &events[1]["epoch"]),
+            (&1.into(), &"e2".into())
+        );
         assert_eq!(batch.cursor, Some(at("e2", 1)));
     }
 
@@ -241,7 +254,10 @@ mod tests {
         assert_eq!(events.len(), 3);
         assert_eq!(events[0]["epoch"], "e1");
         assert_eq!(events[1]["type"], "gap");
-        assert_eq!((&events[1]["epoch"], &events[1]["from_seq"]), (&"e1".into(), &7.into()));
+        assert_eq!(
+            (&events[1]["epoch"], &events[1]["from_seq"]),
+            (&"e1".into(), &7.into())
+        );
         assert_eq!(events[2]["epoch"], "e2");
         assert_eq!(batch.cursor, Some(at("e2", 7)));
     }

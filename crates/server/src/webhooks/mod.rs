@@ -154,12 +154,7 @@ async fn dispatch(hooks: Arc<Deliverer>, wake: Arc<Notify>, poll: Duration) {
                         break;
                     };
                     active.insert(room.clone());
-                    tokio::spawn(deliver_room(
-                        hooks.clone(),
-                        room,
-                        slot,
-                        done_tx.clone(),
-                    ));
+                    tokio::spawn(deliver_room(hooks.clone(), room, slot, done_tx.clone()));
                 }
             }
             Err(e) => {
@@ -249,7 +244,11 @@ async fn post_until_delivered(
                 .webhook_events
                 .inc_by(batch.events.len() as u64 - gaps);
             if gaps > 0 {
-                warn!(room, gaps, "webhooks: delivered gap notices (events retention dropped before delivery)");
+                warn!(
+                    room,
+                    gaps,
+                    "webhooks: delivered gap notices (events retention dropped before delivery)"
+                );
             }
             return Ok(());
         }

@@ -159,7 +159,8 @@ impl HookLog for RedisHookLog {
                     scan.lag_seconds = scan.lag_seconds.max(age);
                 }
             }
-            scan.pending.extend(pending.into_iter().map(|(room, _)| room));
+            scan.pending
+                .extend(pending.into_iter().map(|(room, _)| room));
         }
         Ok(scan)
     }

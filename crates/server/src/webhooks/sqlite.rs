@@ -76,7 +76,8 @@ impl HookLog for SqliteHookLog {
         let rows: Vec<(String, i64, i64, Option<i64>)> = self
             .with(|conn| {
                 let mut stmt = conn.prepare_cached(PENDING)?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
                 rows.collect()
             })
             .await?;

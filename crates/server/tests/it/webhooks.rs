@@ -36,6 +36,8 @@ struct Behaviour {
     stall_once: Mutex<Option<Duration>>,
     /// While set, requests are not answered (they wait until it is cleared).
     hold: Option<watch::Receiver<bool>>,
+    /// Seqs may be skipped (`webhooks.events` leaves some out): only check they increase.
+    sparse: bool,
 }
 
 /// What the receiver saw.
@@ -90,7 +92,10 @@ fn signature_ok(header: &str, body: &[u8]) -> bool {
     let (Some(t), Some(v1)) = (t, v1) else {
         return false;
     };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     if now.abs_diff(t) > 300 {
         return false;
     }
@@ -154,7 +159,7 @@ async fn receive(
                 && g["from_seq"].as_u64() == Some(high + 1)
                 && g["to_seq"].as_u64().is_some_and(|to| to + 1 >= seq)
         });
-        if seq > high + 1 && !gap_covers {
+        if seq > high + 1 && !gap_covers && !state.behaviour.sparse {
             seen.out_of_order
                 .push(format!("{room}: seq {seq} after {high}"));
         }
@@ -315,7 +320,9 @@ async fn api_log(base: &str, room: &str) -> Vec<(u64, String, String)> {
     let mut after = 0;
     loop {
         let page: Value = reqwest::Client::new()
-            .get(format!("{base}/api/rooms/{room}/messages?after={after}&limit=200"))
+            .get(format!(
+                "{base}/api/rooms/{room}/messages?after={after}&limit=200"
+            ))
             .bearer_auth(API_KEY)
             .send()
             .await
@@ -420,9 +427,16 @@ async fn members_frames_arrive_signed_with_their_epoch() {
 
 #[tokio::test]
 async fn events_and_rooms_settings_choose_what_is_sent() {
-    let receiver = Receiver::start(Behaviour::default()).await;
+    let receiver = Receiver::start(Behaviour {
+        sparse: true,
+        ..Behaviour::default()
+    })
+    .await;
     let server = hooked(&receiver.url())
-        .set("webhooks.events", toml::Value::Array(vec!["message".into()]))
+        .set(
+            "webhooks.events",
+            toml::Value::Array(vec!["message".into()]),
+        )
         .set("webhooks.rooms", toml::Value::Array(vec!["news.*".into()]))
         .start()
         .await;
@@ -438,7 +452,10 @@ async fn events_and_rooms_settings_choose_what_is_sent() {
     let raw = receiver.seen(|s| s.raw.clone());
     assert_eq!(raw.len(), 1, "only the message of a matching room: {raw:?}");
     assert_eq!(raw[0]["content"], "headline");
-    assert_eq!(raw[0]["seq"], 2, "the join before it took seq 1 and was left out");
+    assert_eq!(
+        raw[0]["seq"], 2,
+        "the join before it took seq 1 and was left out"
+    );
 }
 
 #[tokio::test]
@@ -446,7 +463,7 @@ async fn retried_through_failures_and_a_stall_in_order_and_complete() {
     let receiver = Receiver::start(Behaviour {
         fail_every: Some(3),
         stall_once: Mutex::new(Some(Duration::from_millis(1500))),
-        hold: None,
+        ..Behaviour::default()
     })
     .await;
     let server = hooked(&receiver.url())
@@ -474,12 +491,26 @@ async fn retried_through_failures_and_a_stall_in_order_and_complete() {
     receiver.wait_for_heads(&heads).await;
     receiver.assert_clean();
     for room in rooms {
-        assert_eq!(receiver.kept(room), api_log(&base, room).await, "room {room}");
+        assert_eq!(
+            receiver.kept(room),
+            api_log(&base, room).await,
+            "room {room}"
+        );
     }
-    assert!(metric(&base, "parley_webhook_deliveries_total{result=\"http_error\"}").await >= 1.0);
+    assert!(
+        metric(
+            &base,
+            "parley_webhook_deliveries_total{result=\"http_error\"}"
+        )
+        .await
+            >= 1.0
+    );
     assert!(metric(&base, "parley_webhook_deliveries_total{result=\"timeout\"}").await >= 1.0);
     assert!(metric(&base, "parley_webhook_retries_total").await >= 2.0);
-    assert_eq!(metric(&base, "parley_webhook_events_total").await >= 90.0, true);
+    assert_eq!(
+        metric(&base, "parley_webhook_events_total").await >= 90.0,
+        true
+    );
 }
 
 #[tokio::test]
@@ -498,10 +529,18 @@ async fn a_receiver_that_was_down_gets_everything_once_back() {
     }
     // Refused, retried, and the backlog stays in the log: the lag shows it.
     let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
-    while metric(&base, "parley_webhook_deliveries_total{result=\"unreachable\"}").await < 2.0
+    while metric(
+        &base,
+        "parley_webhook_deliveries_total{result=\"unreachable\"}",
+    )
+    .await
+        < 2.0
         || metric(&base, "parley_webhook_lag_events").await < 20.0
     {
-        assert!(tokio::time::Instant::now() < deadline, "refused deliveries counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refused deliveries counted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let receiver = Receiver::start_at(addr, Behaviour::default()).await;
@@ -526,15 +565,34 @@ async fn what_retention_dropped_first_is_reported_as_a_gap() {
     let receiver = Receiver::start_at(addr, Behaviour::default()).await;
     receiver.wait_for_heads(&[("g", last)]).await;
     receiver.assert_clean();
+    // The batch read before the receiver came back may still hold the first events; what
+    // retention dropped after it is a gap. Together they account for every seq exactly once.
     let gaps = receiver.seen(|s| s.gaps.clone());
-    assert_eq!(gaps.len(), 1, "{gaps:?}");
-    assert_eq!(gaps[0]["from_seq"], 1);
-    assert_eq!(gaps[0]["to_seq"], last - 5);
-    assert_eq!(gaps[0]["room"], "g");
-    assert!(gaps[0]["epoch"].is_string());
+    assert!(!gaps.is_empty());
+    let mut covered: Vec<u64> = receiver.kept("g").iter().map(|e| e.0).collect();
+    for gap in &gaps {
+        assert_eq!(
+            (&gap["room"], &gap["reason"]),
+            (&json!("g"), &json!("retention"))
+        );
+        assert!(gap["epoch"].is_string());
+        let (from, to) = (
+            gap["from_seq"].as_u64().unwrap(),
+            gap["to_seq"].as_u64().unwrap(),
+        );
+        covered.extend(from..=to);
+    }
+    covered.sort_unstable();
+    assert_eq!(covered, (1..=last).collect::<Vec<_>>(), "{gaps:?}");
     let kept: Vec<u64> = receiver.kept("g").iter().map(|e| e.0).collect();
-    assert_eq!(kept, (last - 4..=last).collect::<Vec<_>>());
-    assert_eq!(metric(&base, "parley_webhook_gaps_total").await, 1.0);
+    assert!(
+        kept.ends_with(&(last - 4..=last).collect::<Vec<_>>()),
+        "{kept:?}"
+    );
+    assert_eq!(
+        metric(&base, "parley_webhook_gaps_total").await,
+        gaps.len() as f64
+    );
 }
 
 /// A `parley` process, so it can be SIGKILLed.
@@ -612,7 +670,10 @@ async fn a_killed_node_loses_nothing_and_its_cursor_survives() {
     .await;
     let dir = tempfile::TempDir::new().unwrap();
     let db = dir.path().join("parley.db").display().to_string();
-    let args = hook_args(&receiver.url(), &["--db", &db, "--set", "webhooks.batch_max=5"]);
+    let args = hook_args(
+        &receiver.url(),
+        &["--db", &db, "--set", "webhooks.batch_max=5"],
+    );
     let first = Node::start(&args).await;
     let mut last = 0;
     for i in 0..20 {
@@ -672,12 +733,16 @@ async fn in_a_cluster_a_killed_node_rooms_are_taken_over() {
     receiver.assert_clean();
     let base = survivor.http_url("");
     for (room, _) in &heads {
-        assert_eq!(receiver.kept(room), api_log(&base, room).await, "room {room}");
+        assert_eq!(
+            receiver.kept(room),
+            api_log(&base, room).await,
+            "room {room}"
+        );
     }
 }
 
 #[tokio::test]
-async fn in_a_cluster_every_event_is_delivered_in_order_once_per_node_set() {
+async fn in_a_cluster_each_room_is_delivered_by_one_node_in_order() {
     let redis = RedisServer::start();
     let receiver = Receiver::start(Behaviour {
         fail_every: Some(3),
@@ -705,6 +770,10 @@ async fn in_a_cluster_every_event_is_delivered_in_order_once_per_node_set() {
     for (room, _) in &heads {
         assert_eq!(receiver.kept(room), api_log(&a.http_url(""), room).await);
     }
+    // Failed requests (500) are not recorded, so two nodes sending one room's batch would
+    // show as duplicates: there are none.
+    let (raw, kept) = receiver.seen(|s| (s.raw.len(), s.kept.len()));
+    assert_eq!(raw, kept, "each event arrived once");
 }
 
 #[test]
