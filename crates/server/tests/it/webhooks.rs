@@ -410,19 +410,16 @@ async fn members_frames_arrive_signed_with_their_epoch() {
     assert!(events.iter().all(|e| e["epoch"] == epoch.as_str()));
     assert_eq!(events[3]["user"], "bob");
     assert!(events[1]["ts"].is_string() && events[1]["name"] == "bob");
-    assert_eq!(
+    let base = server.http_url("");
+    assert!(
         metric(
-            &server.http_url(""),
+            &base,
             "parley_webhook_deliveries_total{result=\"delivered\"}"
         )
         .await
-            >= 1.0,
-        true
+            >= 1.0
     );
-    assert_eq!(
-        metric(&server.http_url(""), "parley_webhook_events_total").await,
-        4.0
-    );
+    assert_eq!(metric(&base, "parley_webhook_events_total").await, 4.0);
 }
 
 #[tokio::test]
@@ -507,10 +504,8 @@ async fn retried_through_failures_and_a_stall_in_order_and_complete() {
     );
     assert!(metric(&base, "parley_webhook_deliveries_total{result=\"timeout\"}").await >= 1.0);
     assert!(metric(&base, "parley_webhook_retries_total").await >= 2.0);
-    assert_eq!(
-        metric(&base, "parley_webhook_events_total").await >= 90.0,
-        true
-    );
+    // Every message at least once (a timed-out batch may have been recorded too).
+    assert!(metric(&base, "parley_webhook_events_total").await >= 90.0);
 }
 
 #[tokio::test]
