@@ -101,6 +101,9 @@ pub fn start(
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.timeout_ms))
         .user_agent(concat!("parley-webhooks/", env!("CARGO_PKG_VERSION")))
+        // A redirect is an answer that is not a 2xx: retried, never followed (a POST turned
+        // into a GET elsewhere would count as delivered).
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let deliverer = Arc::new(Deliverer {
         log,

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -36,6 +37,8 @@ struct Behaviour {
     stall_once: Mutex<Option<Duration>>,
     /// While set, requests are not answered (they wait until it is cleared).
     hold: Option<watch::Receiver<bool>>,
+    /// Answer the next request 429 with `Retry-After: <this many seconds>` (once).
+    throttle_once: Mutex<Option<u64>>,
     /// Seqs may be skipped (`webhooks.events` leaves some out): only check they increase.
     sparse: bool,
 }
@@ -62,6 +65,10 @@ struct ReceiverState {
     seen: Mutex<Seen>,
     changed: Notify,
     held: AtomicBool,
+    /// When the 429 went out and for which room, and how long after it that room's next
+    /// request came.
+    throttled_at: Mutex<Option<(String, std::time::Instant)>>,
+    after_throttle: Mutex<Option<Duration>>,
 }
 
 /// A webhook receiver on 127.0.0.1: verifies `Parley-Signature`, records the events.
@@ -115,7 +122,7 @@ async fn receive(
     State(state): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> Response {
     let n = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let signature = headers
         .get("parley-signature")
@@ -124,7 +131,7 @@ async fn receive(
     if !signature_ok(signature, &body) {
         state.bad_signatures.fetch_add(1, Ordering::SeqCst);
         state.changed.notify_waiters();
-        return StatusCode::BAD_REQUEST;
+        return StatusCode::BAD_REQUEST.into_response();
     }
     if let Some(hold) = &state.behaviour.hold {
         let mut hold = hold.clone();
@@ -132,18 +139,37 @@ async fn receive(
         state.changed.notify_waiters();
         let _ = hold.wait_for(|held| !held).await;
     }
+    let body: Value = serde_json::from_slice(&body).expect("a JSON body");
+    let room = body["events"][0]["room"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if let Some((throttled, at)) = &*state.throttled_at.lock().unwrap() {
+        if *throttled == room {
+            let mut after = state.after_throttle.lock().unwrap();
+            after.get_or_insert(at.elapsed());
+        }
+    }
+    let throttle = state.behaviour.throttle_once.lock().unwrap().take();
+    if let Some(seconds) = throttle {
+        *state.throttled_at.lock().unwrap() = Some((room, std::time::Instant::now()));
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", seconds.to_string())],
+        )
+            .into_response();
+    }
     if state
         .behaviour
         .fail_every
         .is_some_and(|every| n % every == 0)
     {
-        return StatusCode::INTERNAL_SERVER_ERROR;
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     let stall = state.behaviour.stall_once.lock().unwrap().take();
     if let Some(stall) = stall {
         tokio::time::sleep(stall).await;
     }
-    let body: Value = serde_json::from_slice(&body).expect("a JSON body");
     let mut seen = state.seen.lock().unwrap();
     for event in body["events"].as_array().expect("events").iter().cloned() {
         seen.raw.push(event.clone());
@@ -169,7 +195,7 @@ async fn receive(
     }
     drop(seen);
     state.changed.notify_waiters();
-    StatusCode::NO_CONTENT
+    StatusCode::NO_CONTENT.into_response()
 }
 
 impl Receiver {
@@ -198,6 +224,8 @@ impl Receiver {
             seen: Mutex::new(Seen::default()),
             changed: Notify::new(),
             held: AtomicBool::new(false),
+            throttled_at: Mutex::new(None),
+            after_throttle: Mutex::new(None),
         });
         let app = axum::Router::new()
             .route("/hook", post(receive))
@@ -456,10 +484,11 @@ async fn events_and_rooms_settings_choose_what_is_sent() {
 }
 
 #[tokio::test]
-async fn retried_through_failures_and_a_stall_in_order_and_complete() {
+async fn retried_through_failures_a_429_and_a_stall_in_order_and_complete() {
     let receiver = Receiver::start(Behaviour {
         fail_every: Some(3),
         stall_once: Mutex::new(Some(Duration::from_millis(1500))),
+        throttle_once: Mutex::new(Some(1)),
         ..Behaviour::default()
     })
     .await;
@@ -503,6 +532,25 @@ async fn retried_through_failures_and_a_stall_in_order_and_complete() {
             >= 1.0
     );
     assert!(metric(&base, "parley_webhook_deliveries_total{result=\"timeout\"}").await >= 1.0);
+    assert_eq!(
+        metric(
+            &base,
+            "parley_webhook_deliveries_total{result=\"throttled\"}"
+        )
+        .await,
+        1.0
+    );
+    // The 429 asked for a second; the first backoff alone would be 0.2 s.
+    let waited = receiver
+        .state
+        .after_throttle
+        .lock()
+        .unwrap()
+        .expect("a retry");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After honoured: {waited:?}"
+    );
     assert!(metric(&base, "parley_webhook_retries_total").await >= 2.0);
     // Every message at least once (a timed-out batch may have been recorded too).
     assert!(metric(&base, "parley_webhook_events_total").await >= 90.0);
