@@ -199,14 +199,15 @@ enum Stop {
 }
 
 async fn deliver_batches(hooks: &Deliverer, room: &str) -> Result<(), Stop> {
+    if !hooks.log.claim(room).await? {
+        return Err(Stop::NotOurs);
+    }
+    // Read once: while the room is ours nobody else moves it.
+    let mut cursor = hooks.log.cursor(room).await?;
     loop {
         if hooks.shutdown.is_cancelled() {
             return Err(Stop::Shutdown);
         }
-        if !hooks.log.claim(room).await? {
-            return Err(Stop::NotOurs);
-        }
-        let cursor = hooks.log.cursor(room).await?;
         let slice = hooks
             .log
             .read(room, cursor.as_ref(), hooks.batch_max)
@@ -219,6 +220,11 @@ async fn deliver_batches(hooks: &Deliverer, room: &str) -> Result<(), Stop> {
             post_until_delivered(hooks, room, &batch).await?;
         }
         if !hooks.log.advance(room, &to).await? {
+            return Err(Stop::NotOurs);
+        }
+        cursor = Some(to);
+        // Renew before the next batch (a long run of batches outlasts one lease).
+        if !hooks.log.claim(room).await? {
             return Err(Stop::NotOurs);
         }
     }
