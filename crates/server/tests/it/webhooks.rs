@@ -848,3 +848,60 @@ fn bad_webhook_settings_are_refused_with_their_name() {
     let ok = load(&[("webhooks.events", "message, join".into())]).unwrap();
     assert_eq!(ok.webhooks.events.len(), 2);
 }
+
+#[tokio::test]
+async fn a_room_made_afresh_is_announced_by_an_epoch_gap() {
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let server = hooked(&receiver.url())
+        .set("history.empty_room_ttl_s", 1)
+        .start()
+        .await;
+    let base = server.http_url("");
+    let mut alice = server.user("alice").await;
+    let first = alice.join("t").await["epoch"].as_str().unwrap().to_owned();
+    alice.send(json!({"type": "leave", "room": "t"})).await;
+    alice.recv_type("left").await;
+    receiver.wait_for_heads(&[("t", 2)]).await;
+    // Only join/leave events and nobody in it: the room is forgotten.
+    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let rooms: Value = reqwest::Client::new()
+            .get(format!("{base}/api/rooms"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !rooms["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room"] == "t")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "room forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = alice.join("t").await["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+    let key = ("t".to_owned(), second.clone(), 1);
+    receiver
+        .wait_until("the new epoch's join", |seen| seen.kept.contains_key(&key))
+        .await;
+    receiver.assert_clean();
+    let raw = receiver.seen(|s| s.raw.clone());
+    let gap = &raw[2];
+    assert_eq!(gap["type"], "gap", "{raw:?}");
+    assert_eq!(
+        (&gap["epoch"], &gap["from_seq"], &gap["reason"]),
+        (&json!(first), &json!(3), &json!("epoch"))
+    );
+    assert!(gap.get("to_seq").is_none());
+    assert_eq!(
+        (&raw[3]["epoch"], &raw[3]["seq"]),
+        (&json!(second), &json!(1))
+    );
+}
