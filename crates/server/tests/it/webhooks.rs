@@ -65,6 +65,9 @@ struct ReceiverState {
     seen: Mutex<Seen>,
     changed: Notify,
     held: AtomicBool,
+    /// Requests being answered now, and the most there were at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     /// When the 429 went out and for which room, and how long after it that room's next
     /// request came.
     throttled_at: Mutex<Option<(String, std::time::Instant)>>,
@@ -118,6 +121,15 @@ fn signature_ok(header: &str, body: &[u8]) -> bool {
     expected == v1
 }
 
+/// Takes a request off `in_flight` when its handler ends (answered or dropped).
+struct InFlight(Arc<ReceiverState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn receive(
     State(state): State<Arc<ReceiverState>>,
     headers: HeaderMap,
@@ -133,6 +145,9 @@ async fn receive(
         state.changed.notify_waiters();
         return StatusCode::BAD_REQUEST.into_response();
     }
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _leaving = InFlight(state.clone());
     if let Some(hold) = &state.behaviour.hold {
         let mut hold = hold.clone();
         state.held.store(true, Ordering::SeqCst);
@@ -224,6 +239,8 @@ impl Receiver {
             seen: Mutex::new(Seen::default()),
             changed: Notify::new(),
             held: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             throttled_at: Mutex::new(None),
             after_throttle: Mutex::new(None),
         });
@@ -274,12 +291,18 @@ impl Receiver {
 
     /// Waits until a request is being held.
     async fn wait_held(&self) {
+        self.wait_state(|state| state.held.load(Ordering::SeqCst))
+            .await;
+    }
+
+    /// Waits until `check` holds for the receiver's counters.
+    async fn wait_state(&self, check: impl Fn(&ReceiverState) -> bool) {
         let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
         loop {
             let notified = self.state.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state.held.load(Ordering::SeqCst) {
+            if check(&self.state) {
                 return;
             }
             tokio::time::timeout_at(deadline, notified)
@@ -904,4 +927,31 @@ async fn a_room_made_afresh_is_announced_by_an_epoch_gap() {
         (&raw[3]["epoch"], &raw[3]["seq"]),
         (&json!(second), &json!(1))
     );
+}
+
+#[tokio::test]
+async fn a_stuck_receiver_holds_at_most_the_bounded_rooms_in_flight() {
+    let (release, hold) = watch::channel(true);
+    let receiver = Receiver::start(Behaviour {
+        hold: Some(hold),
+        ..Behaviour::default()
+    })
+    .await;
+    let server = hooked(&receiver.url()).start().await;
+    let base = server.http_url("");
+    let bound = parley::webhooks::ROOMS_IN_FLIGHT as u64;
+    let rooms: Vec<String> = (0..bound * 3).map(|i| format!("many-{i}")).collect();
+    for room in &rooms {
+        api_post(&base, room, "one").await;
+    }
+    // The receiver answers nothing: the deliverer fills its rooms in flight and stops there;
+    // the other rooms' events wait in the log.
+    receiver
+        .wait_state(|state| state.in_flight.load(Ordering::SeqCst) == bound)
+        .await;
+    release.send(false).unwrap();
+    let heads: Vec<(&str, u64)> = rooms.iter().map(|r| (r.as_str(), 1)).collect();
+    receiver.wait_for_heads(&heads).await;
+    receiver.assert_clean();
+    assert_eq!(receiver.state.max_in_flight.load(Ordering::SeqCst), bound);
 }
