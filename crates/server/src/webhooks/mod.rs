@@ -25,7 +25,7 @@ pub mod post;
 pub mod redis;
 pub mod sqlite;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,7 +126,10 @@ pub fn start(
 async fn dispatch(hooks: Arc<Deliverer>, wake: Arc<Notify>, poll: Duration) {
     let slots = Arc::new(Semaphore::new(ROOMS_IN_FLIGHT));
     let mut active: HashSet<String> = HashSet::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    // Rooms another node holds, and until when this one leaves them alone (a cluster): looking
+    // again at once would spin on the other node's lease.
+    let mut elsewhere: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -135,11 +138,13 @@ async fn dispatch(hooks: Arc<Deliverer>, wake: Arc<Notify>, poll: Duration) {
             _ = hooks.shutdown.cancelled() => return,
             _ = wake.notified() => {}
             _ = tick.tick() => {}
-            Some(room) = done_rx.recv() => { active.remove(&room); }
+            Some(ended) = done_rx.recv() => ended_room(ended, &mut active, &mut elsewhere, hooks.renew_every),
         }
-        while let Ok(room) = done_rx.try_recv() {
-            active.remove(&room);
+        while let Ok(ended) = done_rx.try_recv() {
+            ended_room(ended, &mut active, &mut elsewhere, hooks.renew_every);
         }
+        let now = tokio::time::Instant::now();
+        elsewhere.retain(|_, until| *until > now);
         let wanted = |room: &str| hooks.wanted(room);
         match hooks.log.scan(&wanted).await {
             Ok(scan) => {
@@ -150,7 +155,7 @@ async fn dispatch(hooks: Arc<Deliverer>, wake: Arc<Notify>, poll: Duration) {
                 hooks.metrics.webhook_lag_events.set(scan.lag_events as i64);
                 hooks.metrics.webhook_lag_seconds.set(scan.lag_seconds);
                 for room in scan.pending {
-                    if active.contains(&room) {
+                    if active.contains(&room) || elsewhere.contains_key(&room) {
                         continue;
                     }
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -171,20 +176,39 @@ async fn dispatch(hooks: Arc<Deliverer>, wake: Arc<Notify>, poll: Duration) {
     }
 }
 
+/// Notes a room task's end: `ours` is false when another node holds the room.
+fn ended_room(
+    (room, ours): (String, bool),
+    active: &mut HashSet<String>,
+    elsewhere: &mut HashMap<String, tokio::time::Instant>,
+    recheck: Duration,
+) {
+    active.remove(&room);
+    if !ours {
+        elsewhere.insert(room, tokio::time::Instant::now() + recheck);
+    }
+}
+
 /// Delivers one room's events, batch after batch, until it has caught up with the log (or lost
 /// its lease, or the node shuts down). Tells the dispatcher when it ends.
 async fn deliver_room(
     hooks: Arc<Deliverer>,
     room: String,
     _slot: OwnedSemaphorePermit,
-    done: mpsc::UnboundedSender<String>,
+    done: mpsc::UnboundedSender<(String, bool)>,
 ) {
-    match deliver_batches(&hooks, &room).await {
-        Ok(()) => {}
-        Err(e) => debug!(room, error = %e, "webhooks: room paused"),
+    let ours = match deliver_batches(&hooks, &room).await {
+        Ok(()) => true,
+        Err(Stop::NotOurs) => false,
+        Err(e) => {
+            debug!(room, error = %e, "webhooks: room paused");
+            true
+        }
+    };
+    if ours {
+        hooks.log.release(&room).await;
     }
-    hooks.log.release(&room).await;
-    let _ = done.send(room);
+    let _ = done.send((room, ours));
 }
 
 /// Why a room's task stopped before it caught up.
