@@ -147,6 +147,14 @@ export interface JoinedInfo {
   history: RoomEvent[];
   truncated: boolean;
   recovered?: boolean;
+  /** Who may post: "api" when only the server's HTTP API posts (a send fails with "forbidden"). */
+  publish: "members" | "api";
+  /** False when joins and leaves are not announced as system events. */
+  announce: boolean;
+  /** False when the room shows no member list (`users` is null). */
+  presence: boolean;
+  /** False when the room takes no typing notices (`typing()` sends nothing). */
+  typing: boolean;
 }
 
 export interface SendResult {

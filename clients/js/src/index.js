@@ -817,6 +817,7 @@ class Room extends Emitter {
   typing() {
     const now = Date.now();
     if (!this._joined || now - this._lastTyping < this.client.options.typingIntervalMs) return false;
+    if (this._info && this._info.typing === false) return false; // the room takes none
     this._lastTyping = now;
     return this.client._sendRaw({ type: "typing", room: this.name });
   }
@@ -950,6 +951,11 @@ class Room extends Emitter {
       history,
       truncated: f.truncated === true,
       recovered: f.recovered,
+      // The room's policy; the server names only what departs from the default.
+      publish: f.publish === "api" ? "api" : "members",
+      announce: f.announce !== false,
+      presence: f.presence !== false,
+      typing: f.typing !== false,
     };
     this._emitPresence();
     for (const ev of history) this._deliver(ev);

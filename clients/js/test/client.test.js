@@ -380,3 +380,30 @@ test("a refused join is matched to its own room while another join is pending", 
   assert.equal(alice.room("secret").joined, false);
   assert.equal(alice.room("team-a").joined, true);
 });
+
+test("a room's policy from joined: publish api refuses sends, typing off sends nothing", async (t) => {
+  const server = await Server.start({
+    args: ["--set", 'rooms=[{match="news.*",publish="api"},{match="calm-*",typing=false}]'],
+  });
+  t.after(() => server.stop());
+  const alice = client(server, "alice");
+  t.after(() => alice.close());
+  const news = alice.room("news.today");
+  const joined = await deadline(news.join(), "joined news");
+  assert.equal(joined.publish, "api");
+  assert.equal(joined.typing, false);
+  assert.equal(joined.announce, true);
+  assert.equal(joined.presence, true);
+  await assert.rejects(deadline(news.send("mine"), "send refused"), (e) => e instanceof ParleyError && e.code === "forbidden");
+  assert.equal(news.typing(), false, "no typing where only the server posts");
+
+  const calm = alice.room("calm-1");
+  const info = await deadline(calm.join(), "joined calm");
+  assert.equal(info.publish, "members");
+  assert.equal(info.typing, false);
+  assert.equal(calm.typing(), false, "the room takes no typing notices");
+  await deadline(calm.send("fine here"), "ack");
+
+  const plain = await deadline(alice.room("general").join(), "joined general");
+  assert.deepEqual([plain.publish, plain.announce, plain.presence, plain.typing], ["members", true, true, true]);
+});

@@ -990,7 +990,10 @@ impl Driver {
                 let Some(r) = self.rooms.get_mut(&room) else {
                     return;
                 };
+                // A room whose `joined` said `"typing":false` refuses them: send none.
+                let refused = r.info.as_ref().is_some_and(|j| j.typing == Some(false));
                 if !r.joined
+                    || refused
                     || r.last_typing
                         .is_some_and(|t| now.duration_since(t) < interval)
                 {

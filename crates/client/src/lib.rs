@@ -476,7 +476,8 @@ impl Room {
     }
 
     /// Tells the others you are typing; throttled to one notice per
-    /// [`Options::typing_interval`], dropped when not joined.
+    /// [`Options::typing_interval`], dropped when not joined or where the room takes none
+    /// (`joined.typing` is `false`).
     pub fn typing(&self) {
         let _ = self.cmd.send(Command::Typing {
             room: self.name.clone(),

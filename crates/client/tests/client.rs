@@ -359,3 +359,51 @@ async fn a_silent_network_is_detected_and_the_room_resumes() {
     alice.close().await;
     bob.close().await;
 }
+
+/// A room's policy reaches the application through `Joined`: where only the server posts, a
+/// send fails with `forbidden` (at once, not retried), and where typing is off the other
+/// member hears none, while a message still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_policies_from_joined() {
+    let (_, rooms) = parley::config::parse_set(
+        r#"rooms=[{match="news.*",publish="api"},{match="calm-*",typing=false}]"#,
+    )
+    .unwrap();
+    let server = Server::start(&[("rooms", rooms)]).await;
+    let alice = Client::connect(server.url(), anon("alice"));
+    let news = alice.room("news.today");
+    let joined = within("alice joins news", news.join()).await.unwrap();
+    assert_eq!(joined.publish.as_deref(), Some("api"));
+    assert!(!joined.members_post());
+    let refused = within("the send is refused", news.send("mine")).await;
+    assert!(
+        matches!(&refused, Err(Error::Refused { code, .. }) if code.as_str() == "forbidden"),
+        "{refused:?}"
+    );
+
+    let bob = Client::connect(server.url(), anon("bob"));
+    let calm = alice.room("calm-1");
+    let joined = within("alice joins calm-1", calm.join()).await.unwrap();
+    assert_eq!((joined.typing, joined.members_post()), (Some(false), true));
+    let bob_calm = bob.room("calm-1");
+    let mut events = bob_calm.events();
+    within("bob joins calm-1", bob_calm.join()).await.unwrap();
+    calm.typing();
+    within("alice posts", calm.send("after typing"))
+        .await
+        .unwrap();
+    let (content, skipped) = until(&mut events, |e| match e {
+        RoomEvent::Message(m) => Some(m.content.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(content, "after typing");
+    assert!(
+        !skipped
+            .iter()
+            .any(|e| matches!(e, RoomEvent::Typing { .. })),
+        "{skipped:?}"
+    );
+    alice.close().await;
+    bob.close().await;
+}

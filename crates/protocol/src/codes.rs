@@ -12,7 +12,9 @@ pub enum ErrorCode {
     BadRequest,
     /// No valid token: before authentication this is followed by close 4001.
     Unauthorized,
-    /// The token's `rooms` claim does not cover the room.
+    /// The token's `rooms` claim does not cover the room; or the room's policy refuses the
+    /// request: a `send` where only the HTTP API posts (`joined.publish` is `"api"`), a
+    /// `typing` where typing is off (`joined.typing` is `false`).
     Forbidden,
     /// `send`, `typing` or `leave` for a room this connection has not joined.
     NotJoined,

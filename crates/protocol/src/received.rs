@@ -132,9 +132,29 @@ pub struct Joined {
     /// Only with `since`: whether `history` continues exactly from it.
     #[serde(default)]
     pub recovered: Option<bool>,
+    /// `"api"` when only the server's HTTP API posts in the room (a `send` is refused with
+    /// `forbidden`); absent when members post.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<String>,
+    /// `false` when joins and leaves are not announced; absent when they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<bool>,
+    /// `false` when the room shows no member list; absent when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<bool>,
+    /// `false` when `typing` notices are refused; absent when they are taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typing: Option<bool>,
     /// The request's id.
     #[serde(default)]
     pub id: Option<String>,
+}
+
+impl Joined {
+    /// Whether members may post in the room (`publish` is not `"api"`).
+    pub fn members_post(&self) -> bool {
+        self.publish.as_deref() != Some("api")
+    }
 }
 
 /// A chat message.
@@ -280,6 +300,10 @@ mod tests {
             history: &history,
             truncated: false,
             recovered: Some(true),
+            rules: crate::server::RoomRules {
+                publish: Some("api"),
+                ..Default::default()
+            },
             id: Some("j"),
         }) else {
             panic!("not joined")
@@ -289,6 +313,8 @@ mod tests {
             [3, 4]
         );
         assert_eq!(joined.id.as_deref(), Some("j"));
+        assert!(!joined.members_post());
+        assert_eq!(joined.typing, None);
         assert!(
             matches!(parse(&message).unwrap(), Received::Message(m) if m.id.as_deref() == Some("c"))
         );

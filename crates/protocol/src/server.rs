@@ -54,6 +54,9 @@ pub enum ServerFrame<'a> {
         /// Only with `since`: whether `history` continues exactly from it.
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// The room's policy, where it departs from the defaults (`"publish":"api"`, ...).
+        #[serde(flatten)]
+        rules: RoomRules,
         /// The request's id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
@@ -162,6 +165,26 @@ pub enum ServerFrame<'a> {
     },
 }
 
+/// What a room's policy (the server's `[[rooms]]` configuration) means for its members, as
+/// `joined` tells them. Each field appears only where the room departs from the default, so a
+/// `joined` of an ordinary room is what it always was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RoomRules {
+    /// `"api"`: only the server's HTTP API posts; a `send` gets `error forbidden`. Absent:
+    /// members post.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<&'static str>,
+    /// `false`: joins and leaves are not announced as `system` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce: Option<bool>,
+    /// `false`: members are not told who is in the room (`users` is absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<bool>,
+    /// `false`: `typing` notices are refused (`error forbidden`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub typing: Option<bool>,
+}
+
 impl ServerFrame<'_> {
     /// The frame as JSON text. Serializing these types cannot fail (no maps with non-string
     /// keys, no failing `Serialize` impls), so this returns the string directly.
@@ -239,11 +262,32 @@ mod tests {
             history: &history,
             truncated: false,
             recovered: None,
+            rules: RoomRules::default(),
             id: None,
         };
         assert_eq!(
             frame.encode(),
             r#"{"type":"joined","room":"g","seq":2,"epoch":"e","users":["alice"],"user_count":1,"history":[{"a":1},{"b":2}],"truncated":false}"#
+        );
+        let frame = ServerFrame::Joined {
+            room: "news",
+            seq: 0,
+            epoch: "e",
+            users: None,
+            user_count: 1,
+            history: &history,
+            truncated: false,
+            recovered: None,
+            rules: RoomRules {
+                publish: Some("api"),
+                typing: Some(false),
+                ..RoomRules::default()
+            },
+            id: Some("j"),
+        };
+        assert_eq!(
+            frame.encode(),
+            r#"{"type":"joined","room":"news","seq":0,"epoch":"e","user_count":1,"history":[{"a":1},{"b":2}],"truncated":false,"publish":"api","typing":false,"id":"j"}"#
         );
         assert_eq!(
             ServerFrame::Pong { id: None }.encode(),

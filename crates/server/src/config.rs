@@ -38,6 +38,51 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Signed HTTP callbacks to the app's backend, from the durable log.
     pub webhooks: WebhooksConfig,
+    /// Per-room policies (`[[rooms]]`), matched in order by a glob on the room name; the
+    /// first match wins and a room no section matches follows the top-level settings. Resolved
+    /// per room by [`crate::policy::Policies`].
+    pub rooms: Vec<RoomSection>,
+}
+
+/// One `[[rooms]]` section: a glob and the settings it overrides for the rooms it matches.
+/// A field left out keeps the top-level value.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoomSection {
+    /// The glob on the room name (`news.*`, `team-?`, `{a,b}-*`); `*` also matches `.` and `:`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Who may post: `members` (default) or `api` (only the HTTP API; a client `send` gets
+    /// `error forbidden`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Publish>,
+    /// `history.max_len` for these rooms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_max_len: Option<u64>,
+    /// `history.ttl_s` for these rooms (0: no age limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_ttl_s: Option<u64>,
+    /// Whether joins and leaves are sequenced and broadcast as `system` events (default true,
+    /// and false wherever `presence` is false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<bool>,
+    /// Whether members see who is in the room (`joined.users`); default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<bool>,
+    /// Whether members may send `typing` notices; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typing: Option<bool>,
+}
+
+/// Who may post in a room.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Publish {
+    /// Its members, over the WebSocket, and the HTTP API.
+    #[default]
+    Members,
+    /// The HTTP API only: members join and read.
+    Api,
 }
 
 /// `[server]`
@@ -694,6 +739,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "[]",
         "glob patterns of the rooms sent (e.g. news.*); empty: every room",
     ),
+    (
+        "rooms",
+        "[]",
+        "per-room policies: [[rooms]] match = \"news.*\", publish, history_max_len, history_ttl_s, announce, presence, typing (PARLEY_ROOMS)",
+    ),
 ];
 
 /// The settings table as text, for `--help`.
@@ -773,7 +823,13 @@ pub const MAX_HISTORY_COUNT: u64 = 1_000_000;
 pub const MAX_TOKEN_TTL_S: u64 = 10 * 366 * 86_400;
 
 /// Checks that setting `name` lies in `min..=max` (in `unit`).
-fn in_range(name: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+pub(crate) fn in_range(
+    name: &str,
+    value: u64,
+    min: u64,
+    max: u64,
+    unit: &str,
+) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         return Ok(());
     }
@@ -810,8 +866,12 @@ impl Config {
         }
         figment = figment.merge(
             // Filter before splitting: figment applies each step to the key the previous one
-            // produced, and after `split` no key contains `__` any more.
-            env.filter(|key| key.as_str().contains("__")).split("__"),
+            // produced, and after `split` no key contains `__` any more. `PARLEY_ROOMS` is the
+            // one top-level list of tables: `[{match="news.*",publish="api"}]`.
+            env.filter(|key| {
+                key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("rooms")
+            })
+            .split("__"),
         );
         for (key, value) in &overrides.values {
             figment = figment.merge((key.as_str(), value.clone()));
@@ -945,6 +1005,7 @@ impl Config {
             return invalid("redis.urls has an empty URL");
         }
         self.validate_webhooks()?;
+        crate::policy::Policies::from_config(self)?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::Invalid(format!(
                 "log.level `{}` is not a log filter; use error, warn, info, debug or trace, \
@@ -1144,6 +1205,75 @@ mod tests {
             set("redis://a,redis://b".into()),
             ["redis://a", "redis://b"]
         );
+    }
+
+    /// `[[rooms]]` from the TOML file, `PARLEY_ROOMS` and `--set rooms=[...]`; an unknown field
+    /// in a section is refused naming it.
+    #[test]
+    fn rooms_sections_come_from_every_layer() {
+        let dir = tempfile_dir("rooms");
+        let file = dir.join("parley.toml");
+        std::fs::write(
+            &file,
+            "[history]\nmax_len = 50\n\n[[rooms]]\nmatch = \"news.*\"\npublish = \"api\"\n\n\
+             [[rooms]]\nmatch = \"quiet-*\"\nannounce = false\nhistory_ttl_s = 60\n",
+        )
+        .unwrap();
+        let config = Config::load_from(
+            &Overrides {
+                config_file: Some(file.clone()),
+                values: Vec::new(),
+            },
+            Env::prefixed("PARLEYTEST_NOTHING_"),
+        )
+        .unwrap();
+        assert_eq!(config.rooms.len(), 2);
+        assert_eq!(config.rooms[0].publish, Some(Publish::Api));
+        assert_eq!(config.rooms[1].announce, Some(false));
+        let policies = crate::policy::Policies::from_config(&config).unwrap();
+        let quiet = policies.for_room("quiet-1");
+        assert_eq!((quiet.history_max_len, quiet.history_ttl_s), (50, 60));
+
+        let prefix = "PARLEYTEST_ROOMS_ENV_";
+        std::env::set_var(
+            format!("{prefix}ROOMS"),
+            r#"[{match="calm-*",typing=false}]"#,
+        );
+        let from_env = Config::load_from(&Overrides::default(), Env::prefixed(prefix));
+        std::env::remove_var(format!("{prefix}ROOMS"));
+        let from_env = from_env.unwrap();
+        assert_eq!(from_env.rooms[0].pattern, "calm-*");
+        assert_eq!(from_env.rooms[0].typing, Some(false));
+
+        let set = parse_set(r#"rooms=[{match="a*", history_max_len=5}]"#).unwrap();
+        let config = Config::load_from(
+            &Overrides {
+                config_file: None,
+                values: vec![set],
+            },
+            Env::prefixed("PARLEYTEST_NOTHING_"),
+        )
+        .unwrap();
+        assert_eq!(config.rooms[0].history_max_len, Some(5));
+
+        std::fs::write(&file, "[[rooms]]\nmatch = \"x\"\npublsh = \"api\"\n").unwrap();
+        let err = Config::load_from(
+            &Overrides {
+                config_file: Some(file),
+                values: Vec::new(),
+            },
+            Env::prefixed("PARLEYTEST_NOTHING_"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("publsh"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("parley-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`hub`]: this node's rooms and the fan-out of pre-encoded frames.
 //! - [`broker`]: sequencing, storage and delivery of room events ([`broker::Broker`]).
 //! - [`presence`]: who is in which room, per user ([`presence::Presence`]).
+//! - [`policy`]: per-room policies (`[[rooms]]`): who posts, retention, announcements,
+//!   presence, typing; resolved per room for the session, the API and both brokers.
 //! - [`store`]: the SQLite log.
 //! - [`metrics`]: the node's Prometheus metrics, one registry per [`App`].
 //! - [`webhooks`]: every room event POSTed to the app's backend, from the log.
@@ -33,6 +35,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod presence;
 pub mod serve;
 pub mod session;
@@ -57,6 +60,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::presence::{MemoryPresence, Presence};
 
 /// Everything a request handler or a session needs, cheap to clone.
@@ -71,6 +75,8 @@ pub struct AppInner {
     pub auth: Authenticator,
     /// Where events are sequenced and stored.
     pub broker: Arc<dyn Broker>,
+    /// Each room's policy (`[[rooms]]`).
+    pub policies: Arc<Policies>,
     /// This node's rooms and members.
     pub hub: Arc<Hub>,
     /// Cancelled when the server shuts down; sessions close with 1001.
@@ -101,16 +107,20 @@ impl std::ops::Deref for App {
 impl App {
     /// Opens the store and starts the broker for `config`.
     pub async fn start(config: Config) -> anyhow::Result<App> {
+        let policies = Arc::new(Policies::from_config(&config)?);
         if !config.redis.urls.is_empty() {
-            return Self::start_cluster(config);
+            return Self::start_cluster(config, policies);
         }
         let auth = Authenticator::from_config(&config.auth)?;
         let (writer, reader) = {
             let path = config.store.db.clone();
             let sync = config.store.synchronous;
             let history = config.history.clone();
-            tokio::task::spawn_blocking(move || store::sqlite::open_log(&path, sync, &history))
-                .await??
+            let policies = policies.clone();
+            tokio::task::spawn_blocking(move || {
+                store::sqlite::open_log(&path, sync, &history, policies)
+            })
+            .await??
         };
         let hub = Arc::new(Hub::default());
         let presence = Arc::new(MemoryPresence::default());
@@ -125,6 +135,7 @@ impl App {
                 hub: hub.clone(),
                 presence: presence.clone(),
                 announce_max: config.presence.announce_max,
+                policies: policies.clone(),
                 max_batch: config.store.max_batch,
                 metrics: metrics.clone(),
                 health: health.clone(),
@@ -135,7 +146,7 @@ impl App {
         let app = App::assemble(
             config,
             auth,
-            Arc::new(broker),
+            (Arc::new(broker), policies),
             (hub, presence, metrics),
             (health, faults),
         );
@@ -154,7 +165,7 @@ impl App {
     }
 
     /// Cluster mode: sequencing, history and presence in Redis (`redis.urls`); no SQLite.
-    fn start_cluster(config: Config) -> anyhow::Result<App> {
+    fn start_cluster(config: Config, policies: Arc<Policies>) -> anyhow::Result<App> {
         let auth = Authenticator::from_config(&config.auth)?;
         let shards = Arc::new(cluster::Shards::open(&config.redis.urls)?);
         let node = cluster::node_id();
@@ -174,6 +185,7 @@ impl App {
                 hub: hub.clone(),
                 announce_max: config.presence.announce_max,
                 history: config.history.clone(),
+                policies: policies.clone(),
                 node,
                 presence_ttl: Duration::from_millis(config.presence.ttl_ms),
                 metrics: metrics.clone(),
@@ -184,7 +196,7 @@ impl App {
         let app = App::assemble(
             config,
             auth,
-            Arc::new(broker),
+            (Arc::new(broker), policies),
             (hub, presence, metrics),
             (health, faults),
         );
@@ -203,7 +215,7 @@ impl App {
     fn assemble(
         config: Config,
         auth: Authenticator,
-        broker: Arc<dyn Broker>,
+        (broker, policies): (Arc<dyn Broker>, Arc<Policies>),
         (hub, presence, metrics): (Arc<Hub>, Arc<dyn Presence>, Arc<Metrics>),
         (health, faults): (Arc<faults::Health>, Arc<faults::Faults>),
     ) -> App {
@@ -216,6 +228,7 @@ impl App {
             config,
             auth,
             broker,
+            policies,
             hub,
             presence,
             metrics,

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{now_unix, Identity};
 use crate::broker::log::cap_page;
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, PublishReply, PublishRequest};
+use crate::config::Publish;
 use crate::hub::ConnId;
 use crate::limits::{AbuseCounter, Bucket, ConnectionSlot};
 use crate::metrics::AuthFailure;
@@ -489,6 +490,9 @@ impl Session {
         let Some(room) = self.joined(room) else {
             return self.reply_error(ErrorCode::NotJoined, "join the room first", req);
         };
+        if !self.app.policies.for_room(&room).typing {
+            return self.reply_error(ErrorCode::Forbidden, TYPING_OFF, req);
+        }
         // Typing is ephemeral: past its bucket it is dropped without a word.
         if self.typing.take().is_err() {
             return;
@@ -668,6 +672,10 @@ impl Session {
             self.reply_error(ErrorCode::NotJoined, "join the room first", req);
             return None;
         };
+        if self.app.policies.for_room(&room).publish == Publish::Api {
+            self.reply_error(ErrorCode::Forbidden, API_ONLY, req);
+            return None;
+        }
         if let Err(refusal) = validate::content(&content, self.app.config.limits.max_content_bytes)
         {
             self.refuse(refusal, req);
@@ -779,6 +787,10 @@ impl Session {
 
 /// The message of `error forbidden`.
 const FORBIDDEN: &str = "your token does not allow this room";
+/// The message of `error forbidden` for a `send` where only the HTTP API posts.
+const API_ONLY: &str = "only the server posts in this room (publish = api)";
+/// The message of `error forbidden` for a `typing` where typing is off.
+const TYPING_OFF: &str = "typing notices are off in this room";
 
 /// What an answer needs of its request: the `id` to echo and the `room` an error names.
 #[derive(Clone, Copy)]

@@ -200,6 +200,7 @@ function newRoom(name) {
     moreOlder: false,
     loadingOlder: false,
     typing: new Map(), // user -> expiry timer
+    readOnly: false, // only the server posts here (joined.publish is "api")
     unread: 0,
     li: null, // the entry in the room list
   };
@@ -224,6 +225,7 @@ function joinRoom(room) {
       }
     }),
     lib.on("joined", (info) => {
+      room.readOnly = info.publish === "api";
       if (!info.recovered) room.moreOlder = room.oldest !== null ? room.oldest > 1 : false;
       renderRoomEntry(room);
       if (room.name === state.current) {
@@ -367,7 +369,7 @@ function submitMessage() {
   const input = $("input");
   const content = input.value;
   const room = currentRoom();
-  if (!room || content.trim() === "") return;
+  if (!room || room.readOnly || content.trim() === "") return;
   const max = state.maxContentBytes;
   if (byteLength(content) > max) {
     notice(`Message too long: at most ${max} bytes (this one is ${byteLength(content)}).`, "error");
@@ -598,14 +600,17 @@ function renderOlderButton() {
 
 function updateComposer() {
   const room = currentRoom();
-  const ok = Boolean(room);
+  const ok = Boolean(room) && !room.readOnly;
   $("input").disabled = !ok;
   $("send").disabled = !ok;
+  $("composer").classList.toggle("read-only", Boolean(room && room.readOnly));
   $("input").placeholder = !room
     ? "Join a room to chat"
-    : room.lib && room.lib.joined
-      ? `Message #${room.name}`
-      : `Message #${room.name} (sent when back online)`;
+    : room.readOnly
+      ? `Only the server posts in #${room.name}; you can read along`
+      : room.lib && room.lib.joined
+        ? `Message #${room.name}`
+        : `Message #${room.name} (sent when back online)`;
 }
 
 function saveRooms() {
@@ -815,6 +820,7 @@ window.parley = {
         pending: r.lib ? r.lib.pending : 0,
         loadingOlder: r.loadingOlder,
         moreOlder: r.moreOlder,
+        readOnly: r.readOnly,
       })),
     };
   },

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
-use parley_protocol::server::{json_array, ServerFrame};
+use parley_protocol::server::{json_array, RoomRules, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
@@ -26,6 +26,7 @@ use crate::faults::{Faults, Health};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
+use crate::policy::Policies;
 use crate::presence::{MemoryPresence, Presence};
 use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, Written};
 
@@ -56,6 +57,8 @@ pub struct SequencerParts {
     pub presence: Arc<MemoryPresence>,
     /// `presence.announce_max`.
     pub announce_max: usize,
+    /// Each room's policy: whether it announces joins and leaves and lists its people.
+    pub policies: Arc<Policies>,
     /// `store.max_batch`.
     pub max_batch: usize,
     /// Commit time, fan-out count, memberships and send-to-ack latency are measured here,
@@ -150,6 +153,7 @@ enum Plan {
         announced: bool,
         users: Option<Vec<Arc<str>>>,
         user_count: usize,
+        rules: RoomRules,
     },
     Leave {
         announced: bool,
@@ -259,8 +263,11 @@ async fn run_batch(
             Op::Join(req, _) => plan_join(req, parts, &mut drafts).await,
             Op::Leave(req, _) => {
                 let change = parts.presence.remove(&req.room, &req.user);
-                let announced =
-                    announce(change.transition, false, change.users, parts.announce_max);
+                let announce_max = parts
+                    .policies
+                    .for_room(&req.room)
+                    .announce_max(parts.announce_max);
+                let announced = announce(change.transition, false, change.users, announce_max);
                 if announced {
                     drafts.push(Draft::Presence {
                         room: req.room.clone(),
@@ -330,10 +337,12 @@ async fn run_batch(
 }
 
 async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {
+    let policy = parts.policies.for_room(&req.room);
     let change = parts.presence.add(&req.room, &req.user);
-    let announced = announce(change.transition, true, change.users, parts.announce_max);
+    let announce_max = policy.announce_max(parts.announce_max);
+    let announced = announce(change.transition, true, change.users, announce_max);
     let user_count = change.users;
-    let users = if user_count <= parts.announce_max {
+    let users = if user_count <= policy.users_max(parts.announce_max) {
         parts.presence.users(&req.room).await.ok()
     } else {
         None
@@ -356,6 +365,7 @@ async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<D
         announced,
         users,
         user_count,
+        rules: policy.rules(),
     }
 }
 
@@ -382,6 +392,7 @@ fn finish(
                 announced,
                 users,
                 user_count,
+                rules,
             },
         ) => {
             if announced {
@@ -402,6 +413,7 @@ fn finish(
                 history: &array,
                 truncated: history.truncated,
                 recovered: history.recovered,
+                rules,
                 id: req.request_id.as_deref(),
             }
             .encode();

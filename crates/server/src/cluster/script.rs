@@ -142,7 +142,10 @@ pub struct Join<'a> {
     pub since: Option<(u64, &'a str)>,
     pub on_join: usize,
     pub max_replay: usize,
+    /// Most people for whom a join is announced (0: the room does not announce).
     pub announce_max: usize,
+    /// Most people for whom the reply lists `users` (0: the room has no presence).
+    pub users_max: usize,
     pub prefix: String,
     pub suffix: String,
     pub max_len: u64,
@@ -161,7 +164,7 @@ pub struct JoinReply {
     pub announced: bool,
     /// People in the room.
     pub people: usize,
-    /// Their names (unsorted) when `people <= announce_max`, else empty.
+    /// Their names (unsorted) when `people <= users_max`, else empty.
     pub users: Vec<String>,
     /// The joiner's history, oldest first.
     pub history: Vec<String>,
@@ -193,6 +196,7 @@ impl Op for Join<'_> {
             ("on_join", self.on_join.to_string()),
             ("max_replay", self.max_replay.to_string()),
             ("announce_max", self.announce_max.to_string()),
+            ("users_max", self.users_max.to_string()),
             ("prefix", self.prefix.clone()),
             ("suffix", self.suffix.clone()),
             ("max_len", self.max_len.to_string()),
@@ -532,6 +536,7 @@ mod tests {
             on_join: 0,
             max_replay: 0,
             announce_max: 0,
+            users_max: 0,
             prefix: s(),
             suffix: s(),
             max_len: 0,

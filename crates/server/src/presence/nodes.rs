@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 use crate::broker::BrokerError;
 use crate::cluster::script::{self, Reap};
 use crate::cluster::{self, keys, Shards};
-use crate::config::HistoryConfig;
 use crate::faults::Faults;
+use crate::policy::Policies;
 
 /// How soon the heartbeat retries a presence repair that could not run yet.
 const REPAIR_RETRY: Duration = Duration::from_millis(250);
@@ -32,8 +32,8 @@ pub struct Nodes {
     ttl: Duration,
     /// `presence.announce_max`, for the leaves a reap announces.
     announce_max: usize,
-    /// Retention, for the leaves a reap appends.
-    history: HistoryConfig,
+    /// Each room's retention and announcements, for the leaves a reap appends.
+    policies: Arc<Policies>,
     /// Per shard: a presence change may have been lost; repair once the shard answers.
     dirty: Vec<AtomicBool>,
     /// Wakes the heartbeat early when a shard becomes dirty.
@@ -49,7 +49,7 @@ impl Nodes {
         node: String,
         ttl: Duration,
         announce_max: usize,
-        history: HistoryConfig,
+        policies: Arc<Policies>,
         faults: Arc<Faults>,
     ) -> Nodes {
         let dirty = (0..shards.shards.len())
@@ -60,7 +60,7 @@ impl Nodes {
             node,
             ttl,
             announce_max,
-            history,
+            policies,
             dirty,
             repair: Notify::new(),
             faults,
@@ -201,16 +201,17 @@ impl Nodes {
                 for (user, count) in users {
                     // The dead node's display names are gone with it: the user id stands in.
                     let (prefix, suffix) = cluster::system_parts(room, &user, &user, false);
+                    let policy = self.policies.for_room(room);
                     let reap = Reap {
                         room,
                         user: &user,
                         node: dead,
                         count,
-                        announce_max: self.announce_max,
+                        announce_max: policy.announce_max(self.announce_max),
                         prefix,
                         suffix,
-                        max_len: self.history.max_len,
-                        ttl_s: self.history.ttl_s,
+                        max_len: policy.history_max_len,
+                        ttl_s: policy.history_ttl_s,
                     };
                     match script::run(manager, &reap).await {
                         Ok(Ok(_)) => {}

@@ -22,6 +22,7 @@ use crate::broker::log::{
     cap_replay, system_event, JoinHistory, Page, PageQuery, StoredRoom, DEDUP_WINDOW,
 };
 use crate::config::{HistoryConfig, Synchronous};
+use crate::policy::Policies;
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +181,7 @@ pub fn open_log(
     path: &Path,
     synchronous: Synchronous,
     history: &HistoryConfig,
+    policies: Arc<Policies>,
 ) -> Result<(LogWriter, LogReader), StoreError> {
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
@@ -187,8 +189,8 @@ pub fn open_log(
     let writer = LogWriter {
         conn,
         heads: HashMap::new(),
-        max_len: history.max_len,
-        ttl: Duration::from_secs(history.ttl_s),
+        ttls: policies.ttls(),
+        policies,
         last_sweep_ms: 0,
         on_join: history.on_join,
         max_replay: history.max_replay,
@@ -208,8 +210,11 @@ pub fn open_log(
 pub struct LogWriter {
     conn: Connection,
     heads: HashMap<Arc<str>, RoomHead>,
-    max_len: u64,
-    ttl: Duration,
+    /// Each room's retention (`history_max_len`, `history_ttl_s`).
+    policies: Arc<Policies>,
+    /// Every age limit some room has ([`Policies::ttls`]); empty: nothing expires.
+    ttls: Vec<u64>,
+    /// When expired events were last dropped ([`expire`]); 0 before the first time.
     last_sweep_ms: u64,
     on_join: usize,
     max_replay: usize,
@@ -345,36 +350,20 @@ impl LogWriter {
             let seq = self.heads[room].seq;
             tx.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
                 .execute(params![&**room, seq as i64])?;
-            if seq > self.max_len {
+            let max_len = self.policies.for_room(room).history_max_len;
+            if seq > max_len {
                 tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
-                    .execute(params![&**room, (seq - self.max_len) as i64])?;
+                    .execute(params![&**room, (seq - max_len) as i64])?;
             }
         }
-        if !self.ttl.is_zero() && now >= self.last_sweep_ms + 1000 {
-            let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
-            // Per room, only the events below its first young one in seq order: a clock that
-            // stepped back must not cut a hole (the oldest kept seq decides `recovered`). The
-            // walk in seq order (NOT INDEXED: the primary key) reads about what it deletes.
-            let rooms: Vec<String> = {
-                let mut stmt =
-                    tx.prepare_cached("SELECT DISTINCT room FROM events WHERE ts_ms < ?1")?;
-                let rows = stmt.query_map(params![cutoff as i64], |r| r.get(0))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            for room in &rooms {
-                let young: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
-                         ORDER BY seq LIMIT 1",
-                    )?
-                    .query_row(params![room, cutoff as i64], |r| r.get(0))
-                    .optional()?;
-                tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
-                    .execute(params![room, young.unwrap_or(i64::MAX)])?;
-            }
-            self.last_sweep_ms = now;
+        let expiring = !self.ttls.is_empty() && now >= self.last_sweep_ms + 1000;
+        if expiring {
+            expire(&tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
         }
         tx.commit()?;
+        if expiring {
+            self.last_sweep_ms = now;
+        }
         Ok(out)
     }
 
@@ -402,12 +391,7 @@ impl LogWriter {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if !self.ttl.is_zero() {
-            let cutoff = now.saturating_sub(self.ttl.as_millis() as u64);
-            tx.prepare_cached("DELETE FROM events WHERE ts_ms < ?1")?
-                .execute(params![cutoff as i64])?;
-            self.last_sweep_ms = now;
-        }
+        expire(&tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
         let cutoff = now.saturating_sub(self.empty_room_ttl.as_millis() as u64);
         let candidates: Vec<String> = {
             let mut stmt = tx.prepare_cached("SELECT room FROM rooms WHERE active_ms <= ?1")?;
@@ -434,8 +418,56 @@ impl LogWriter {
             }
         }
         tx.commit()?;
+        self.last_sweep_ms = now;
         Ok(forgotten)
     }
+}
+
+/// The rooms with an event whose time lies in a range: one pass of [`expire`] over one age
+/// limit reads the range of `events_ts` that expired since the previous pass, never the
+/// events that rooms with a longer limit (or none) keep.
+const NEWLY_EXPIRED: &str = "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2";
+
+/// Drops the events that outlived their room's `history_ttl_s`, one age limit `T` at a time
+/// (rooms have their own, from their policy): the rooms with an event that turned older than
+/// `T` since the previous pass at `last_ms` (an index range over `events.ts_ms` as wide as the
+/// time between passes; everything older at the first pass) and whose limit is `T`. Per room,
+/// only the events below its first young one in seq order go: a clock that stepped back must
+/// not cut a hole (the oldest kept seq decides `recovered`), and an old event kept above a
+/// young one goes when that one expires. The walk in seq order (NOT INDEXED: the primary key)
+/// reads about what it deletes.
+fn expire(
+    tx: &Connection,
+    policies: &Policies,
+    ttls: &[u64],
+    last_ms: u64,
+    now: u64,
+) -> Result<(), StoreError> {
+    for &ttl_s in ttls {
+        let ttl_ms = ttl_s.saturating_mul(1000);
+        let cutoff = now.saturating_sub(ttl_ms);
+        let from = last_ms.saturating_sub(ttl_ms);
+        let rooms: Vec<String> = {
+            let mut stmt = tx.prepare_cached(NEWLY_EXPIRED)?;
+            let rows = stmt.query_map(params![from as i64, cutoff as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for room in rooms
+            .iter()
+            .filter(|room| policies.for_room(room).history_ttl_s == ttl_s)
+        {
+            let young: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
+                     ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![room, cutoff as i64], |r| r.get(0))
+                .optional()?;
+            tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
+                .execute(params![room, young.unwrap_or(i64::MAX)])?;
+        }
+    }
+    Ok(())
 }
 
 /// The history for a joiner: after `since` when it continues the retained log in the same
@@ -670,14 +702,79 @@ fn same_content(frame: &str, content: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Age limits per room: each room loses what is older than its own limit, one pass after
+    /// another (each reading only what expired since the previous one), and never a hole.
     #[test]
-    fn dedup_lookup_uses_its_index() {
+    fn expiry_follows_each_rooms_own_age_limit() {
+        use crate::config::{Config, RoomSection};
+        let config = Config {
+            rooms: vec![
+                RoomSection {
+                    pattern: "fast-*".into(),
+                    history_ttl_s: Some(10),
+                    ..RoomSection::default()
+                },
+                RoomSection {
+                    pattern: "slow-*".into(),
+                    history_ttl_s: Some(100),
+                    ..RoomSection::default()
+                },
+            ],
+            ..Config::default()
+        };
+        let policies = Policies::from_config(&config).unwrap();
+        let ttls = policies.ttls();
+        assert_eq!(ttls, [10, 100]);
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let add = |room: &str, seq: u64, ts_s: u64| {
+            insert(&conn, room, seq, ts_s * 1000, None, None, "{}").unwrap();
+        };
+        let kept = |room: &str| -> Vec<u64> {
+            let mut stmt = conn
+                .prepare("SELECT seq FROM events WHERE room = ?1 ORDER BY seq")
+                .unwrap();
+            let rows = stmt
+                .query_map(params![room], |r| r.get::<_, i64>(0))
+                .unwrap();
+            rows.map(|r| r.unwrap() as u64).collect()
+        };
+        for room in ["fast-1", "slow-1", "other"] {
+            add(room, 1, 1000);
+            add(room, 2, 1050);
+        }
+        // A clock that stepped back: seq 4 is older than seq 3.
+        add("fast-1", 3, 1095);
+        add("fast-1", 4, 1060);
+        expire(&conn, &policies, &ttls, 0, 1_070_000).unwrap();
+        assert_eq!(
+            kept("fast-1"),
+            [3, 4],
+            "older than 10 s, below the first young one"
+        );
+        assert_eq!(kept("slow-1"), [1, 2]);
+        assert_eq!(kept("other"), [1, 2], "no age limit");
+        // The next pass reads what expired since: seq 3 now, and seq 4 above it with it.
+        expire(&conn, &policies, &ttls, 1_070_000, 1_106_000).unwrap();
+        assert_eq!(kept("fast-1"), Vec::<u64>::new());
+        assert_eq!(kept("slow-1"), [2], "seq 1 is older than 100 s");
+        expire(&conn, &policies, &ttls, 1_106_000, 1_140_000).unwrap();
+        assert_eq!(kept("slow-1"), [2], "seq 2 is not");
+        expire(&conn, &policies, &ttls, 1_140_000, 1_151_000).unwrap();
+        assert_eq!(kept("slow-1"), Vec::<u64>::new());
+        assert_eq!(kept("other"), [1, 2]);
+    }
+
+    #[test]
+    fn dedup_lookup_and_expiry_use_their_indexes() {
         let dir = std::env::temp_dir().join(format!("parley-plan-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let config = crate::config::Config::default();
         let (writer, _) = open_log(
             &dir.join("p.db"),
             Synchronous::Normal,
-            &HistoryConfig::default(),
+            &config.history,
+            Arc::new(Policies::from_config(&config).unwrap()),
         )
         .unwrap();
         let plan: String = writer
@@ -689,6 +786,15 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("events_client_id"), "{plan}");
+        let plan: String = writer
+            .conn
+            .query_row(
+                &format!("EXPLAIN QUERY PLAN {NEWLY_EXPIRED}"),
+                params![0, 1],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("events_ts"), "{plan}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

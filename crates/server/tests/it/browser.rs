@@ -754,3 +754,63 @@ async fn answers_are_matched_by_id_a_refused_join_and_a_failed_page_land_where_t
     browser.assert_no_page_errors().await;
     browser.client.close().await.unwrap();
 }
+
+/// A room only the server posts to (`[[rooms]]` with `publish = "api"`): the page greys out
+/// the composer with a hint instead of letting the member type into a refusal, shows what the
+/// HTTP API posts, and gives the composer back in an ordinary room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_composer_is_disabled_with_a_hint_where_only_the_server_posts() {
+    let driver = start_driver();
+    let server = TestServer::builder()
+        .set("api.key", "browser-key")
+        .set(
+            "rooms",
+            toml::Value::try_from([json!({"match": "news.*", "publish": "api"})]).unwrap(),
+        )
+        .start()
+        .await;
+    let browser = open_browser(&driver, "ana").await;
+    browser
+        .sign_in(&server.http_url("/"), "ana", "news.daily")
+        .await;
+    let hint = browser
+        .wait_for(
+            "the composer to be disabled with a hint",
+            "const i = document.getElementById('input'); \
+             return i.disabled && document.getElementById('send').disabled && i.placeholder",
+        )
+        .await;
+    assert!(
+        hint.as_str().unwrap().contains("Only the server posts"),
+        "{hint}"
+    );
+    let status = browser.js("return window.parley.status()").await;
+    assert_eq!(status["rooms"][0]["readOnly"], true, "{status}");
+
+    let response = reqwest::Client::new()
+        .post(server.http_url("/api/rooms/news.daily/messages"))
+        .bearer_auth("browser-key")
+        .json(&json!({"user": "newsdesk", "content": "today's headline"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    browser.wait_message("today's headline").await;
+
+    browser
+        .type_into("#join-room", &format!("general{}", char::from(Key::Enter)))
+        .await;
+    browser
+        .wait_for(
+            "the composer to be enabled in general",
+            "const s = window.parley.status(); const i = document.getElementById('input'); \
+             return s.current === 'general' && s.rooms.some(r => r.name === 'general' && r.joined) \
+             && !i.disabled && i.placeholder === 'Message #general'",
+        )
+        .await;
+    browser.say("hello general").await;
+    browser.wait_acked().await;
+    browser.wait_message("hello general").await;
+    browser.assert_no_page_errors().await;
+    browser.client.close().await.unwrap();
+}

@@ -31,6 +31,7 @@ fn join<'a>(room: &'a str, user: &'a str, node: &'a str, announce_max: usize) ->
         on_join: 10,
         max_replay: 100,
         announce_max,
+        users_max: announce_max,
         prefix,
         suffix,
         max_len: 1000,

@@ -77,6 +77,21 @@ impl Nodes {
             .unwrap()
     }
 
+    /// `POST /api/rooms/{room}/messages` on node `i` as `user`; returns the status and body.
+    async fn api_post(&self, i: usize, room: &str, user: &str, content: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(
+                self.node(i)
+                    .http_url(&format!("/api/rooms/{room}/messages")),
+            )
+            .bearer_auth(API_KEY)
+            .json(&json!({"user": user, "content": content}))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
     /// The people in `room` as `GET /api/rooms/{room}/users` on node `i` reports them.
     async fn users(&self, i: usize, room: &str) -> Vec<String> {
         let body = self.api_get(i, &format!("/api/rooms/{room}/users")).await;
@@ -989,6 +1004,250 @@ async fn resends_are_duplicates_and_new_content_is_an_id_conflict(mode: Mode) {
     assert_eq!(after, before, "history unchanged");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Per-room policies (`[[rooms]]`)
+// ---------------------------------------------------------------------------------------------
+
+/// `[[rooms]]` sections as `--set rooms=[...]` gives them: an array of tables.
+fn rooms(sections: &[Value]) -> toml::Value {
+    toml::Value::try_from(sections).unwrap()
+}
+
+/// The `typing` frames among `frames`, as `(room, user)`.
+fn typings(frames: &[Value]) -> Vec<(String, String)> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "typing")
+        .map(|f| {
+            (
+                f["room"].as_str().unwrap().to_owned(),
+                f["user"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `publish = "api"`: members join and read, `joined` says `"publish":"api"` (and no typing),
+/// a client `send` is `error forbidden` and stores nothing, the HTTP API posts and members get
+/// it live. `typing = false` elsewhere: `typing` is `error forbidden` and relayed to no one,
+/// while a room without a section takes typing as before. The first matching section wins.
+async fn publish_api_and_typing_policies(mode: Mode) {
+    let nodes = Nodes::start(
+        mode,
+        &[(
+            "rooms",
+            rooms(&[
+                json!({"match": "news.*", "publish": "api"}),
+                json!({"match": "news.*", "history_max_len": 1}),
+                json!({"match": "calm-*", "typing": false}),
+            ]),
+        )],
+    )
+    .await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let mut bob = nodes.node(1).user("bob").await;
+    let joined = alice.join("news.today").await;
+    assert_eq!(
+        (&joined["publish"], &joined["typing"], &joined["users"]),
+        (&json!("api"), &json!(false), &json!(["alice"])),
+        "{joined}"
+    );
+    assert!(
+        joined.get("announce").is_none(),
+        "defaults are not named: {joined}"
+    );
+    let joined = bob.join("news.today").await;
+    assert_eq!(joined["publish"], "api", "{joined}");
+    let head = joined["seq"].as_u64().unwrap();
+
+    alice
+        .send(json!({"type": "send", "room": "news.today", "content": "mine", "id": "s-1"}))
+        .await;
+    let refused = alice.skip_until("error").await;
+    assert_eq!(
+        (&refused["code"], &refused["id"], &refused["room"]),
+        (&json!("forbidden"), &json!("s-1"), &json!("news.today")),
+        "{refused}"
+    );
+    let (status, body) = nodes.api_post(1, "news.today", "newsdesk", "extra!").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["seq"],
+        head + 1,
+        "the refused send took no seq: {body}"
+    );
+    for member in [&mut alice, &mut bob] {
+        let live = read_to_seq(member, head + 1).await;
+        assert_eq!(contents(&live), ["extra!"], "{live:?}");
+        assert_eq!(live.last().unwrap()["user"], "newsdesk");
+    }
+    let (page, _) = history(&mut bob, "news.today", json!({})).await;
+    assert_eq!(contents(&page), ["extra!"], "only the API's post is stored");
+    // The second news.* section never applies (the first match wins): history is not cut to 1.
+    nodes.api_post(0, "news.today", "newsdesk", "more").await;
+    let (page, _) = history(&mut bob, "news.today", json!({})).await;
+    assert_eq!(contents(&page), ["extra!", "more"]);
+
+    // Typing: refused in calm-*, relayed in a room without a section.
+    for room in ["calm-1", "r"] {
+        let joined = join(&mut alice, room).await;
+        assert_eq!(joined.get("publish"), None, "{joined}");
+        join(&mut bob, room).await;
+    }
+    assert_eq!(join(&mut alice, "calm-2").await["typing"], false);
+    alice
+        .send(json!({"type": "typing", "room": "calm-1", "id": "t-1"}))
+        .await;
+    let refused = alice.skip_until("error").await;
+    assert_eq!(
+        (&refused["code"], &refused["id"], &refused["room"]),
+        (&json!("forbidden"), &json!("t-1"), &json!("calm-1")),
+        "{refused}"
+    );
+    alice
+        .send(json!({"type": "typing", "room": "news.today"}))
+        .await;
+    assert_eq!(alice.skip_until("error").await["code"], "forbidden");
+    alice.send(json!({"type": "typing", "room": "r"})).await;
+    assert_eq!(
+        typings(&[bob.skip_until("typing").await]),
+        [("r".to_owned(), "alice".to_owned())]
+    );
+    // Bob heard nothing of calm-1 or news.today: the typing of r came first and alone.
+    alice
+        .send(json!({"type": "typing", "room": "calm-1"}))
+        .await;
+    assert_eq!(alice.skip_until("error").await["code"], "forbidden");
+    let before = until_marker(&mut bob, "r", "m1").await;
+    assert!(typings(&before).is_empty(), "{before:?}");
+}
+
+/// `history_max_len` and `history_ttl_s` per room: a room with a section keeps what its
+/// section says, a room without one the top-level settings, in the same server.
+async fn retention_per_room(mode: Mode) {
+    const TTL: Duration = Duration::from_secs(2);
+    let nodes = Nodes::start(
+        mode,
+        &[
+            ("history.max_len", 100.into()),
+            (
+                "rooms",
+                rooms(&[
+                    json!({"match": "short-*", "history_max_len": 3}),
+                    json!({"match": "brief-*", "history_ttl_s": TTL.as_secs()}),
+                ]),
+            ),
+        ],
+    )
+    .await;
+    let mut alice = nodes.node(0).user("alice").await;
+    for room in ["short-1", "brief-1", "r"] {
+        join(&mut alice, room).await;
+        for i in 0..5 {
+            alice
+                .post(room, &format!("{room} {i}"), &format!("{room}-{i}"))
+                .await;
+        }
+    }
+    let mut reader = nodes.node(1).user("reader").await;
+    let (page, _) = history(&mut reader, "short-1", json!({"limit": 200})).await;
+    assert_eq!(seqs(&page), range(4, 6), "short-1 keeps its latest 3");
+    let (page, _) = history(&mut reader, "r", json!({"limit": 200})).await;
+    assert_eq!(seqs(&page), range(1, 6), "r keeps all of its 6");
+
+    // Time passing is what the age limit is about: past it, brief-1's events are gone (one
+    // node drops them at a commit or its sweep, at most a second apart; a cluster when the
+    // room is read), while the other rooms keep theirs.
+    tokio::time::sleep(TTL + Duration::from_millis(1200)).await;
+    alice.post("brief-1", "fresh", "fresh").await;
+    alice.post("r", "fresh", "fresh-r").await;
+    let (page, _) = history(&mut reader, "brief-1", json!({"limit": 200})).await;
+    assert_eq!(
+        (seqs(&page), contents(&page)),
+        (vec![7], vec!["fresh".to_owned()]),
+        "brief-1 kept only what is younger than its ttl"
+    );
+    let (page, _) = history(&mut reader, "r", json!({"limit": 200})).await;
+    assert_eq!(seqs(&page), range(1, 7), "r has no age limit");
+    let (page, _) = history(&mut reader, "short-1", json!({"limit": 200})).await;
+    assert_eq!(seqs(&page), range(4, 6), "short-1 has no age limit either");
+}
+
+/// `announce = false`: joins and leaves take no seq and reach no one, yet `joined.users` and
+/// the HTTP API list the people. `presence = false`: no `users` (only `user_count`), and no
+/// join/leave events either; the HTTP API (the backend's) still lists them.
+async fn announce_and_presence_policies(mode: Mode) {
+    let nodes = Nodes::start(
+        mode,
+        &[(
+            "rooms",
+            rooms(&[
+                json!({"match": "quiet-*", "announce": false}),
+                json!({"match": "hidden-*", "presence": false}),
+            ]),
+        )],
+    )
+    .await;
+    let mut alice = nodes.node(0).user("alice").await;
+    let mut bob = nodes.node(1).user("bob").await;
+
+    let joined = alice.join("quiet-1").await;
+    assert_eq!(
+        (&joined["announce"], &joined["users"], &joined["seq"]),
+        (&json!(false), &json!(["alice"]), &json!(0)),
+        "no join event: {joined}"
+    );
+    assert!(joined.get("presence").is_none(), "{joined}");
+    let joined = bob.join("quiet-1").await;
+    assert_eq!(
+        (&joined["users"], &joined["user_count"], &joined["seq"]),
+        (&json!(["alice", "bob"]), &json!(2), &json!(0)),
+        "{joined}"
+    );
+    for i in [0, 1] {
+        assert_eq!(nodes.users(i, "quiet-1").await, ["alice", "bob"]);
+    }
+    bob.send(json!({"type": "leave", "room": "quiet-1"})).await;
+    bob.recv_type("left").await;
+    for i in [0, 1] {
+        assert_eq!(nodes.users(i, "quiet-1").await, ["alice"]);
+    }
+    let (seq, before) = mark(&mut alice, "quiet-1", "q1").await;
+    assert_eq!(seq, 1, "joins and leaves took no seq");
+    assert!(events(&before).is_empty(), "{before:?}");
+
+    let joined = alice.join("hidden-1").await;
+    assert_eq!(
+        (
+            &joined["presence"],
+            &joined["announce"],
+            &joined["user_count"]
+        ),
+        (&json!(false), &json!(false), &json!(1)),
+        "{joined}"
+    );
+    assert!(joined.get("users").is_none(), "no member list: {joined}");
+    let joined = bob.join("hidden-1").await;
+    assert!(joined.get("users").is_none(), "{joined}");
+    assert_eq!(
+        (&joined["user_count"], &joined["seq"]),
+        (&json!(2), &json!(0))
+    );
+    bob.send(json!({"type": "leave", "room": "hidden-1"})).await;
+    bob.recv_type("left").await;
+    let (seq, before) = mark(&mut alice, "hidden-1", "h1").await;
+    assert_eq!(seq, 1, "no join or leave event");
+    assert!(events(&before).is_empty(), "{before:?}");
+    assert_eq!(
+        nodes.users(1, "hidden-1").await,
+        ["alice"],
+        "the API lists them"
+    );
+    let (page, _) = history(&mut alice, "hidden-1", json!({})).await;
+    assert_eq!(contents(&page), ["h1"]);
+    assert!(events(&page).is_empty());
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod single_node {
@@ -1022,4 +1281,7 @@ conformance!(
     presence_counts_people_not_tabs,
     leave_and_rejoin,
     resends_are_duplicates_and_new_content_is_an_id_conflict,
+    publish_api_and_typing_policies,
+    retention_per_room,
+    announce_and_presence_policies,
 );

@@ -36,6 +36,7 @@ impl Writer {
                     on_join: 0,
                     max_replay: 0,
                     announce_max: ANNOUNCE_MAX,
+                    users_max: ANNOUNCE_MAX,
                     prefix: "{\"seq\":".into(),
                     suffix: "}".into(),
                     max_len: 100,

@@ -40,6 +40,7 @@ use crate::config::HistoryConfig;
 use crate::faults::{Faults, Health};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::presence::nodes::Nodes;
 use room::{RoomCmd, RoomEvent, RoomHandle};
 use subscriber::SubCmd;
@@ -55,6 +56,8 @@ pub struct RedisParts {
     pub announce_max: usize,
     /// Retention and replay sizes.
     pub history: HistoryConfig,
+    /// Each room's policy: its retention, announcements and member list.
+    pub policies: Arc<Policies>,
     /// This node's id in presence keys.
     pub node: String,
     /// `presence.ttl_ms`: the node's heartbeat key lives this long unless refreshed.
@@ -123,7 +126,7 @@ impl RedisBroker {
             parts.node.clone(),
             parts.presence_ttl,
             parts.announce_max,
-            parts.history.clone(),
+            parts.policies.clone(),
             parts.faults.clone(),
         ));
         let inner = Arc::new(Inner {
@@ -345,9 +348,9 @@ impl Broker for RedisBroker {
             return Ok(Page::default());
         }
         let shard = &self.inner.shards.for_room(room).conn;
-        let ttl_s = self.inner.parts.history.ttl_s;
+        let ttl_s = self.inner.parts.policies.for_room(room).history_ttl_s;
         if ttl_s > 0 {
-            // Events older than history.ttl_s are gone for readers too, however idle the room.
+            // Events older than the room's history_ttl_s are gone for readers too, however idle the room.
             let trim = Trim {
                 room,
                 node: &self.inner.parts.node,

@@ -30,6 +30,7 @@ use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::Batch;
+use crate::policy::RoomPolicy;
 
 /// Most publishes one pipeline carries.
 const MAX_BATCH: usize = 256;
@@ -75,12 +76,14 @@ pub(super) struct Event {
 pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let policy = inner.parts.policies.for_room(&room);
     let actor = RoomActor {
         inner: inner.clone(),
         room,
         cmds: cmd_rx,
         events: ev_rx,
         pending: None,
+        policy,
         epoch: String::new(),
         subscribed: false,
         writes: Batch::default(),
@@ -109,6 +112,8 @@ struct RoomActor {
     events: mpsc::UnboundedReceiver<RoomEvent>,
     /// A command taken from the queue while gathering publishes, to run next.
     pending: Option<RoomCmd>,
+    /// The room's policy: its retention, announcements and member list.
+    policy: RoomPolicy,
     /// The epoch the members' stream belongs to; meaningful only while there are members.
     epoch: String,
     subscribed: bool,
@@ -246,6 +251,7 @@ impl RoomActor {
     /// error) is queued once Redis has stored it. Delivery follows through pub/sub.
     async fn publish(&mut self, batch: Vec<Publish>) {
         let parts = &self.inner.parts;
+        let policy = self.policy;
         let ts = cluster::now_ts();
         let ops: Vec<Msg> = batch
             .iter()
@@ -270,8 +276,8 @@ impl RoomActor {
                     content: &r.content,
                     prefix,
                     suffix,
-                    max_len: parts.history.max_len,
-                    ttl_s: parts.history.ttl_s,
+                    max_len: policy.history_max_len,
+                    ttl_s: policy.history_ttl_s,
                     epoch_candidate: cluster::new_epoch(),
                     dedup_window_s: DEDUP_WINDOW.as_secs(),
                     node: &parts.node,
@@ -325,6 +331,7 @@ impl RoomActor {
         // Subscribe first: every event after the script's head is then published to us.
         self.subscribe().await?;
         let parts = &self.inner.parts;
+        let policy = self.policy;
         let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, &req.name, true);
         let op = Join {
             room: &req.room,
@@ -333,11 +340,12 @@ impl RoomActor {
             since: req.since.as_ref().map(|(s, e)| (*s, e.as_str())),
             on_join: parts.history.on_join,
             max_replay: parts.history.max_replay,
-            announce_max: parts.announce_max,
+            announce_max: policy.announce_max(parts.announce_max),
+            users_max: policy.users_max(parts.announce_max),
             prefix,
             suffix,
-            max_len: parts.history.max_len,
-            ttl_s: parts.history.ttl_s,
+            max_len: policy.history_max_len,
+            ttl_s: policy.history_ttl_s,
             epoch_candidate: cluster::new_epoch(),
             presence_ttl_ms: parts.presence_ttl.as_millis() as u64,
         };
@@ -366,7 +374,7 @@ impl RoomActor {
             self.evict("missed events could not be recovered");
         }
         let parts = &self.inner.parts;
-        let users = (people <= parts.announce_max).then(|| {
+        let users = (people <= policy.users_max(parts.announce_max)).then(|| {
             let mut users = users;
             users.sort();
             users
@@ -382,6 +390,7 @@ impl RoomActor {
             history: &array,
             truncated,
             recovered,
+            rules: policy.rules(),
             id: req.request_id.as_deref(),
         }
         .encode();
@@ -399,16 +408,17 @@ impl RoomActor {
 
     async fn leave(&mut self, req: LeaveRequest) {
         let parts = &self.inner.parts;
+        let policy = self.policy;
         let (prefix, suffix) = cluster::system_parts(&req.room, &req.user, &req.name, false);
         let op = Leave {
             room: &req.room,
             user: &req.user,
             node: &parts.node,
-            announce_max: parts.announce_max,
+            announce_max: policy.announce_max(parts.announce_max),
             prefix,
             suffix,
-            max_len: parts.history.max_len,
-            ttl_s: parts.history.ttl_s,
+            max_len: policy.history_max_len,
+            ttl_s: policy.history_ttl_s,
         };
         let conn = &self.inner.shards.for_room(&self.room).conn;
         match script_outcome(script::run(conn, &op).await) {
@@ -484,13 +494,13 @@ impl RoomActor {
                 user: &user,
                 node,
                 target,
-                announce_max: parts.announce_max,
+                announce_max: self.policy.announce_max(parts.announce_max),
                 join_prefix,
                 join_suffix,
                 leave_prefix,
                 leave_suffix,
-                max_len: parts.history.max_len,
-                ttl_s: parts.history.ttl_s,
+                max_len: self.policy.history_max_len,
+                ttl_s: self.policy.history_ttl_s,
             };
             let announced = script_outcome(script::run(manager, &op).await)?;
             info!(room = %self.room, user, connections = target, announced = ?announced.seq, "presence repaired");

@@ -1,9 +1,10 @@
--- A connection joins -> {head, epoch, announced, people, users, history, truncated,
--- recovered (-1 none / 0 / 1)}: presence +1 on the node and in the cluster, the `join` event
+-- A connection joins -> {head, epoch, announced, people, users (while people <= users_max),
+-- history, truncated, recovered (-1 none / 0 / 1)}: presence +1 on the node and in the cluster, the `join` event
 -- when this is the user's first connection anywhere (and the room is small), then the head and
 -- the joiner's history, all in one atomic step.
 local a = args{'room', 'user', 'node', 'since', 'since_epoch', 'on_join', 'max_replay',
-  'announce_max', 'prefix', 'suffix', 'max_len', 'ttl_s', 'epoch_candidate', 'presence_ttl_ms'}
+  'announce_max', 'users_max', 'prefix', 'suffix', 'max_len', 'ttl_s', 'epoch_candidate',
+  'presence_ttl_ms'}
 local e = epoch_of(a.epoch_candidate)
 local c, people = add(a.room, a.user, a.node, 1)
 -- The node is alive as of now, even if its heartbeat has not run since Redis came back.
@@ -16,7 +17,7 @@ if announce(c == 1, true, people, a.announce_max) then
 end
 local head = tonumber(redis.call('GET', K.seq) or '0')
 local users = {}
-if people <= tonumber(a.announce_max) then users = redis.call('HKEYS', K.users) end
+if people <= tonumber(a.users_max) then users = redis.call('HKEYS', K.users) end
 local hist, truncated, recovered = nil, 0, -1
 if a.since ~= '' then
   recovered = 0
