@@ -92,10 +92,11 @@ pub async fn send(client: &reqwest::Client, url: &str, secret: &str, body: Strin
             } else {
                 Outcome::Unreachable
             };
+            // Without the URL: it may carry a credential (a token in its query).
             return Answer {
                 outcome,
                 retry_after: None,
-                detail: e.to_string(),
+                detail: e.without_url().to_string(),
             };
         }
     };
