@@ -194,7 +194,7 @@ fn ended_room(
 async fn deliver_room(
     hooks: Arc<Deliverer>,
     room: String,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<(String, bool)>,
 ) {
     let ours = match deliver_batches(&hooks, &room).await {
@@ -208,6 +208,8 @@ async fn deliver_room(
     if ours {
         hooks.log.release(&room).await;
     }
+    // The place is free before the dispatcher hears of it, so its rescan can use it.
+    drop(slot);
     let _ = done.send((room, ours));
 }
 
