@@ -1,16 +1,27 @@
-//! The single-node broker: a sequencer task that owns the SQLite [`LogWriter`], takes requests
-//! from a channel, and handles everything that arrived together as one batch:
+//! The single-node broker: a pipeline of three stages that owns the SQLite [`LogWriter`].
 //!
-//! 1. presence changes decide which joins and leaves are announced;
-//! 2. one transaction assigns seqs, stores events and reads joiners' history (group commit);
-//! 3. in request order: deliver stored events to the hub, register joiners (after queueing
-//!    their `joined`), unregister leavers, and answer every request.
+//! 1. The **sequencer** task takes requests from a channel and plans everything that arrived
+//!    together as one batch: presence changes decide which joins and leaves are announced, and
+//!    each request becomes its [`Draft`]s.
+//! 2. The **log writer**, a thread of its own, commits each planned batch in one transaction:
+//!    it assigns each room's next seqs from its in-memory heads, de-duplicates client ids,
+//!    stores the events and reads joiners' history (group commit). It is the one writer of the
+//!    log and does nothing but SQLite work.
+//! 3. The **deliverer** task takes committed batches in commit order and, in request order,
+//!    hands stored events to the hub, registers joiners (after queueing their `joined`),
+//!    unregisters leavers and answers every request; then it writes every touched connection
+//!    once.
 //!
-//! Because one task does all three steps in order, the hub sees each room's events in seq
-//! order, a joiner's membership starts exactly after its `joined.seq`, and an ack always
-//! follows the commit.
+//! The stages overlap: while the writer commits batch N, the sequencer gathers and plans batch
+//! N+1 (which grows with the load: a busier node commits bigger batches, not more of them) and
+//! the deliverer writes batch N-1 to the sockets. Each stage handles batches one at a time and
+//! in the order the sequencer planned them, so the hub still sees each room's events in seq
+//! order and only after their commit, a joiner's membership starts exactly after its
+//! `joined.seq`, an ack always follows the commit, and one connection's requests are answered
+//! in the order they were sent.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
@@ -28,10 +39,13 @@ use crate::metrics::Metrics;
 use crate::outbound::Batch;
 use crate::policy::Policies;
 use crate::presence::{MemoryPresence, Presence};
-use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, Written};
+use crate::store::sqlite::{Draft, JoinWindow, LogReader, LogWriter, StoreError, Written};
 
 /// Requests waiting for the sequencer; past this, callers wait (backpressure).
 const QUEUE_DEPTH: usize = 65_536;
+
+/// Committed batches waiting for the deliverer; past this, the writer waits.
+const COMMITTED_DEPTH: usize = 64;
 
 enum Op {
     Join(JoinRequest, oneshot::Sender<Result<(), BrokerError>>),
@@ -73,11 +87,38 @@ pub struct SequencerParts {
 }
 
 impl SqliteBroker {
-    /// Starts the sequencer task on the current runtime.
+    /// Starts the pipeline: the sequencer and deliverer tasks on the current runtime, the log
+    /// writer on a blocking thread of its own.
     pub fn start(writer: LogWriter, reader: LogReader, parts: SequencerParts) -> SqliteBroker {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let parts = Arc::new(parts);
         let health = parts.health.clone();
-        tokio::spawn(health.guard("the sequencer task".into(), sequencer(rx, writer, parts)));
+        // One planned batch waits while one commits: a writer that falls behind holds the
+        // sequencer back, so requests gather in its queue and the next batch is bigger. The
+        // deliverer takes every batch committed while it was writing at once.
+        let (jobs, job_rx) = mpsc::channel(1);
+        let (committed, committed_rx) = mpsc::channel(COMMITTED_DEPTH);
+        let (finished, finished_rx) = oneshot::channel();
+        let sweep_every = writer.sweep_every();
+        let log = {
+            let parts = parts.clone();
+            tokio::task::spawn_blocking(move || write_log(writer, job_rx, committed, &parts))
+        };
+        tokio::spawn(health.clone().guard("the log writer".into(), async move {
+            if let Err(e) = log.await {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }));
+        tokio::spawn(health.clone().guard(
+            "the deliverer task".into(),
+            deliverer(committed_rx, parts.clone(), finished),
+        ));
+        tokio::spawn(health.guard(
+            "the sequencer task".into(),
+            sequencer(rx, jobs, parts, sweep_every, finished_rx),
+        ));
         SqliteBroker {
             ops: tx,
             reader: Arc::new(reader),
@@ -147,7 +188,7 @@ impl Broker for SqliteBroker {
     }
 }
 
-/// What step 1 decided for one request.
+/// What the sequencer decided for one request.
 enum Plan {
     Join {
         announced: bool,
@@ -163,21 +204,49 @@ enum Plan {
     Publish,
 }
 
-async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: SequencerParts) {
+/// A batch on its way through the pipeline: the requests, what the sequencer planned for
+/// each, and what the log writer made of their drafts.
+struct Planned {
+    ops: Vec<Op>,
+    plans: Vec<Plan>,
+    drafts: Vec<Draft>,
+}
+
+/// Work for the log writer, in the sequencer's order.
+enum Job {
+    Commit(Planned),
+    /// The retention sweep that needs no traffic (empty rooms), between two batches.
+    Sweep,
+}
+
+/// A batch after its commit, for the deliverer.
+struct Committed {
+    ops: Vec<Op>,
+    plans: Vec<Plan>,
+    result: Result<Vec<Written>, StoreError>,
+}
+
+/// Stage 1: gathers requests into batches and plans them. Ends when every handle is gone or
+/// on `close`, which it answers once the batches before it are delivered.
+async fn sequencer(
+    mut rx: mpsc::Receiver<Op>,
+    jobs: mpsc::Sender<Job>,
+    parts: Arc<SequencerParts>,
+    sweep_every: Duration,
+    finished: oneshot::Receiver<()>,
+) {
     let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
     let mut ops: Vec<Op> = Vec::new();
-    // The retention sweep that needs no traffic (empty rooms): between batches, so it sees
-    // presence as the batches before it left it.
-    let mut sweep = tokio::time::interval(writer.sweep_every());
+    // The sweep runs between batches, so it sees presence as the batches before it left it.
+    let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sweep.tick().await;
     while closing.is_empty() {
         let first = tokio::select! {
             op = rx.recv() => op,
             _ = sweep.tick() => {
-                match run_sweep(writer, &parts).await {
-                    Some(back) => writer = back,
-                    None => return,
+                if jobs.send(Job::Sweep).await.is_err() {
+                    return;
                 }
                 continue;
             }
@@ -197,12 +266,7 @@ async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: Seq
                 op => batch.push(op),
             }
         }
-        if closing.is_empty() {
-            match run_batch(writer, batch, &parts).await {
-                Some(back) => writer = back,
-                None => return,
-            }
-        } else {
+        if !closing.is_empty() {
             // Take whatever else was queued before the close, then stop.
             rx.close();
             while let Ok(op) = rx.try_recv() {
@@ -211,51 +275,29 @@ async fn sequencer(mut rx: mpsc::Receiver<Op>, mut writer: LogWriter, parts: Seq
                     op => batch.push(op),
                 }
             }
-            match run_batch(writer, batch, &parts).await {
-                Some(back) => writer = back,
-                None => return,
-            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if Faults::take(&parts.faults.panic_sequencer) {
+            panic!("fault injected: the sequencer");
+        }
+        let planned = plan(batch, &parts).await;
+        if jobs.send(Job::Commit(planned)).await.is_err() {
+            return;
         }
     }
-    drop(writer);
+    // The writer finishes what it was given and stops; the deliverer then delivers the last
+    // batch and says so.
+    drop(jobs);
+    let _ = finished.await;
     for done in closing {
         let _ = done.send(());
     }
 }
 
-/// Runs the store's sweep ([`LogWriter::sweep`]) with this node's presence; `None` when the
-/// blocking task was lost (the runtime is shutting down).
-async fn run_sweep(mut writer: LogWriter, parts: &SequencerParts) -> Option<LogWriter> {
-    let presence = parts.presence.clone();
-    let (writer, result) = tokio::task::spawn_blocking(move || {
-        let result = writer.sweep(|room| presence.occupied(room));
-        (writer, result)
-    })
-    .await
-    .map_err(|e| error!(error = %e, "the log writer task was lost"))
-    .ok()?;
-    match result {
-        Ok(0) => {}
-        Ok(forgotten) => debug!(forgotten, "empty rooms forgotten"),
-        Err(e) => error!(error = %e, "retention sweep failed"),
-    }
-    Some(writer)
-}
-
-/// Runs one batch; `None` when the blocking commit task was lost (the runtime is shutting
-/// down), which ends the sequencer: callers then get [`BrokerError::Closed`].
-async fn run_batch(
-    mut writer: LogWriter,
-    batch: Vec<Op>,
-    parts: &SequencerParts,
-) -> Option<LogWriter> {
-    if batch.is_empty() {
-        return Some(writer);
-    }
-    if Faults::take(&parts.faults.panic_sequencer) {
-        panic!("fault injected: the sequencer");
-    }
-    // Step 1: presence decides announcements.
+/// Presence decides announcements; every request becomes its drafts.
+async fn plan(batch: Vec<Op>, parts: &SequencerParts) -> Planned {
     let mut plans = Vec::with_capacity(batch.len());
     let mut drafts = Vec::with_capacity(batch.len() + 1);
     for op in &batch {
@@ -298,42 +340,84 @@ async fn run_batch(
         };
         plans.push(plan);
     }
+    Planned {
+        ops: batch,
+        plans,
+        drafts,
+    }
+}
 
-    // Step 2: one transaction.
-    let metrics = parts.metrics.clone();
-    let (writer_back, result) = tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let result = writer.commit(&drafts);
-        Metrics::observe(&metrics.store_commit, started.elapsed());
-        (writer, result)
-    })
-    .await
-    .map_err(|e| error!(error = %e, "the log writer task was lost"))
-    .ok()?;
-    writer = writer_back;
+/// Stage 2, on a blocking thread: commits each batch in one transaction and runs the sweep,
+/// in the sequencer's order. Ends when the sequencer is gone (after its last batch) or the
+/// deliverer is (the runtime is shutting down).
+fn write_log(
+    mut writer: LogWriter,
+    mut jobs: mpsc::Receiver<Job>,
+    committed: mpsc::Sender<Committed>,
+    parts: &SequencerParts,
+) {
+    while let Some(job) = jobs.blocking_recv() {
+        match job {
+            Job::Commit(Planned { ops, plans, drafts }) => {
+                let started = Instant::now();
+                let result = writer.commit(&drafts);
+                Metrics::observe(&parts.metrics.store_commit, started.elapsed());
+                let batch = Committed { ops, plans, result };
+                if committed.blocking_send(batch).is_err() {
+                    break;
+                }
+            }
+            Job::Sweep => match writer.sweep(|room| parts.presence.occupied(room)) {
+                Ok(0) => {}
+                Ok(forgotten) => debug!(forgotten, "empty rooms forgotten"),
+                Err(e) => error!(error = %e, "retention sweep failed"),
+            },
+        }
+    }
+    // The log is closed before the deliverer hears that nothing more comes.
+    drop(writer);
+    drop(committed);
+}
 
-    // Step 3: deliver and answer, in order.
+/// Stage 3: delivers and answers each committed batch, in order, then writes every touched
+/// connection once. Every batch committed while the last writes went out is taken together:
+/// a member of a busy room gets all of them in one system call. Says `finished` when the
+/// writer has stopped and everything is delivered.
+async fn deliverer(
+    mut committed: mpsc::Receiver<Committed>,
+    parts: Arc<SequencerParts>,
+    finished: oneshot::Sender<()>,
+) {
+    while let Some(first) = committed.recv().await {
+        let mut writes = Batch::default();
+        deliver_batch(first, &parts, &mut writes);
+        while let Ok(next) = committed.try_recv() {
+            deliver_batch(next, &parts, &mut writes);
+        }
+        writes.write();
+    }
+    let _ = finished.send(());
+}
+
+/// Queues what one committed batch delivers and answers, in request order, in `writes`.
+fn deliver_batch(batch: Committed, parts: &SequencerParts, writes: &mut Batch) {
+    let Committed { ops, plans, result } = batch;
     match result {
         Ok(written) => {
             parts.committed.notify_one();
-            // Every frame of the batch is queued first and each connection is written once:
-            // a member that gets several events (and its ack) gets them in one system call.
-            let mut writes = Batch::default();
             let mut written = written.into_iter();
-            for (op, plan) in batch.into_iter().zip(plans) {
-                finish(op, plan, &mut written, parts, &mut writes);
+            for (op, plan) in ops.into_iter().zip(plans) {
+                finish(op, plan, &mut written, parts, writes);
             }
-            writes.write();
         }
         Err(e) => {
             error!(error = %e, "group commit failed");
             let err = BrokerError::Unavailable("the store cannot take writes now; retry".into());
-            for (op, plan) in batch.into_iter().zip(plans) {
-                fail(op, plan, &err, parts).await;
+            for (op, plan) in ops.into_iter().zip(plans) {
+                fail(op, plan, &err, parts, writes);
             }
         }
     }
-    Some(writer)
 }
 
 async fn plan_join(req: &JoinRequest, parts: &SequencerParts, drafts: &mut Vec<Draft>) -> Plan {
@@ -475,7 +559,7 @@ fn finish(
     }
 }
 
-async fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
+fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts, writes: &mut Batch) {
     match (op, plan) {
         (Op::Join(req, reply), _) => {
             parts.presence.remove(&req.room, &req.user);
@@ -486,13 +570,13 @@ async fn fail(op: Op, plan: Plan, err: &BrokerError, parts: &SequencerParts) {
             parts.hub.remove(&req.room, req.conn);
             parts.metrics.memberships.dec();
             if let Some(outbound) = &req.outbound {
-                outbound.push(req.left_frame());
+                outbound.push_in(req.left_frame(), writes);
             }
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }
         }
-        (Op::Publish(req, reply), _) => reply.answer(&req, Err(err.clone()), None),
+        (Op::Publish(req, reply), _) => reply.answer(&req, Err(err.clone()), Some(writes)),
         (Op::Close(_), _) => {}
     }
 }

@@ -1,5 +1,5 @@
 //! The single-node durable log in SQLite (WAL mode). One [`LogWriter`] owns the write
-//! connection and is driven by the broker's sequencer: it assigns each room's next seq inside
+//! connection and is driven by the broker's log-writer thread: it assigns each room's next seq inside
 //! the transaction that stores the event, so seq order is commit order, and it writes every
 //! event that arrived together in one transaction (group commit). Readers use their own
 //! connections and never block the writer.
@@ -9,9 +9,17 @@
 //! that forgets empty rooms ([`LogWriter::sweep`]);
 //! `events(room, seq, ts_ms, user, client_id, frame)` holds the encoded frame of every retained
 //! event, so history is served without re-encoding.
+//!
+//! Checkpoints (copying the WAL back into the database file) run on a thread of their own with
+//! its own connection (`Checkpointer`), not in the writer's commits: in rooms of two each
+//! message dirties pages all over the file, and a checkpoint every 1,000 pages inside a commit
+//! (SQLite's default) made one commit in five take 50-400 ms on a busy disk, which stalled
+//! every room behind it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,8 +34,14 @@ use crate::policy::Policies;
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(#[from] rusqlite::Error);
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The checkpointer's thread could not start.
+    #[error("store: {0}")]
+    Thread(#[from] std::io::Error),
+}
 
 /// A room's head: its latest seq and the epoch of its log.
 #[derive(Debug, Clone)]
@@ -175,6 +189,61 @@ fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError>
     Ok(conn)
 }
 
+/// WAL frames past which the writer stops to checkpoint itself (a `RESTART` checkpoint, which
+/// finishes the copy and makes the next commit start the WAL over): 65,536 pages of 4 KiB,
+/// 256 MiB. A passive checkpoint that never quite catches up with a busy writer leaves the WAL
+/// growing; this bounds it.
+const MAX_WAL_FRAMES: u64 = 65_536;
+
+/// Events written between two wake-ups of the checkpointer: about as many WAL pages as SQLite's
+/// own automatic checkpoint waits for (1,000) when every event dirties its own page, and far
+/// fewer checkpoints (each one syncs the database file) when events share pages, as in one
+/// busy room.
+const CHECKPOINT_EVERY: usize = 1_000;
+
+/// After a checkpoint, SQLite truncates a WAL file larger than this (64 MiB).
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// Copies the WAL back into the database file, on its own thread and connection, after every
+/// [`CHECKPOINT_EVERY`] events and after each sweep (a `PASSIVE` checkpoint: it never blocks
+/// the writer or readers). Once
+/// everything is copied back, the writer's next transaction starts the WAL over. The thread
+/// ends when the writer is dropped.
+struct Checkpointer {
+    wake: SyncSender<()>,
+    /// Frames in the WAL, as of the last checkpoint.
+    frames: Arc<AtomicU64>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, synchronous: Synchronous) -> Result<Checkpointer, StoreError> {
+        let conn = open(path, synchronous)?;
+        let (wake, woken) = sync_channel::<()>(1);
+        let frames = Arc::new(AtomicU64::new(0));
+        let seen = frames.clone();
+        std::thread::Builder::new()
+            .name("parley-checkpoint".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    let result = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+                    match result {
+                        Ok(log) => seen.store(log.max(0) as u64, Ordering::Relaxed),
+                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                    }
+                }
+            })?;
+        Ok(Checkpointer { wake, frames })
+    }
+
+    /// Asks for a checkpoint (one that is already asked for covers this commit too).
+    fn wake(&self) {
+        match self.wake.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
+        }
+    }
+}
+
 /// Opens (creating when needed) the log at `path`: the writer for the sequencer and a pool of
 /// readers for history.
 pub fn open_log(
@@ -186,8 +255,18 @@ pub fn open_log(
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
+    // Checkpoints are the checkpointer's (see the module docs).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // The writer touches the last page of every busy room (in the log and in the client-id
+    // index): with thousands of small rooms that is tens of MiB, and a page that fell out of
+    // the cache is read back from the OS with a system call. 128 MiB, used only as the log grows.
+    conn.pragma_update(None, "cache_size", -131_072)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    let checkpointer = Checkpointer::start(path, synchronous)?;
     let writer = LogWriter {
         conn,
+        checkpointer,
+        unchecked: 0,
         heads: HashMap::new(),
         ttls: policies.ttls(),
         policies,
@@ -205,10 +284,13 @@ pub fn open_log(
     Ok((writer, reader))
 }
 
-/// The write side of the log. Not shared: the sequencer moves it into a blocking thread for
-/// each commit.
+/// The write side of the log. Not shared: the broker's log-writer thread owns it for the
+/// node's life.
 pub struct LogWriter {
     conn: Connection,
+    checkpointer: Checkpointer,
+    /// Events written since the checkpointer was last woken.
+    unchecked: usize,
     heads: HashMap<Arc<str>, RoomHead>,
     /// Each room's retention (`history_max_len`, `history_ttl_s`).
     policies: Arc<Policies>,
@@ -247,7 +329,26 @@ impl LogWriter {
             // The cached heads may include seqs of the rolled-back transaction.
             self.heads.clear();
         }
+        self.unchecked += drafts.len();
+        if self.unchecked >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
         result
+    }
+
+    /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
+    fn checkpoint(&mut self) {
+        self.unchecked = 0;
+        if self.checkpointer.frames.load(Ordering::Relaxed) > MAX_WAL_FRAMES {
+            match self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+            {
+                Ok(_) => self.checkpointer.frames.store(0, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+            }
+        }
+        self.checkpointer.wake();
     }
 
     fn commit_inner(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
@@ -383,6 +484,7 @@ impl LogWriter {
         let result = self.sweep_inner(occupied);
         // Forgotten rooms must not live on in the cache of heads (nor a rolled-back one).
         self.heads.clear();
+        self.checkpoint();
         result
     }
 
@@ -763,6 +865,55 @@ mod tests {
         expire(&conn, &policies, &ttls, 1_140_000, 1_151_000).unwrap();
         assert_eq!(kept("slow-1"), Vec::<u64>::new());
         assert_eq!(kept("other"), [1, 2]);
+    }
+
+    /// The writer never checkpoints (`wal_autocheckpoint = 0`); the checkpointer copies the WAL
+    /// back into the database file once [`CHECKPOINT_EVERY`] events are written, so the file
+    /// grows while the writer goes on.
+    #[test]
+    fn the_checkpointer_copies_the_wal_back() {
+        let dir = std::env::temp_dir().join(format!("parley-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.db");
+        let config = crate::config::Config::default();
+        let (mut writer, _) = open_log(
+            &path,
+            Synchronous::Normal,
+            &config.history,
+            Arc::new(Policies::from_config(&config).unwrap()),
+        )
+        .unwrap();
+        let auto: i64 = writer
+            .conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto, 0, "the writer leaves checkpoints to the checkpointer");
+        let before = std::fs::metadata(&path).unwrap().len();
+        let room: Arc<str> = "r".into();
+        let user: Arc<str> = "u".into();
+        for chunk in 0..CHECKPOINT_EVERY / 100 {
+            let drafts: Vec<Draft> = (0..100)
+                .map(|i| Draft::Message {
+                    room: room.clone(),
+                    user: user.clone(),
+                    name: user.clone(),
+                    content: format!("message {chunk}-{i} {}", "x".repeat(200)),
+                    client_id: Some(format!("c{chunk}-{i}")),
+                })
+                .collect();
+            writer.commit(&drafts).unwrap();
+        }
+        // The checkpointer works on its own thread: wait for the file to take the pages.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file never grew: no checkpoint ran"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(writer);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
