@@ -8,7 +8,7 @@
 //!
 //! [`Faults`]: switches the tests flip through `POST /_faults/{name}` (only with the cargo
 //! feature `fault-hooks`, which the server's own tests enable) to make a task panic or the
-//! heartbeat stop, as a crash or a SIGSTOP would.
+//! heartbeat stop, as a crash or a SIGSTOP would, or to hold a task at a racy moment.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,21 +69,58 @@ pub struct Faults {
     pub panic_room: AtomicBool,
     /// A subscriber panics on its next pub/sub message.
     pub panic_subscriber: AtomicBool,
+    /// A subscriber whose connection dropped stays away (does not resubscribe) while set.
+    pub hold_resubscribe: AtomicBool,
+    /// A room actor bringing its members up to a head waits for pub/sub while set, instead of
+    /// reading the stream after a moment.
+    pub hold_catch_up: AtomicBool,
+    /// The single-node log writer holds each retention sweep it takes while set (before the
+    /// sweep reads anything), saying so in `sweep_held`.
+    pub hold_sweep: AtomicBool,
+    /// Set while the log writer holds a sweep (read it with `GET /_faults/sweep-held`).
+    pub sweep_held: AtomicBool,
 }
 
 impl Faults {
-    /// Sets the switch `name` (`pause-heartbeat`, `panic-sequencer`, `panic-room`,
-    /// `panic-subscriber`); `false` for an unknown name.
-    pub fn set(&self, name: &str, on: bool) -> bool {
-        let switch = match name {
+    /// The switch called `name` (`pause-heartbeat`, `panic-sequencer`, `panic-room`,
+    /// `panic-subscriber`, `hold-resubscribe`, `hold-catch-up`, `hold-sweep`, `sweep-held`).
+    fn switch(&self, name: &str) -> Option<&AtomicBool> {
+        Some(match name {
             "pause-heartbeat" => &self.pause_heartbeat,
             "panic-sequencer" => &self.panic_sequencer,
             "panic-room" => &self.panic_room,
             "panic-subscriber" => &self.panic_subscriber,
-            _ => return false,
-        };
-        switch.store(on, Ordering::SeqCst);
-        true
+            "hold-resubscribe" => &self.hold_resubscribe,
+            "hold-catch-up" => &self.hold_catch_up,
+            "hold-sweep" => &self.hold_sweep,
+            "sweep-held" => &self.sweep_held,
+            _ => return None,
+        })
+    }
+
+    /// Sets the switch `name`; `false` for an unknown name.
+    pub fn set(&self, name: &str, on: bool) -> bool {
+        self.switch(name)
+            .map(|switch| switch.store(on, Ordering::SeqCst))
+            .is_some()
+    }
+
+    /// Reads the switch `name`; `None` for an unknown name.
+    pub fn get(&self, name: &str) -> Option<bool> {
+        self.switch(name)
+            .map(|switch| switch.load(Ordering::SeqCst))
+    }
+
+    /// While `hold` is on, waits (a blocking thread's fault hook), with `held` set meanwhile.
+    pub fn hold(hold: &AtomicBool, held: &AtomicBool) {
+        if !Faults::on(hold) {
+            return;
+        }
+        held.store(true, Ordering::SeqCst);
+        while Faults::on(hold) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        held.store(false, Ordering::SeqCst);
     }
 
     /// Whether `switch` is on (always `false` without the `fault-hooks` feature).

@@ -20,6 +20,7 @@
 //! `joined.seq`, an ack always follows the commit, and one connection's requests are answered
 //! in the order they were sent.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,11 @@ const QUEUE_DEPTH: usize = 65_536;
 
 /// Committed batches waiting for the deliverer; past this, the writer waits.
 const COMMITTED_DEPTH: usize = 64;
+
+/// Most committed batches the deliverer queues before it writes the sockets: a writer that
+/// refills the channel as fast as the deliverer empties it must not hold every write back
+/// (members' queues would fill and close with 4009 while their sockets are writable).
+const BATCHES_PER_WRITE: usize = COMMITTED_DEPTH;
 
 enum Op {
     Join(JoinRequest, oneshot::Sender<Result<(), BrokerError>>),
@@ -215,8 +221,12 @@ struct Planned {
 /// Work for the log writer, in the sequencer's order.
 enum Job {
     Commit(Planned),
-    /// The retention sweep that needs no traffic (empty rooms), between two batches.
-    Sweep,
+    /// The retention sweep that needs no traffic (empty rooms), between two batches, with
+    /// the rooms that had members when it was queued: presence runs ahead of the log (batches
+    /// planned after the sweep are not committed yet), so the sweep must not read it live: a
+    /// room whose last members' leaves are planned behind it would look empty and be
+    /// forgotten before those leaves are stored under a new epoch.
+    Sweep(HashSet<Arc<str>>),
 }
 
 /// A batch after its commit, for the deliverer.
@@ -245,7 +255,8 @@ async fn sequencer(
         let first = tokio::select! {
             op = rx.recv() => op,
             _ = sweep.tick() => {
-                if jobs.send(Job::Sweep).await.is_err() {
+                let occupied = parts.presence.occupied_rooms();
+                if jobs.send(Job::Sweep(occupied)).await.is_err() {
                     return;
                 }
                 continue;
@@ -367,11 +378,14 @@ fn write_log(
                     break;
                 }
             }
-            Job::Sweep => match writer.sweep(|room| parts.presence.occupied(room)) {
-                Ok(0) => {}
-                Ok(forgotten) => debug!(forgotten, "empty rooms forgotten"),
-                Err(e) => error!(error = %e, "retention sweep failed"),
-            },
+            Job::Sweep(occupied) => {
+                Faults::hold(&parts.faults.hold_sweep, &parts.faults.sweep_held);
+                match writer.sweep(|room| occupied.contains(room)) {
+                    Ok(0) => {}
+                    Ok(forgotten) => debug!(forgotten, "empty rooms forgotten"),
+                    Err(e) => error!(error = %e, "retention sweep failed"),
+                }
+            }
         }
     }
     // The log is closed before the deliverer hears that nothing more comes.
@@ -391,7 +405,10 @@ async fn deliverer(
     while let Some(first) = committed.recv().await {
         let mut writes = Batch::default();
         deliver_batch(first, &parts, &mut writes);
-        while let Ok(next) = committed.try_recv() {
+        for _ in 1..BATCHES_PER_WRITE {
+            let Ok(next) = committed.try_recv() else {
+                break;
+            };
             deliver_batch(next, &parts, &mut writes);
         }
         writes.write();

@@ -23,7 +23,7 @@
 //!
 //! Keys of a shard: `parley:rooms` (every room it has seen), `parley:nodes` (every node that
 //! has had members there), `parley:run` (the Redis run id its data was last written under),
-//! `parley:durable` (run ids a node found durable), `parley:gen` (the data-loss generation), `parley:node:<node>:alive` (the node's heartbeat),
+//! `parley:durable` (run ids a node found durable), `parley:gen` (the data-loss generation), `parley:events` (events stored on the shard), `parley:node:<node>:alive` (the node's heartbeat),
 //! `parley:node:<node>:rooms` (rooms where the node has presence entries),
 //! `parley:node:<node>:reaper` (the lock of the survivor reaping a dead node).
 
@@ -105,6 +105,10 @@ pub const DURABLE: &str = "parley:durable";
 /// durable, so every room's epoch is renewed.
 pub const GEN: &str = "parley:gen";
 
+/// How many events the shard has stored, all rooms together: nodes remember the most they
+/// saw, and a shard that answers with fewer lost some (an older snapshot restored).
+pub const EVENTS: &str = "parley:events";
+
 /// Every room a shard has seen.
 pub const ROOMS: &str = "parley:rooms";
 
@@ -158,6 +162,7 @@ impl ScriptKeys {
                 ("durable", DURABLE.to_owned()),
                 ("gen", GEN.to_owned()),
                 ("active", active(room_name)),
+                ("events", EVENTS.to_owned()),
             ],
         }
     }

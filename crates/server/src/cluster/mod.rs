@@ -5,6 +5,7 @@
 pub mod keys;
 pub mod script;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -23,6 +24,22 @@ pub struct Shard {
     pub client: Client,
     /// Multiplexed, reconnecting connection for commands and scripts.
     pub conn: ConnectionManager,
+    /// The most events this node has seen the shard hold stored (`keys::EVENTS`, in every
+    /// script's reply and the heartbeat's): a shard that answers with fewer lost some, and
+    /// the scripts renew its rooms' epochs (see `lua/lib.lua`).
+    pub events_seen: AtomicU64,
+}
+
+impl Shard {
+    /// Records that the shard held `events` stored events.
+    pub fn saw_events(&self, events: u64) {
+        self.events_seen.fetch_max(events, Ordering::AcqRel);
+    }
+
+    /// The most events the shard was seen to hold.
+    pub fn events_seen(&self) -> u64 {
+        self.events_seen.load(Ordering::Acquire)
+    }
 }
 
 /// Every configured Redis server; rooms are spread over them by a stable hash of the name.
@@ -50,6 +67,7 @@ impl Shards {
                 index,
                 client,
                 conn,
+                events_seen: AtomicU64::new(0),
             });
         }
         anyhow::ensure!(!shards.is_empty(), "no redis URL");

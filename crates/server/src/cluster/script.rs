@@ -8,20 +8,27 @@
 //! mismatch); a reply is an array in the field order of the reply struct. A unit test below
 //! compares the name lists of both sides; `tests/cluster_scripts.rs` runs every op against a
 //! real `redis-server` through these structs and checks every reply field.
+//!
+//! Every script also takes, as its last `ARGV`, the most events this node has seen the shard
+//! hold, and answers `{reply, events now}` (the op file runs as a function): the shard's
+//! [`Shard::saw_events`] keeps the count, and `lua/lib.lua` renews the epochs of a shard that
+//! comes back with fewer.
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, RedisResult, Script, Value};
 
 use super::keys::ScriptKeys;
+use super::Shard;
 
 macro_rules! op_script {
     ($file:literal) => {
         LazyLock::new(|| {
             Script::new(concat!(
                 include_str!("lua/lib.lua"),
-                include_str!(concat!("lua/", $file, ".lua"))
+                "local function op()\n",
+                include_str!(concat!("lua/", $file, ".lua")),
+                "\nend\nreturn {op(), redis.call('GET', K.events) or '0'}\n"
             ))
         })
     };
@@ -423,7 +430,7 @@ fn is_noscript(value: &Value) -> bool {
     matches!(value, Value::ServerError(e) if e.code() == "NOSCRIPT")
 }
 
-fn pipeline<O: Op>(ops: &[&O]) -> redis::Pipeline {
+fn pipeline<O: Op>(ops: &[&O], events_seen: u64) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for op in ops {
@@ -438,8 +445,16 @@ fn pipeline<O: Op>(ops: &[&O]) -> redis::Pipeline {
         for (_, value) in op.args() {
             cmd.arg(value);
         }
+        cmd.arg(events_seen);
     }
     pipe
+}
+
+/// `{reply, events}`: records the shard's event count, reads the op's reply.
+fn read_reply<O: Op>(shard: &Shard, value: Value) -> RedisResult<O::Reply> {
+    let (reply, events): (Value, u64) = FromRedisValue::from_redis_value(value)?;
+    shard.saw_events(events);
+    O::reply(reply)
 }
 
 /// Runs `ops` in one pipeline (EVALSHA; on NOSCRIPT the script is loaded and those ops run
@@ -447,18 +462,22 @@ fn pipeline<O: Op>(ops: &[&O]) -> redis::Pipeline {
 /// script's error text for an op that failed on its own; the outer `Err` when the pipeline
 /// did not go through at all.
 pub async fn run_batch<O: Op>(
-    conn: &ConnectionManager,
+    shard: &Shard,
     ops: &[&O],
 ) -> RedisResult<Vec<Result<O::Reply, String>>> {
-    let mut conn = conn.clone();
-    let mut values: Vec<Value> = pipeline(ops).query_async(&mut conn).await?;
+    let mut conn = shard.conn.clone();
+    let mut values: Vec<Value> = pipeline(ops, shard.events_seen())
+        .query_async(&mut conn)
+        .await?;
     let retry: Vec<usize> = (0..values.len())
         .filter(|&i| is_noscript(&values[i]))
         .collect();
     if let Some(&first) = retry.first() {
         ops[first].script().load_async(&mut conn).await?;
         let again: Vec<&O> = retry.iter().map(|&i| ops[i]).collect();
-        let fresh: Vec<Value> = pipeline(&again).query_async(&mut conn).await?;
+        let fresh: Vec<Value> = pipeline(&again, shard.events_seen())
+            .query_async(&mut conn)
+            .await?;
         for (i, v) in retry.into_iter().zip(fresh) {
             values[i] = v;
         }
@@ -467,14 +486,14 @@ pub async fn run_batch<O: Op>(
         .into_iter()
         .map(|value| match value {
             Value::ServerError(e) => Err(e.details().unwrap_or(e.code()).to_owned()),
-            value => O::reply(value).map_err(|e| e.to_string()),
+            value => read_reply::<O>(shard, value).map_err(|e| e.to_string()),
         })
         .collect())
 }
 
 /// Runs one op. The outer `Err` is the connection's; the inner the script's.
-pub async fn run<O: Op>(conn: &ConnectionManager, op: &O) -> RedisResult<Result<O::Reply, String>> {
-    let mut replies = run_batch(conn, &[op]).await?;
+pub async fn run<O: Op>(shard: &Shard, op: &O) -> RedisResult<Result<O::Reply, String>> {
+    let mut replies = run_batch(shard, &[op]).await?;
     Ok(replies.pop().unwrap_or_else(|| Err("no reply".to_owned())))
 }
 

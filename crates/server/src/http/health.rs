@@ -30,6 +30,19 @@ pub(super) async fn readyz(State(app): State<App>) -> impl IntoResponse {
     }
 }
 
+/// `GET /_faults/{name}`: reads a test-only fault switch (`{"on": bool}`; feature
+/// `fault-hooks`).
+#[cfg(feature = "fault-hooks")]
+pub(super) async fn fault_state(
+    State(app): State<App>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> axum::response::Response {
+    match app.faults.get(&name) {
+        Some(on) => Json(json!({ "on": on })).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 /// `POST /_faults/{name}?on=true|false`: flips a test-only fault switch (feature
 /// `fault-hooks`).
 #[cfg(feature = "fault-hooks")]

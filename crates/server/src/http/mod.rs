@@ -21,7 +21,10 @@ use crate::App;
 pub fn router(app: App) -> Router {
     let router = Router::new();
     #[cfg(feature = "fault-hooks")]
-    let router = router.route("/_faults/{name}", axum::routing::post(health::fault));
+    let router = router.route(
+        "/_faults/{name}",
+        axum::routing::post(health::fault).get(health::fault_state),
+    );
     router
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))

@@ -1,6 +1,6 @@
 //! Single-node presence: connection counts per user per room, in memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -32,9 +32,14 @@ impl MemoryPresence {
         }
     }
 
-    /// Whether `room` has anyone in it.
-    pub fn occupied(&self, room: &str) -> bool {
-        self.rooms.lock().expect("presence lock").contains_key(room)
+    /// Every room that has anyone in it, as of now.
+    pub fn occupied_rooms(&self) -> HashSet<Arc<str>> {
+        self.rooms
+            .lock()
+            .expect("presence lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// One connection of `user` fewer in `room`; `transition` when it was the user's last.

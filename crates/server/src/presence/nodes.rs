@@ -96,8 +96,9 @@ impl Nodes {
                 let mut conn = shard.conn.clone();
                 // GET: whether the key was still there. If it had expired (this process was
                 // paused, e.g. SIGSTOP, or starved past the ttl while Redis answered),
-                // survivors may have reaped this node: its entries are rewritten below.
-                let r: redis::RedisResult<(Option<String>,)> = redis::pipe()
+                // survivors may have reaped this node: its entries are rewritten below. And the
+                // shard's event count, which the scripts check (see `Shard::events_seen`).
+                let r: redis::RedisResult<(Option<String>, Option<u64>)> = redis::pipe()
                     .cmd("SET")
                     .arg(&key)
                     .arg(1)
@@ -108,8 +109,13 @@ impl Nodes {
                     .arg(keys::NODES)
                     .arg(&self.node)
                     .ignore()
+                    .cmd("GET")
+                    .arg(keys::EVENTS)
                     .query_async(&mut conn)
                     .await;
+                if let Ok((_, Some(events))) = r {
+                    shard.saw_events(events);
+                }
                 match r {
                     Err(e) => {
                         debug!(shard = shard.index, error = %e, "heartbeat failed");
@@ -119,7 +125,7 @@ impl Nodes {
                         self.dirty[index].store(true, Ordering::Release);
                         continue;
                     }
-                    Ok((None,)) if up_since[index].is_some() => {
+                    Ok((None, _)) if up_since[index].is_some() => {
                         warn!(
                             shard = shard.index,
                             "this node's heartbeat had expired (was it paused?); repairing its presence"
@@ -163,8 +169,8 @@ impl Nodes {
     /// Finds nodes on a shard whose heartbeat key expired and, under a lock only one survivor
     /// gets, removes their presence entries and announces the leaves they leave behind.
     async fn reap_dead(&self, shard: usize) -> redis::RedisResult<()> {
-        let manager = &self.shards.shards[shard].conn;
-        let mut conn = manager.clone();
+        let manager = &self.shards.shards[shard];
+        let mut conn = manager.conn.clone();
         let nodes: Vec<String> = redis::cmd("SMEMBERS")
             .arg(keys::NODES)
             .query_async(&mut conn)

@@ -344,7 +344,10 @@ impl LogWriter {
                 .conn
                 .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
             {
-                Ok(_) => self.checkpointer.frames.store(0, Ordering::Relaxed),
+                // The first column is 1 when the checkpoint could not finish (a reader, or
+                // the checkpointer's own PASSIVE pass, held it): the WAL is still long.
+                Ok(0) => self.checkpointer.frames.store(0, Ordering::Relaxed),
+                Ok(_) => tracing::warn!("WAL checkpoint busy; retried after the next commits"),
                 Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
             }
         }

@@ -11,7 +11,7 @@ use parley::cluster::script::{
     self, Announced, Join, JoinReply, Leave, LeaveReply, Msg, MsgOutcome, MsgReply, Reap, Sweep,
     Sync, Trim,
 };
-use parley::cluster::Shards;
+use parley::cluster::{Shard, Shards};
 use redis::aio::ConnectionManager;
 use redis_server::RedisServer;
 
@@ -72,8 +72,8 @@ fn msg<'a>(room: &'a str, user: &'a str, id: &'a str, content: &'a str) -> Msg<'
     }
 }
 
-async fn run<O: script::Op>(conn: &ConnectionManager, op: &O) -> O::Reply {
-    script::run(conn, op).await.unwrap().unwrap()
+async fn run<O: script::Op>(shard: &Shard, op: &O) -> O::Reply {
+    script::run(shard, op).await.unwrap().unwrap()
 }
 
 async fn cmd<T: redis::FromRedisValue>(conn: &ConnectionManager, args: &[&str]) -> T {
@@ -89,10 +89,11 @@ async fn cmd<T: redis::FromRedisValue>(conn: &ConnectionManager, args: &[&str]) 
 async fn every_op_through_its_typed_structs() {
     let redis = RedisServer::start();
     let shards = Shards::open(&[redis.url()]).unwrap();
-    let conn = &shards.shards[0].conn;
+    let shard = &shards.shards[0];
+    let conn = &shard.conn;
 
     // join: a new room gets its epoch; the join event is seq 1 and in the history.
-    let reply = run(conn, &join("r", "alice", NODE, 10)).await;
+    let reply = run(shard, &join("r", "alice", NODE, 10)).await;
     assert_eq!(
         reply,
         JoinReply {
@@ -108,7 +109,7 @@ async fn every_op_through_its_typed_structs() {
     );
 
     // msg: stored, then a duplicate, then a conflict (nothing stored).
-    let stored = run(conn, &msg("r", "alice", "c-1", "hello")).await;
+    let stored = run(shard, &msg("r", "alice", "c-1", "hello")).await;
     assert_eq!(
         stored,
         MsgReply {
@@ -122,7 +123,7 @@ async fn every_op_through_its_typed_structs() {
         ttl > DEDUP_WINDOW.as_secs() as i64 - 5 && ttl <= DEDUP_WINDOW.as_secs() as i64,
         "the dedup key lives DEDUP_WINDOW: {ttl}"
     );
-    let dup = run(conn, &msg("r", "alice", "c-1", "hello")).await;
+    let dup = run(shard, &msg("r", "alice", "c-1", "hello")).await;
     assert_eq!(
         dup,
         MsgReply {
@@ -131,7 +132,7 @@ async fn every_op_through_its_typed_structs() {
             outcome: MsgOutcome::Duplicate
         }
     );
-    let conflict = run(conn, &msg("r", "alice", "c-1", "other")).await;
+    let conflict = run(shard, &msg("r", "alice", "c-1", "other")).await;
     assert_eq!(
         conflict,
         MsgReply {
@@ -142,13 +143,13 @@ async fn every_op_through_its_typed_structs() {
     );
     let len: u64 = cmd(conn, &["XLEN", &keys::log("r")]).await;
     assert_eq!(len, 2, "neither resend stored anything");
-    let no_id = run(conn, &msg("r", "alice", "", "again")).await;
+    let no_id = run(shard, &msg("r", "alice", "", "again")).await;
     assert_eq!((no_id.seq, no_id.outcome), (3, MsgOutcome::Stored));
 
     // join with since: recovered, the events after it; a second tab is not announced.
     let mut op = join("r", "alice", "node-2", 10);
     op.since = Some((1, "ep0"));
-    let reply = run(conn, &op).await;
+    let reply = run(shard, &op).await;
     assert_eq!(
         reply,
         JoinReply {
@@ -169,13 +170,13 @@ async fn every_op_through_its_typed_structs() {
     op.since = Some((0, "another"));
     op.max_replay = 1;
     op.on_join = 1;
-    let reply = run(conn, &op).await;
+    let reply = run(shard, &op).await;
     assert_eq!(reply.recovered, Some(false), "another epoch");
     assert_eq!(reply.history, vec!["{\"tag\":\"join bob\",\"seq\":4}"]);
     assert_eq!((reply.head, reply.people, reply.announced), (4, 2, true));
 
     // leave: one of alice's two tabs is no event; bob's last is.
-    let reply = run(conn, &leave("r", "alice", "node-2", 10)).await;
+    let reply = run(shard, &leave("r", "alice", "node-2", 10)).await;
     assert_eq!(
         reply,
         LeaveReply {
@@ -183,7 +184,7 @@ async fn every_op_through_its_typed_structs() {
             head: 4
         }
     );
-    let reply = run(conn, &leave("r", "bob", NODE, 10)).await;
+    let reply = run(shard, &leave("r", "bob", NODE, 10)).await;
     assert_eq!(
         reply,
         LeaveReply {
@@ -211,13 +212,16 @@ async fn every_op_through_its_typed_structs() {
             ttl_s: 0,
         }
     };
-    assert_eq!(run(conn, &sync("node-2", 2)).await, Announced { seq: None });
-    assert_eq!(run(conn, &sync(NODE, 0)).await, Announced { seq: None });
     assert_eq!(
-        run(conn, &sync("node-2", 0)).await,
+        run(shard, &sync("node-2", 2)).await,
+        Announced { seq: None }
+    );
+    assert_eq!(run(shard, &sync(NODE, 0)).await, Announced { seq: None });
+    assert_eq!(
+        run(shard, &sync("node-2", 0)).await,
         Announced { seq: Some(6) }
     );
-    assert_eq!(run(conn, &sync(NODE, 1)).await, Announced { seq: Some(7) });
+    assert_eq!(run(shard, &sync(NODE, 1)).await, Announced { seq: Some(7) });
 
     // reap: a dead node's connections of a user go, announcing the leave.
     let (prefix, suffix) = parts("reaped");
@@ -232,9 +236,9 @@ async fn every_op_through_its_typed_structs() {
         max_len: 1000,
         ttl_s: 0,
     };
-    assert_eq!(run(conn, &reap).await, Announced { seq: Some(8) });
+    assert_eq!(run(shard, &reap).await, Announced { seq: Some(8) });
     assert_eq!(
-        run(conn, &reap).await,
+        run(shard, &reap).await,
         Announced { seq: None },
         "nothing left"
     );
@@ -243,7 +247,7 @@ async fn every_op_through_its_typed_structs() {
 
     // trim: with no age limit it keeps everything.
     run(
-        conn,
+        shard,
         &Trim {
             room: "r",
             node: NODE,
@@ -265,16 +269,16 @@ async fn every_op_through_its_typed_structs() {
     // A message is an event whose frame is a `message` (the encoder writes `type` first).
     let mut message = msg("m", "alice", "", "hello");
     message.prefix = "{\"type\":\"message\",\"seq\":".to_owned();
-    run(conn, &message).await;
-    assert!(!run(conn, &sweep("m")).await, "m holds a message");
+    run(shard, &message).await;
+    assert!(!run(shard, &sweep("m")).await, "m holds a message");
     assert!(
-        run(conn, &sweep("r")).await,
+        run(shard, &sweep("r")).await,
         "r holds join/leave events and test frames only"
     );
-    run(conn, &join("e", "alice", NODE, 10)).await;
-    assert!(!run(conn, &sweep("e")).await, "alice is in e");
-    run(conn, &leave("e", "alice", NODE, 10)).await;
-    assert!(run(conn, &sweep("e")).await, "e is empty");
+    run(shard, &join("e", "alice", NODE, 10)).await;
+    assert!(!run(shard, &sweep("e")).await, "alice is in e");
+    run(shard, &leave("e", "alice", NODE, 10)).await;
+    assert!(run(shard, &sweep("e")).await, "e is empty");
     for key in [
         keys::seq("e"),
         keys::epoch("e"),
@@ -286,7 +290,7 @@ async fn every_op_through_its_typed_structs() {
     }
     let member: u64 = cmd(conn, &["SISMEMBER", keys::ROOMS, "e"]).await;
     assert_eq!(member, 0);
-    assert!(!run(conn, &sweep("e")).await, "already forgotten");
+    assert!(!run(shard, &sweep("e")).await, "already forgotten");
     let exists: u64 = cmd(conn, &["EXISTS", &keys::active("e")]).await;
     assert_eq!(exists, 0, "a repeated sweep leaves nothing behind");
     let member: u64 = cmd(conn, &["SISMEMBER", keys::ROOMS, "m"]).await;
@@ -299,7 +303,7 @@ async fn every_op_through_its_typed_structs() {
 async fn the_lua_announce_rule_matches_announce() {
     let redis = RedisServer::start();
     let shards = Shards::open(&[redis.url()]).unwrap();
-    let conn = &shards.shards[0].conn;
+    let shard = &shards.shards[0];
     for (i, &(transition, joined, users_after, announce_max, want)) in
         ANNOUNCE_CASES.iter().enumerate()
     {
@@ -316,17 +320,17 @@ async fn the_lua_announce_rule_matches_announce() {
             (false, false) => (users_after - 1, 2),
         };
         for o in 0..others {
-            run(conn, &join(&room, &format!("other-{o}"), NODE, 1000)).await;
+            run(shard, &join(&room, &format!("other-{o}"), NODE, 1000)).await;
         }
         for _ in 0..subject_tabs {
-            run(conn, &join(&room, "subject", NODE, 1000)).await;
+            run(shard, &join(&room, "subject", NODE, 1000)).await;
         }
         let announced = if joined {
-            let reply = run(conn, &join(&room, "subject", NODE, announce_max)).await;
+            let reply = run(shard, &join(&room, "subject", NODE, announce_max)).await;
             assert_eq!(reply.people, users_after, "case {i}");
             reply.announced
         } else {
-            run(conn, &leave(&room, "subject", NODE, announce_max))
+            run(shard, &leave(&room, "subject", NODE, announce_max))
                 .await
                 .leave_seq
                 .is_some()

@@ -44,7 +44,7 @@ impl Writer {
                     epoch_candidate: "e".into(),
                     presence_ttl_ms: 10_000,
                 };
-                let reply = script::run(&shards.for_room(room).conn, &op)
+                let reply = script::run(shards.for_room(room), &op)
                     .await
                     .unwrap()
                     .unwrap();
@@ -68,7 +68,7 @@ impl Writer {
                     max_len: 100,
                     ttl_s: 0,
                 };
-                let reply = script::run(&shards.for_room(room).conn, &op)
+                let reply = script::run(shards.for_room(room), &op)
                     .await
                     .unwrap()
                     .unwrap();

@@ -853,3 +853,87 @@ async fn dropped_connection_releases_presence() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// The empty-room sweep runs in the log writer's order, behind batches the sequencer planned
+/// before it and ahead of those planned after; presence runs ahead of the log. A sweep queued
+/// while two members were in a message-less room, run after both had left (their leaves
+/// planned but not yet stored), used to read presence live, find the room empty and forget
+/// it: the leaves were then stored as seqs 1 and 2 of a new epoch, and bob, still a member,
+/// was shown alice's leave as seq 1 after the join he saw as seq 2. The sweep now sees the
+/// rooms that had members when it was queued.
+#[tokio::test]
+async fn a_sweep_queued_before_the_last_leaves_keeps_the_room() {
+    const KEY: &str = "sweep-key";
+    let server = TestServer::builder()
+        .set("api.key", KEY)
+        .set("history.empty_room_ttl_s", 1)
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let switch = |name: &str, on: bool| {
+        http.post(server.http_url(&format!("/_faults/{name}?on={on}")))
+            .send()
+    };
+    let held = || async {
+        let body: Value = http
+            .get(server.http_url("/_faults/sweep-held"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["on"] == true
+    };
+    let users = || async {
+        let body: Value = http
+            .get(server.http_url("/api/rooms/quiet/users"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["users"].as_array().unwrap().len()
+    };
+    let mut alice = server.user("alice").await;
+    let mut bob = server.user("bob").await;
+    let epoch = alice.join("quiet").await["epoch"].clone();
+    let joined = bob.join("quiet").await;
+    assert_eq!(seq(&joined), 2);
+    assert_eq!(joined["epoch"], epoch);
+
+    // Hold the next sweep in the writer; it was queued with both members present.
+    assert_eq!(switch("hold-sweep", true).await.unwrap().status(), 204);
+    while !held().await {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Both leave; their leaves are planned (presence is empty) but wait behind the sweep.
+    alice.send(json!({"type": "leave", "room": "quiet"})).await;
+    while users().await != 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bob.send(json!({"type": "leave", "room": "quiet"})).await;
+    while users().await != 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the room's last activity age past empty_room_ttl_s before the sweep reads it.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(switch("hold-sweep", false).await.unwrap().status(), 204);
+
+    let gone = bob.skip_until("system").await;
+    assert_eq!(gone["event"], "leave", "{gone}");
+    assert_eq!(gone["user"], "alice", "{gone}");
+    assert_eq!(
+        seq(&gone),
+        3,
+        "alice's leave follows the joins bob saw, in the same epoch: {gone}"
+    );
+    bob.skip_until("left").await;
+    alice.skip_until("left").await;
+    let mut carol = server.user("carol").await;
+    let rejoined = carol.join("quiet").await;
+    assert_eq!(seq(&rejoined), 5, "{rejoined}");
+    assert_eq!(rejoined["epoch"], epoch, "{rejoined}");
+}

@@ -197,8 +197,8 @@ impl Inner {
     /// One sweep pass over a shard's rooms (SSCAN, then the script on each page of them);
     /// returns how many rooms were forgotten.
     async fn sweep(&self, shard: usize, empty_ttl_s: u64) -> redis::RedisResult<usize> {
-        let conn = &self.shards.shards[shard].conn;
-        let mut scan = conn.clone();
+        let shard = &self.shards.shards[shard];
+        let mut scan = shard.conn.clone();
         let mut cursor: u64 = 0;
         let mut forgotten = 0;
         loop {
@@ -219,7 +219,7 @@ impl Inner {
                 .collect();
             if !ops.is_empty() {
                 let refs: Vec<&Sweep<'_>> = ops.iter().collect();
-                let replies = script::run_batch(conn, &refs).await?;
+                let replies = script::run_batch(shard, &refs).await?;
                 forgotten += replies.into_iter().filter(|r| r == &Ok(true)).count();
             }
             cursor = next;
@@ -347,7 +347,7 @@ impl Broker for RedisBroker {
             // Nothing is below seq 1 (and `(0-0` is no valid exclusive bound).
             return Ok(Page::default());
         }
-        let shard = &self.inner.shards.for_room(room).conn;
+        let shard = self.inner.shards.for_room(room);
         let ttl_s = self.inner.parts.policies.for_room(room).history_ttl_s;
         if ttl_s > 0 {
             // Events older than the room's history_ttl_s are gone for readers too, however idle the room.
@@ -358,7 +358,7 @@ impl Broker for RedisBroker {
             };
             script_outcome(script::run(shard, &trim).await)?;
         }
-        let mut conn = shard.clone();
+        let mut conn = shard.conn.clone();
         let log = keys::log(room);
         let take = query.limit as usize + 1;
         // Stream ids are `<seq>-0`; clamp client bounds so the ids stay valid.

@@ -9,9 +9,11 @@
 //! A join subscribes first, then runs the script (presence, the join event, head and history
 //! in one atomic step), catches the local members up to that head, then queues `joined` and
 //! registers the member, so it receives exactly the seqs after `joined.seq`. A leave catches
-//! up to just before its own leave event, then removes the member and queues `left`.
+//! up to just before its own leave event, then removes the member and queues `left`. A
+//! catch-up never goes past its target: an event beyond it, or a resync (pub/sub came back
+//! and Redis may be further on), is held back and handled right after the join or leave.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +85,7 @@ pub(super) fn spawn(inner: Arc<Inner>, room: Arc<str>) -> RoomHandle {
         cmds: cmd_rx,
         events: ev_rx,
         pending: None,
+        held: VecDeque::new(),
         policy,
         epoch: String::new(),
         subscribed: false,
@@ -112,6 +115,9 @@ struct RoomActor {
     events: mpsc::UnboundedReceiver<RoomEvent>,
     /// A command taken from the queue while gathering publishes, to run next.
     pending: Option<RoomCmd>,
+    /// Events a catch-up took from the queue but could not handle without passing its target,
+    /// to handle next, before the queue.
+    held: VecDeque<RoomEvent>,
     /// The room's policy: its retention, announcements and member list.
     policy: RoomPolicy,
     /// The epoch the members' stream belongs to; meaningful only while there are members.
@@ -136,6 +142,8 @@ impl RoomActor {
         loop {
             if let Some(cmd) = self.pending.take() {
                 self.command(cmd).await;
+            } else if let Some(ev) = self.held.pop_front() {
+                self.room_event(ev).await;
             } else {
                 tokio::select! {
                     biased;
@@ -144,22 +152,7 @@ impl RoomActor {
                         None => break,
                     },
                     ev = self.events.recv() => match ev {
-                        Some(RoomEvent::Event(event)) => {
-                            self.on_event(event).await;
-                            // Whatever else has arrived goes out with it, one write per
-                            // member: the busier the room, the more events per system call.
-                            while let Ok(next) = self.events.try_recv() {
-                                match next {
-                                    RoomEvent::Event(event) => self.on_event(event).await,
-                                    RoomEvent::Resync => {
-                                        self.write();
-                                        self.resync().await;
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        Some(RoomEvent::Resync) => self.resync().await,
+                        Some(ev) => self.room_event(ev).await,
                         None => break,
                     },
                     _ = self.inner.stop.cancelled() => break,
@@ -176,6 +169,32 @@ impl RoomActor {
             .lock()
             .expect("rooms lock")
             .remove(&self.room);
+    }
+
+    /// Handles an event from pub/sub (or held back by a catch-up), and whatever else has
+    /// arrived with it: one write per member, so the busier the room, the more events per
+    /// system call.
+    async fn room_event(&mut self, ev: RoomEvent) {
+        match ev {
+            RoomEvent::Event(event) => {
+                self.on_event(event).await;
+                while let Some(next) = self
+                    .held
+                    .pop_front()
+                    .or_else(|| self.events.try_recv().ok())
+                {
+                    match next {
+                        RoomEvent::Event(event) => self.on_event(event).await,
+                        RoomEvent::Resync => {
+                            self.write();
+                            self.resync().await;
+                            break;
+                        }
+                    }
+                }
+            }
+            RoomEvent::Resync => self.resync().await,
+        }
     }
 
     /// Leaves the map if no command is waiting; `false` when one is (go on serving).
@@ -250,7 +269,8 @@ impl RoomActor {
     /// Stores a run of messages in one pipeline, in order, and answers each: the ack (or the
     /// error) is queued once Redis has stored it. Delivery follows through pub/sub.
     async fn publish(&mut self, batch: Vec<Publish>) {
-        let parts = &self.inner.parts;
+        let inner = self.inner.clone();
+        let parts = &inner.parts;
         let policy = self.policy;
         let ts = cluster::now_ts();
         let ops: Vec<Msg> = batch
@@ -286,11 +306,25 @@ impl RoomActor {
             .collect();
         let refs: Vec<&Msg> = ops.iter().collect();
         let started = Instant::now();
-        let conn = &self.inner.shards.for_room(&self.room).conn;
-        let result = script::run_batch(conn, &refs).await;
+        let shard = self.inner.shards.for_room(&self.room);
+        let result = script::run_batch(shard, &refs).await;
         Metrics::observe(&parts.metrics.store_commit, started.elapsed());
         drop(refs);
         drop(ops);
+        // Stored in the room's new epoch (Redis came back with less) while the members here
+        // are in the old one, where that seq may name another event: they are closed with 4009
+        // before any answer (an ack to a closed connection is dropped), resume in the new epoch
+        // and resend, acked then as duplicates.
+        let other_epoch = self.next().is_some()
+            && result.as_ref().is_ok_and(|replies| {
+                replies.iter().any(|r| {
+                    r.as_ref()
+                        .is_ok_and(|r| r.outcome != MsgOutcome::Conflict && r.epoch != self.epoch)
+                })
+            });
+        if other_epoch {
+            self.evict("the room's log was replaced");
+        }
         let outcomes: Vec<Result<Posted, BrokerError>> = match result {
             Ok(replies) => replies
                 .into_iter()
@@ -349,8 +383,8 @@ impl RoomActor {
             epoch_candidate: cluster::new_epoch(),
             presence_ttl_ms: parts.presence_ttl.as_millis() as u64,
         };
-        let conn = &self.inner.shards.for_room(&self.room).conn;
-        let reply = script_outcome(script::run(conn, &op).await);
+        let shard = self.inner.shards.for_room(&self.room);
+        let reply = script_outcome(script::run(shard, &op).await);
         // The script may have run even though its answer was lost.
         let JoinReply {
             head,
@@ -420,8 +454,8 @@ impl RoomActor {
             max_len: policy.history_max_len,
             ttl_s: policy.history_ttl_s,
         };
-        let conn = &self.inner.shards.for_room(&self.room).conn;
-        match script_outcome(script::run(conn, &op).await) {
+        let shard = self.inner.shards.for_room(&self.room);
+        match script_outcome(script::run(shard, &op).await) {
             Ok(reply) if self.hub().contains(&self.room, req.conn) => {
                 // Everything sequenced before the leave reaches the leaver; its own leave
                 // event does not.
@@ -454,8 +488,8 @@ impl RoomActor {
     async fn reconcile(&mut self) -> Result<(), BrokerError> {
         let parts = &self.inner.parts;
         let node = &parts.node;
-        let manager = &self.inner.shards.for_room(&self.room).conn;
-        let mut conn = manager.clone();
+        let shard = self.inner.shards.for_room(&self.room);
+        let mut conn = shard.conn.clone();
         let stored: HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(keys::presence(&self.room, node))
             .query_async(&mut conn)
@@ -502,21 +536,39 @@ impl RoomActor {
                 max_len: self.policy.history_max_len,
                 ttl_s: self.policy.history_ttl_s,
             };
-            let announced = script_outcome(script::run(manager, &op).await)?;
+            let announced = script_outcome(script::run(shard, &op).await)?;
             info!(room = %self.room, user, connections = target, announced = ?announced.seq, "presence repaired");
         }
         Ok(())
     }
 
-    /// Delivers every event up to `target`: from pub/sub when it comes soon, else from the
-    /// stream. `false` when that is impossible.
+    /// Delivers every event up to `target` and none after it: from pub/sub when it comes
+    /// soon, else from the stream. `false` when that is impossible. An event beyond `target`,
+    /// or a resync (Redis may be past `target` by now), is held back for after the caller: a
+    /// joiner starts at `target + 1` and must receive what follows it.
     async fn catch_up(&mut self, target: u64) -> bool {
-        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        let mut deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         while self.next().is_some_and(|next| next <= target) {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            let ev = match self.held.pop_front() {
+                Some(ev) => Ok(Some(ev)),
+                None => tokio::time::timeout_at(deadline, self.events.recv()).await,
+            };
+            match ev {
+                Ok(Some(RoomEvent::Event(event)))
+                    if event.seq > target && event.epoch == self.epoch =>
+                {
+                    self.held.push_front(RoomEvent::Event(event));
+                    return self.fill(target).await;
+                }
                 Ok(Some(RoomEvent::Event(event))) => self.on_event(event).await,
-                Ok(Some(RoomEvent::Resync)) => self.resync().await,
+                Ok(Some(RoomEvent::Resync)) => {
+                    self.held.push_front(RoomEvent::Resync);
+                    return self.fill(target).await;
+                }
                 Ok(None) => return false,
+                Err(_) if Faults::on(&self.inner.parts.faults.hold_catch_up) => {
+                    deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+                }
                 Err(_) => return self.fill(target).await,
             }
         }

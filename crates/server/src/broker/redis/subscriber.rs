@@ -79,6 +79,12 @@ pub(super) async fn run(
             backoff = (backoff * 2).min(BACKOFF_MAX);
             continue;
         };
+        while Faults::on(&inner.parts.faults.hold_resubscribe) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = inner.stop.cancelled() => break 'outer,
+            }
+        }
         let (mut sink, mut stream) = pubsub.split();
         if !wanted.is_empty() {
             let channels: Vec<String> = wanted.iter().map(|r| keys::channel(r)).collect();
@@ -91,12 +97,13 @@ pub(super) async fn run(
             }
             info!(shard, rooms = wanted.len(), "redis pub/sub reconnected");
         }
-        set_down(None);
-        backoff = BACKOFF_MIN;
-        // Whatever was published while the connection was away is in the streams.
+        // Whatever was published while the connection was away is in the streams. (The rooms
+        // are told before the shard counts as up again.)
         for room in &wanted {
             inner.event(room, RoomEvent::Resync);
         }
+        set_down(None);
+        backoff = BACKOFF_MIN;
         loop {
             tokio::select! {
                 _ = inner.stop.cancelled() => break 'outer,

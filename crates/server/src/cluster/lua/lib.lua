@@ -2,7 +2,10 @@
 -- cluster/script.rs). Contract with the Rust side:
 -- * KEYS are named by `keys{...}` below, in the order of `cluster::keys::ScriptKeys`;
 -- * each op file names its ARGV with `args{...}`, in the order of its Rust `*Args` struct;
--- * replies are arrays in the field order of the Rust `*Reply` struct.
+-- * replies are arrays in the field order of the Rust `*Reply` struct; script.rs wraps each
+--   op in a function and answers {op's reply, the shard's event count (K.events)};
+-- * the last ARGV is the most events the calling node has seen the shard hold; it is taken
+--   off here, before the op names its own.
 -- Unit tests compare both name lists with the Rust structs; tests/cluster_scripts.rs runs
 -- every op against a real redis-server through the structs.
 local function named(values, names, what)
@@ -14,9 +17,10 @@ local function named(values, names, what)
   return out
 end
 local function keys(names) return named(KEYS, names, 'KEYS') end
+local events_seen = tonumber(table.remove(ARGV)) or 0
 local function args(names) return named(ARGV, names, 'ARGV') end
 local K = keys{'seq', 'epoch', 'log', 'users', 'channel', 'rooms', 'nodes', 'presence',
-  'node_rooms', 'alive', 'dedup', 'room_gen', 'run', 'durable', 'gen', 'active'}
+  'node_rooms', 'alive', 'dedup', 'room_gen', 'run', 'durable', 'gen', 'active', 'events'}
 
 local function fmt(n) return string.format('%d', n) end
 -- Redis may come back with less than it acknowledged (restarted from an older snapshot, AOF
@@ -26,19 +30,30 @@ local function fmt(n) return string.format('%d', n) end
 -- a master without replicas). Then the shard's generation (K.gen) goes up, and a room whose
 -- epoch is of an older generation gets a new one, its seq going on from what Redis has: no
 -- two different events ever share (room, epoch, seq).
+-- The run id cannot tell an older snapshot of a durable run, restored with the AOF on again,
+-- from a plain restart: the nodes can. Every event counts in K.events, and each node passes
+-- the most it has seen the shard hold (events_seen): fewer now means events were lost, and
+-- the generation goes up just the same. K.events then goes on from what the node saw, so the
+-- other nodes do not renew the epochs again for the same loss.
 local function generation()
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
   local was = redis.call('GET', K.run)
+  local lost = false
   if was ~= run then
     if was then
       -- Lossless only if `was` ran durably AND this process replayed its append-only file: a
       -- process without AOF loaded a snapshot, which may be older (a restored backup).
       local aof = string.match(redis.call('INFO', 'persistence'), 'aof_enabled:(%d)')
       local durable = redis.call('SREM', K.durable, was) == 1
-      if not (durable and aof == '1') then redis.call('INCR', K.gen) end
+      lost = not (durable and aof == '1')
     end
     redis.call('SET', K.run, run)
   end
+  if events_seen > tonumber(redis.call('GET', K.events) or '0') then
+    redis.call('SET', K.events, fmt(events_seen))
+    lost = true
+  end
+  if lost then redis.call('INCR', K.gen) end
   return redis.call('GET', K.gen) or '0', run
 end
 -- The room's epoch (nil when it has none), renewed first if Redis may have lost some of its
@@ -112,6 +127,7 @@ end
 -- Sequences, stores and publishes one event; retention is the caller's.
 local function add_event(e, prefix, suffix, ttl)
   local seq = redis.call('INCR', K.seq)
+  redis.call('INCR', K.events)
   local frame = prefix .. fmt(seq) .. suffix
   redis.call('XADD', K.log, fmt(seq) .. '-0', 'f', frame, 'e', e, 't', fmt(now_ms()))
   if tonumber(ttl) > 0 then

@@ -182,6 +182,49 @@ impl RedisServer {
         self.kill();
         self.spawn();
     }
+
+    /// Runs a command through `redis-cli`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `SAVE`, keeping a copy of the RDB file for [`RedisServer::roll_back`].
+    pub fn snapshot(&mut self) {
+        assert_eq!(self.cli(&["SAVE"]).trim(), "OK");
+        let dir = self.dir.as_ref().expect("a persistent server").path();
+        std::fs::rename(dir.join("dump.rdb"), dir.join("snapshot.rdb")).unwrap();
+    }
+
+    /// The operator's restore of an older backup: SIGKILL, then start from the snapshot kept by
+    /// [`RedisServer::snapshot`] (the AOF set aside, so everything acknowledged since is gone)
+    /// and turn the AOF back on, as the server was configured (`appendfsync always`).
+    pub fn roll_back(&mut self) {
+        self.kill();
+        let dir = self.dir.as_ref().expect("a persistent server").path();
+        let _ = std::fs::remove_dir_all(dir.join("appendonlydir"));
+        std::fs::copy(dir.join("snapshot.rdb"), dir.join("dump.rdb")).unwrap();
+        let snapshots = std::mem::replace(&mut self.snapshots, true);
+        self.spawn();
+        self.snapshots = snapshots;
+        assert_eq!(
+            self.cli(&["CONFIG", "SET", "appendonly", "yes"]).trim(),
+            "OK"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = self.cli(&["INFO", "persistence"]);
+            if info.contains("aof_enabled:1") && info.contains("aof_rewrite_in_progress:0") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "AOF back on: {info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for RedisServer {
