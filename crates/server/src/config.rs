@@ -36,6 +36,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Browser origins allowed to open sockets; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// Signed HTTP callbacks to the app's backend, from the durable log.
+    pub webhooks: WebhooksConfig,
     /// Per-room policies (`[[rooms]]`), matched in order by a glob on the room name; the
     /// first match wins and a room no section matches follows the top-level settings. Resolved
     /// per room by [`crate::policy::Policies`].
@@ -425,6 +427,69 @@ pub struct ApiConfig {
     pub key: Option<String>,
 }
 
+/// A room event a webhook can carry: the `webhooks.events` names.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HookEvent {
+    /// A chat message (`type: message`).
+    Message,
+    /// A `system` event with `event: join`.
+    Join,
+    /// A `system` event with `event: leave`.
+    Leave,
+}
+
+/// `[webhooks]`: see docs/webhooks.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Where events are POSTed; none turns webhooks off.
+    pub url: Option<String>,
+    /// The HMAC-SHA256 key of `Parley-Signature`; required with a URL, so a receiver can
+    /// always tell parley from anyone else who knows the URL.
+    pub secret: Option<String>,
+    /// Which events are sent; the others still advance the cursor. A single string is read as
+    /// a comma-separated list (`PARLEY_WEBHOOKS__EVENTS=message,join`).
+    #[serde(deserialize_with = "event_list")]
+    pub events: Vec<HookEvent>,
+    /// Most log events in one POST (gap notices come on top).
+    pub batch_max: usize,
+    /// How long the receiver gets to answer a POST before it counts as failed and is retried.
+    pub timeout_ms: u64,
+    /// Glob patterns of the rooms whose events are sent; empty: every room. A single string
+    /// is read as a comma-separated list.
+    #[serde(deserialize_with = "url_list")]
+    pub rooms: Vec<String>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            url: None,
+            secret: None,
+            events: vec![HookEvent::Message, HookEvent::Join, HookEvent::Leave],
+            batch_max: 100,
+            timeout_ms: 5000,
+            rooms: Vec::new(),
+        }
+    }
+}
+
+/// `webhooks.events`: a list of names, or one string of comma-separated names.
+fn event_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HookEvent>, D::Error> {
+    url_list(d)?
+        .iter()
+        .map(|name| match name.as_str() {
+            "message" => Ok(HookEvent::Message),
+            "join" => Ok(HookEvent::Join),
+            "leave" => Ok(HookEvent::Leave),
+            other => Err(serde::de::Error::custom(format!(
+                "`{other}` is not a webhook event; expected message, join or leave"
+            ))),
+        })
+        .collect()
+}
+
 /// Every setting: dotted name, default, meaning. `parley --help` prints it; a test checks that
 /// it names every field of [`Config`].
 pub const SETTINGS: &[(&str, &str, &str)] = &[
@@ -647,6 +712,32 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "allowed_origins",
         "[]",
         "browser Origins allowed to connect (PARLEY_ALLOWED_ORIGINS=a,b); empty: any",
+    ),
+    (
+        "webhooks.url",
+        "none",
+        "POST every room event here (docs/webhooks.md); none: webhooks off",
+    ),
+    (
+        "webhooks.secret",
+        "none",
+        "HMAC-SHA256 key of the Parley-Signature header; required with a url",
+    ),
+    (
+        "webhooks.events",
+        "[\"message\",\"join\",\"leave\"]",
+        "which events are sent (message, join, leave)",
+    ),
+    ("webhooks.batch_max", "100", "most log events in one POST"),
+    (
+        "webhooks.timeout_ms",
+        "5000",
+        "time the receiver gets to answer; then retried",
+    ),
+    (
+        "webhooks.rooms",
+        "[]",
+        "glob patterns of the rooms sent (e.g. news.*); empty: every room",
     ),
     (
         "rooms",
@@ -913,6 +1004,7 @@ impl Config {
         if self.redis.urls.iter().any(|u| u.trim().is_empty()) {
             return invalid("redis.urls has an empty URL");
         }
+        self.validate_webhooks()?;
         crate::policy::Policies::from_config(self)?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::Invalid(format!(
@@ -920,6 +1012,57 @@ impl Config {
                  optionally per module (parley=debug,info)",
                 self.log.level
             )));
+        }
+        Ok(())
+    }
+
+    /// `[webhooks]`: a URL that a client can POST to, a secret with it, sane sizes, patterns
+    /// that compile.
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let hooks = &self.webhooks;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        in_range(
+            "webhooks.batch_max",
+            hooks.batch_max as u64,
+            1,
+            10_000,
+            "events",
+        )?;
+        in_range(
+            "webhooks.timeout_ms",
+            hooks.timeout_ms,
+            1,
+            MAX_MS,
+            "milliseconds",
+        )?;
+        for pattern in &hooks.rooms {
+            if let Err(e) = globset::Glob::new(pattern) {
+                return invalid(format!(
+                    "webhooks.rooms: `{pattern}` is not a glob pattern: {e}"
+                ));
+            }
+        }
+        let Some(url) = &hooks.url else {
+            return Ok(());
+        };
+        if hooks.events.is_empty() {
+            return invalid(
+                "webhooks.events is empty; name at least one of message, join, leave".to_owned(),
+            );
+        }
+        match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            _ => {
+                return invalid(format!(
+                    "webhooks.url `{url}` is not an http:// or https:// URL"
+                ))
+            }
+        }
+        if hooks.secret.as_deref().is_none_or(str::is_empty) {
+            return invalid(
+                "webhooks.secret is required when webhooks.url is set (it signs every POST)"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -991,6 +1134,8 @@ mod tests {
             "auth.issuer",
             "auth.audience",
             "api.key",
+            "webhooks.url",
+            "webhooks.secret",
         ] {
             names.push(name.to_owned());
         }

@@ -20,6 +20,7 @@
 //!   presence, typing; resolved per room for the session, the API and both brokers.
 //! - [`store`]: the SQLite log.
 //! - [`metrics`]: the node's Prometheus metrics, one registry per [`App`].
+//! - [`webhooks`]: every room event POSTed to the app's backend, from the log.
 //!
 //! Data flows one way: socket -> session -> broker (sequence, store) -> hub -> each member's
 //! outbound queue -> their socket.
@@ -41,6 +42,7 @@ pub mod session;
 pub mod socket;
 pub mod store;
 pub mod validate;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +127,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(faults::Health::default());
         let faults = Arc::new(faults::Faults::default());
+        let committed = Arc::new(tokio::sync::Notify::new());
         let broker = SqliteBroker::start(
             writer,
             reader,
@@ -137,15 +140,28 @@ impl App {
                 metrics: metrics.clone(),
                 health: health.clone(),
                 faults: faults.clone(),
+                committed: committed.clone(),
             },
         );
-        Ok(App::assemble(
+        let app = App::assemble(
             config,
             auth,
             (Arc::new(broker), policies),
             (hub, presence, metrics),
             (health, faults),
-        ))
+        );
+        if app.config.webhooks.url.is_some() {
+            let hooks = webhooks::sqlite::SqliteHookLog::open(&app.config.store.db)?;
+            webhooks::start(
+                &app.config.webhooks,
+                Arc::new(hooks),
+                app.metrics.clone(),
+                committed,
+                HOOK_POLL_SINGLE,
+                app.shutdown.clone(),
+            )?;
+        }
+        Ok(app)
     }
 
     /// Cluster mode: sequencing, history and presence in Redis (`redis.urls`); no SQLite.
@@ -158,6 +174,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(faults::Health::default());
         let faults = Arc::new(faults::Faults::default());
+        let hooks = webhooks::redis::RedisHookLog::new(
+            shards.clone(),
+            node.clone(),
+            webhooks::lease_for(&config.webhooks),
+        );
         let broker = broker::redis::RedisBroker::start(
             shards,
             broker::redis::RedisParts {
@@ -172,13 +193,22 @@ impl App {
                 faults: faults.clone(),
             },
         );
-        Ok(App::assemble(
+        let app = App::assemble(
             config,
             auth,
             (Arc::new(broker), policies),
             (hub, presence, metrics),
             (health, faults),
-        ))
+        );
+        webhooks::start(
+            &app.config.webhooks,
+            Arc::new(hooks),
+            app.metrics.clone(),
+            Arc::new(tokio::sync::Notify::new()),
+            HOOK_POLL_CLUSTER,
+            app.shutdown.clone(),
+        )?;
+        Ok(app)
     }
 
     /// The shared state around a started broker, the same in both modes.
@@ -215,6 +245,12 @@ impl App {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 }
+
+/// How often a single node's webhook deliverer looks at the log when no commit woke it.
+const HOOK_POLL_SINGLE: Duration = Duration::from_secs(1);
+/// How often a cluster node's webhook deliverer looks at the log: other nodes' events wake
+/// nothing here.
+const HOOK_POLL_CLUSTER: Duration = Duration::from_millis(100);
 
 /// How long a node whose vital task died keeps answering `/readyz` (503) before it stops.
 const FATAL_GRACE: Duration = Duration::from_secs(1);

@@ -6,6 +6,7 @@
 //! message (not per delivery), and fan-out is counted with one add per event of its member count.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -100,6 +101,11 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
 /// The node's metrics. Fields are cheap handles (an `Arc` around an atomic); update them
 /// directly.
 pub struct Metrics {
@@ -124,6 +130,19 @@ pub struct Metrics {
     /// Connections dropped for silence past `heartbeat.timeout_ms`.
     pub heartbeat_timeouts: Counter,
     auth_failures: Family<ReasonLabel, Counter>,
+    /// Webhook POSTs by result (`delivered`, `timeout`, `throttled`, `http_error`,
+    /// `unreachable`).
+    webhook_deliveries: Family<ResultLabel, Counter>,
+    /// Webhook POSTs that failed and are retried.
+    pub webhook_retries: Counter,
+    /// Room events delivered by webhook (gap notices not counted).
+    pub webhook_events: Counter,
+    /// Gap notices delivered: ranges retention dropped before delivery, or a restarted log.
+    pub webhook_gaps: Counter,
+    /// Undelivered events of the room furthest behind.
+    pub webhook_lag_events: Gauge,
+    /// Age of the oldest undelivered event, in seconds.
+    pub webhook_lag_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -204,8 +223,56 @@ impl Metrics {
             "Refused authentications, by reason",
             auth_failures.clone(),
         );
+        let webhook_deliveries = Family::<ResultLabel, Counter>::default();
+        for result in crate::webhooks::post::Outcome::ALL {
+            drop(webhook_deliveries.get_or_create(&ResultLabel {
+                result: result.as_str(),
+            }));
+        }
+        registry.register(
+            "webhook_deliveries",
+            "Webhook POSTs, by result",
+            webhook_deliveries.clone(),
+        );
+        let webhook_retries = Counter::default();
+        registry.register(
+            "webhook_retries",
+            "Webhook POSTs that failed and are retried",
+            webhook_retries.clone(),
+        );
+        let webhook_events = Counter::default();
+        registry.register(
+            "webhook_events",
+            "Room events delivered by webhook",
+            webhook_events.clone(),
+        );
+        let webhook_gaps = Counter::default();
+        registry.register(
+            "webhook_gaps",
+            "Webhook gap notices delivered (events retention dropped first, or a restarted log)",
+            webhook_gaps.clone(),
+        );
+        let webhook_lag_events = Gauge::default();
+        registry.register(
+            "webhook_lag_events",
+            "Undelivered webhook events of the room furthest behind",
+            webhook_lag_events.clone(),
+        );
+        let webhook_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "webhook_lag",
+            "Age of the oldest event not yet delivered by webhook",
+            Unit::Seconds,
+            webhook_lag_seconds.clone(),
+        );
         Metrics {
             registry,
+            webhook_deliveries,
+            webhook_retries,
+            webhook_events,
+            webhook_gaps,
+            webhook_lag_events,
+            webhook_lag_seconds,
             connections,
             memberships,
             messages_in,
@@ -234,6 +301,13 @@ impl Metrics {
         }
         self.auth_failures
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts one webhook POST by its result.
+    pub fn webhook_delivery(&self, result: &'static str) {
+        self.webhook_deliveries
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 

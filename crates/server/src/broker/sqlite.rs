@@ -88,6 +88,8 @@ pub struct SequencerParts {
     pub health: Arc<Health>,
     /// Test-only fault switches.
     pub faults: Arc<Faults>,
+    /// Notified after every commit that stored events (the webhook deliverer reads them).
+    pub committed: Arc<tokio::sync::Notify>,
 }
 
 impl SqliteBroker {
@@ -419,6 +421,7 @@ fn deliver_batch(batch: Committed, parts: &SequencerParts, writes: &mut Batch) {
     let Committed { ops, plans, result } = batch;
     match result {
         Ok(written) => {
+            parts.committed.notify_one();
             let mut written = written.into_iter();
             for (op, plan) in ops.into_iter().zip(plans) {
                 finish(op, plan, &mut written, parts, writes);

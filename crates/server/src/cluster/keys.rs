@@ -16,6 +16,9 @@
 //! - channel `parley:{room}`: `"<seq> <epoch> <frame>"` for every event, and
 //!   `"T <node> <frame>"` for a typing notice.
 //!
+//! - `parley:{room}:hook:cursor` the webhook cursor (hash `epoch`, `seq`) and
+//!   `parley:{room}:hook:lease` the node delivering the room's webhooks (see
+//!   `crate::webhooks::redis`);
 //! - `parley:{room}:gen` the shard generation the room's epoch belongs to (see [`GEN`]).
 //!
 //! Keys of a shard: `parley:rooms` (every room it has seen), `parley:nodes` (every node that
@@ -78,6 +81,16 @@ pub fn dedup(room_name: &str, user: &str, id: &str) -> String {
 /// lost some of the room's events since, and the room gets a new epoch.
 pub fn room_gen(room_name: &str) -> String {
     format!("{}:gen", room(room_name))
+}
+
+/// The room's webhook cursor: a hash `epoch`, `seq` (the last event delivered).
+pub fn hook_cursor(room_name: &str) -> String {
+    format!("{}:hook:cursor", room(room_name))
+}
+
+/// The lease of the node delivering the room's webhooks (its node id, with an expiry).
+pub fn hook_lease(room_name: &str) -> String {
+    format!("{}:hook:lease", room(room_name))
 }
 
 /// The Redis run id (`INFO server`) the shard's data was last written under; another one

@@ -32,3 +32,4 @@ mod review;
 mod rooms;
 mod smoke;
 mod web;
+mod webhooks;
