@@ -83,7 +83,8 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// The seq delivery reads after: the cursor's, unless the room's log restarted (its seq went
-/// below the cursor under a new epoch: the room was forgotten and made afresh).
+/// below the cursor under a new epoch: the room was forgotten and made afresh). A restarted
+/// log whose head has already passed the cursor is told by its first entry (`read`).
 fn read_after(cursor: Option<&Cursor>, epoch: &str, head: u64) -> u64 {
     match cursor {
         Some(c) if c.epoch == epoch || head >= c.seq => c.seq,
@@ -216,7 +217,29 @@ impl HookLog for RedisHookLog {
             .await
             .map_err(err)?;
         let (head, epoch) = (head.unwrap_or(0), epoch.unwrap_or_default());
-        let after = read_after(cursor, &epoch, head);
+        let mut after = read_after(cursor, &epoch, head);
+        if let Some(c) = cursor.filter(|c| c.epoch != epoch && after == c.seq) {
+            // A new epoch whose head has passed the cursor: either the seqs went on (Redis lost
+            // events and the room was renewed: the cursor's epoch is below the new entries) or
+            // the room was forgotten and made afresh and its new life already outgrew the old
+            // one. Then the stream starts with another epoch at or below the cursor's seq.
+            let first: Entries = redis::cmd("XRANGE")
+                .arg(keys::log(room))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            if let Some((id, fields)) = first.first() {
+                let restarted = field(fields, "e").is_some_and(|e| e != c.epoch)
+                    && entry_seq(id).is_some_and(|seq| seq <= c.seq);
+                if restarted {
+                    after = 0;
+                }
+            }
+        }
         let got: Entries = redis::cmd("XRANGE")
             .arg(keys::log(room))
             .arg(format!("({after}-0"))

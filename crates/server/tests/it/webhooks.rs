@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::{watch, Notify};
 
-use crate::common::TestServer;
+use crate::common::{Client, TestServer};
 use crate::redis_server::RedisServer;
 
 const SECRET: &str = "whsec-test-please-ignore";
@@ -954,4 +954,110 @@ async fn a_stuck_receiver_holds_at_most_the_bounded_rooms_in_flight() {
     receiver.wait_for_heads(&heads).await;
     receiver.assert_clean();
     assert_eq!(receiver.state.max_in_flight.load(Ordering::SeqCst), bound);
+}
+
+/// In a cluster a forgotten room's webhook cursor outlives it (it reports the epoch gap). When
+/// the room's new life has already passed the old cursor's seq by the time a deliverer looks
+/// (here: no node with webhooks ran meanwhile), the new epoch is still delivered from seq 1;
+/// before, the deliverer read after the old cursor's seq and skipped the new life's first
+/// events without a word.
+#[tokio::test]
+async fn in_a_cluster_a_room_made_afresh_past_its_old_cursor_is_delivered_from_seq_1() {
+    let redis = RedisServer::start();
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let node = |hooks: bool| {
+        let builder = if hooks {
+            hooked(&receiver.url())
+        } else {
+            TestServer::builder().set("api.key", API_KEY)
+        };
+        builder
+            .set("redis.urls", toml::Value::Array(vec![redis.url().into()]))
+            .set("history.empty_room_ttl_s", 1)
+            .start()
+    };
+    // A process, so that its deliverer is gone for good when it is killed.
+    let first = Node::start(&hook_args(
+        &receiver.url(),
+        &[
+            "--redis",
+            &redis.url(),
+            "--set",
+            "history.empty_room_ttl_s=1",
+        ],
+    ))
+    .await;
+    let ws = first.base.replacen("http", "ws", 1);
+    let mut alice = Client::connect(&format!("{ws}/ws?user=alice"))
+        .await
+        .unwrap();
+    alice.recv_type("authenticated").await;
+    let old = alice.join("t").await["epoch"].as_str().unwrap().to_owned();
+    alice.send(json!({"type": "leave", "room": "t"})).await;
+    alice.recv_type("left").await;
+    receiver.wait_for_heads(&[("t", 2)]).await;
+    let cursor = parley::cluster::keys::hook_cursor("t");
+    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+    while redis.cli(&["HGET", &cursor, "seq"]).trim() != "2" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cursor moves to seq 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(alice);
+    first.kill();
+
+    // A node without webhooks forgets the room, and its new life outgrows the old one.
+    let plain = node(false).await;
+    let base = plain.http_url("");
+    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let rooms: Value = reqwest::Client::new()
+            .get(format!("{base}/api/rooms"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !rooms["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room"] == "t")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "room forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut bob = plain.user("bob").await;
+    let new = bob.join("t").await["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(old, new);
+    let mut head = 1;
+    for i in 0..3 {
+        let (ack, _) = bob.post("t", &format!("new {i}"), &format!("n{i}")).await;
+        head = ack["seq"].as_u64().unwrap();
+    }
+    assert_eq!(head, 4, "the new life is past the old cursor (seq 2)");
+
+    let _hooked = node(true).await;
+    let keys: Vec<_> = (1..=head)
+        .map(|seq| ("t".to_owned(), new.clone(), seq))
+        .collect();
+    receiver
+        .wait_until("the new epoch from seq 1", |seen| {
+            keys.iter().all(|key| seen.kept.contains_key(key))
+        })
+        .await;
+    receiver.assert_clean();
+    let gaps = receiver.seen(|s| s.gaps.clone());
+    assert!(
+        gaps.iter()
+            .any(|g| g["epoch"] == old.as_str() && g["reason"] == "epoch"),
+        "the old epoch's end is announced: {gaps:?} {:?}",
+        receiver.seen(|s| s.raw.clone())
+    );
 }
