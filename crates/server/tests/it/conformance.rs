@@ -66,15 +66,7 @@ impl Nodes {
 
     /// `GET path` of the HTTP API on node `i`, with the key.
     async fn api_get(&self, i: usize, path: &str) -> Value {
-        reqwest::Client::new()
-            .get(self.node(i).http_url(path))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        common::api_json(&self.node(i).http_url(path), API_KEY).await
     }
 
     /// `POST /api/rooms/{room}/messages` on node `i` as `user`; returns the status and body.

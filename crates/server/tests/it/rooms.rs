@@ -886,15 +886,7 @@ async fn a_sweep_queued_before_the_last_leaves_keeps_the_room() {
         body["on"] == true
     };
     let users = || async {
-        let body: Value = http
-            .get(server.http_url("/api/rooms/quiet/users"))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = common::api_json(&server.http_url("/api/rooms/quiet/users"), KEY).await;
         body["users"].as_array().unwrap().len()
     };
     let mut alice = server.user("alice").await;

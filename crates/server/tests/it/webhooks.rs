@@ -370,17 +370,11 @@ async fn api_log(base: &str, room: &str) -> Vec<(u64, String, String)> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page: Value = reqwest::Client::new()
-            .get(format!(
-                "{base}/api/rooms/{room}/messages?after={after}&limit=200"
-            ))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = crate::common::api_json(
+            &format!("{base}/api/rooms/{room}/messages?after={after}&limit=200"),
+            API_KEY,
+        )
+        .await;
         for m in page["messages"].as_array().unwrap() {
             after = m["seq"].as_u64().unwrap();
             out.push((
@@ -406,6 +400,27 @@ async fn metric(base: &str, line_start: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Waits until the node at `base` no longer lists `room` (forgotten as empty).
+async fn wait_forgotten(base: &str, room: &str) {
+    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let rooms = crate::common::api_json(&format!("{base}/api/rooms"), API_KEY).await;
+        if !rooms["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room"] == room)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room {room} forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A single node with webhooks to `url`.
@@ -886,28 +901,7 @@ async fn a_room_made_afresh_is_announced_by_an_epoch_gap() {
     alice.recv_type("left").await;
     receiver.wait_for_heads(&[("t", 2)]).await;
     // Only join/leave events and nobody in it: the room is forgotten.
-    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
-    loop {
-        let rooms: Value = reqwest::Client::new()
-            .get(format!("{base}/api/rooms"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !rooms["rooms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["room"] == "t")
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "room forgotten");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_forgotten(&base, "t").await;
     let second = alice.join("t").await["epoch"].as_str().unwrap().to_owned();
     assert_ne!(first, second);
     let key = ("t".to_owned(), second.clone(), 1);
@@ -1011,28 +1005,7 @@ async fn in_a_cluster_a_room_made_afresh_past_its_old_cursor_is_delivered_from_s
     // A node without webhooks forgets the room, and its new life outgrows the old one.
     let plain = node(false).await;
     let base = plain.http_url("");
-    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
-    loop {
-        let rooms: Value = reqwest::Client::new()
-            .get(format!("{base}/api/rooms"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !rooms["rooms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["room"] == "t")
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "room forgotten");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_forgotten(&base, "t").await;
     let mut bob = plain.user("bob").await;
     let new = bob.join("t").await["epoch"].as_str().unwrap().to_owned();
     assert_ne!(old, new);

@@ -434,6 +434,19 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// An HTTP API GET with the bearer `key`, its JSON body.
+pub async fn api_json(url: &str, key: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("http get")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
 /// Plain HTTP GET returning status and body.
 pub async fn http_get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.expect("http get");
