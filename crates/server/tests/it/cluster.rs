@@ -1204,18 +1204,6 @@ async fn back_with_less_than_acked(mut redis: RedisServer, rollback: bool) {
     }
 }
 
-/// Flips a test-only fault switch of `server` (feature `fault-hooks`).
-async fn fault(server: &TestServer, name: &str, on: bool) {
-    let url = server.http_url(&format!("/_faults/{name}?on={on}"));
-    let status = reqwest::Client::new()
-        .post(url)
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status.as_u16(), 204, "fault switch {name}");
-}
-
 /// Issue #11 item 2: a node paused past `presence.ttl_ms` (its heartbeat stops, as under
 /// SIGSTOP) is reaped by a survivor, which announces its users' leaves. Once it resumes it
 /// notices (its heartbeat key was gone), puts its users' presence back, announced as joins,
@@ -1237,7 +1225,7 @@ async fn a_node_paused_past_the_ttl_repairs_itself_when_it_resumes() {
     alice.recv_type("system").await;
 
     // The pause: node A's heartbeat stops; node B takes it for dead and reaps alice.
-    fault(&a, "pause-heartbeat", true).await;
+    a.fault("pause-heartbeat", true).await;
     let leave = bob.skip_until("system").await;
     assert_eq!(
         (&leave["event"], &leave["user"]),
@@ -1245,7 +1233,7 @@ async fn a_node_paused_past_the_ttl_repairs_itself_when_it_resumes() {
         "{leave}"
     );
     // Node A resumes: alice is back, announced once, within the ttl.
-    fault(&a, "pause-heartbeat", false).await;
+    a.fault("pause-heartbeat", false).await;
     let resumed = tokio::time::Instant::now();
     let join = bob.skip_until("system").await;
     assert_eq!(
@@ -1286,7 +1274,7 @@ async fn a_dead_room_actor_or_subscriber_makes_the_node_unready_and_exit_non_zer
         let a = node(&redis).await;
         let mut alice = a.user("alice").await;
         alice.join("r").await;
-        fault(&a, switch, true).await;
+        a.fault(switch, true).await;
         alice
             .send(json!({"type": "send", "room": "r", "content": "boom", "id": switch}))
             .await;
@@ -1316,8 +1304,8 @@ async fn a_join_while_pubsub_resubscribes_misses_nothing() {
     alice.recv_type("system").await;
 
     // A's subscriber loses its connection and stays away; B's comes back.
-    fault(&a, "hold-resubscribe", true).await;
-    fault(&a, "hold-catch-up", true).await;
+    a.fault("hold-resubscribe", true).await;
+    a.fault("hold-catch-up", true).await;
     cli(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]);
     wait_ready(&a, false).await;
     wait_ready(&b, true).await;
@@ -1336,9 +1324,9 @@ async fn a_join_while_pubsub_resubscribes_misses_nothing() {
     assert_eq!(y["seq"].as_u64(), Some(head + 1));
 
     // A resubscribes (and tells the room) while carol's join is still catching up.
-    fault(&a, "hold-resubscribe", false).await;
+    a.fault("hold-resubscribe", false).await;
     wait_ready(&a, true).await;
-    fault(&a, "hold-catch-up", false).await;
+    a.fault("hold-catch-up", false).await;
     let joined = carol.recv_type("joined").await;
     assert_eq!(joined["seq"].as_u64(), Some(head), "{joined}");
     let (z, _) = bob.post("r", "z", "z").await;
@@ -1393,7 +1381,7 @@ async fn a_send_that_starts_a_new_epoch_is_not_acked_in_the_old_one() {
     let (lost, _) = bob.post("r", "lost", "l0").await;
     assert_eq!(common::seq(&lost), saved + 1);
 
-    fault(&a, "hold-resubscribe", true).await;
+    a.fault("hold-resubscribe", true).await;
     redis.restart();
     let send = json!({"type": "send", "room": "r", "content": "after", "id": "a0"});
     bob.send(send.clone()).await;
@@ -1417,7 +1405,7 @@ async fn a_send_that_starts_a_new_epoch_is_not_acked_in_the_old_one() {
         }
     }
 
-    fault(&a, "hold-resubscribe", false).await;
+    a.fault("hold-resubscribe", false).await;
     let mut again = a.user("bob").await;
     again
         .send(json!({"type": "join", "room": "r", "since": saved + 1, "epoch": epoch}))

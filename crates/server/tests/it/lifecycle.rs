@@ -499,13 +499,7 @@ async fn a_dead_sequencer_makes_the_node_unready_and_exit_non_zero() {
     let server = TestServer::start().await;
     let mut alice = server.user("alice").await;
     alice.join("r").await;
-    let status = reqwest::Client::new()
-        .post(server.http_url("/_faults/panic-sequencer"))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status.as_u16(), 204);
+    server.fault("panic-sequencer", true).await;
     alice
         .send(json!({"type": "send", "room": "r", "content": "boom", "id": "b1"}))
         .await;

@@ -869,22 +869,6 @@ async fn a_sweep_queued_before_the_last_leaves_keeps_the_room() {
         .set("history.empty_room_ttl_s", 1)
         .start()
         .await;
-    let http = reqwest::Client::new();
-    let switch = |name: &str, on: bool| {
-        http.post(server.http_url(&format!("/_faults/{name}?on={on}")))
-            .send()
-    };
-    let held = || async {
-        let body: Value = http
-            .get(server.http_url("/_faults/sweep-held"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["on"] == true
-    };
     let users = || async {
         let body = common::api_json(&server.http_url("/api/rooms/quiet/users"), KEY).await;
         body["users"].as_array().unwrap().len()
@@ -897,8 +881,8 @@ async fn a_sweep_queued_before_the_last_leaves_keeps_the_room() {
     assert_eq!(joined["epoch"], epoch);
 
     // Hold the next sweep in the writer; it was queued with both members present.
-    assert_eq!(switch("hold-sweep", true).await.unwrap().status(), 204);
-    while !held().await {
+    server.fault("hold-sweep", true).await;
+    while !server.fault_is_on("sweep-held").await {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Both leave; their leaves are planned (presence is empty) but wait behind the sweep.
@@ -912,7 +896,7 @@ async fn a_sweep_queued_before_the_last_leaves_keeps_the_room() {
     }
     // Let the room's last activity age past empty_room_ttl_s before the sweep reads it.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    assert_eq!(switch("hold-sweep", false).await.unwrap().status(), 204);
+    server.fault("hold-sweep", false).await;
 
     let gone = bob.skip_until("system").await;
     assert_eq!(gone["event"], "leave", "{gone}");

@@ -179,6 +179,25 @@ impl TestServer {
         ws
     }
 
+    /// Flips a test-only fault switch (feature `fault-hooks`, `POST /_faults/{name}`).
+    pub async fn fault(&self, name: &str, on: bool) {
+        let url = self.http_url(&format!("/_faults/{name}?on={on}"));
+        let status = reqwest::Client::new()
+            .post(url)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16(), 204, "fault switch {name}");
+    }
+
+    /// Reads a test-only fault switch (`GET /_faults/{name}`).
+    pub async fn fault_is_on(&self, name: &str) -> bool {
+        let url = self.http_url(&format!("/_faults/{name}"));
+        let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        body["on"] == true
+    }
+
     /// Triggers graceful shutdown and waits for `run` to return.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.stop().await
