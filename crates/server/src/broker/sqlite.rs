@@ -101,7 +101,8 @@ impl SqliteBroker {
         let health = parts.health.clone();
         // One planned batch waits while one commits: a writer that falls behind holds the
         // sequencer back, so requests gather in its queue and the next batch is bigger. The
-        // deliverer takes every batch committed while it was writing at once.
+        // deliverer takes the batches committed while it was writing together (at most
+        // `BATCHES_PER_WRITE`).
         let (jobs, job_rx) = mpsc::channel(1);
         let (committed, committed_rx) = mpsc::channel(COMMITTED_DEPTH);
         let (finished, finished_rx) = oneshot::channel();
@@ -394,8 +395,9 @@ fn write_log(
 }
 
 /// Stage 3: delivers and answers each committed batch, in order, then writes every touched
-/// connection once. Every batch committed while the last writes went out is taken together:
-/// a member of a busy room gets all of them in one system call. Says `finished` when the
+/// connection once. The batches committed while the last writes went out (at most
+/// [`BATCHES_PER_WRITE`]) are taken together: a member of a busy room gets all of them in one
+/// system call. Says `finished` when the
 /// writer has stopped and everything is delivered.
 async fn deliverer(
     mut committed: mpsc::Receiver<Committed>,
