@@ -4,9 +4,10 @@
 //! event that arrived together in one transaction (group commit). Readers use their own
 //! connections and never block the writer.
 //!
-//! Schema: `rooms(room, epoch, seq, active_ms)` holds each room's head, the epoch of its log
-//! and when it was last known in use (created, or left by its last member), for the sweep
-//! that forgets empty rooms ([`LogWriter::sweep`]);
+//! Schema: `rooms(room, epoch, seq, active_ms)` holds the epoch of each room's log, its head
+//! as of the last time expiry emptied it (the head itself is [`ROOM_HEAD`]) and when it was
+//! last known in use (created, or left by its last member), for the sweep that forgets empty
+//! rooms ([`LogWriter::sweep`]);
 //! `events(room, seq, ts_ms, user, client_id, frame)` holds the encoded frame of every retained
 //! event, so history is served without re-encoding.
 //!
@@ -16,7 +17,7 @@
 //! (SQLite's default) made one commit in five take 50-400 ms on a busy disk, which stalled
 //! every room behind it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -150,6 +151,14 @@ CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms);
 ";
 
+/// A room's head seq, in a query over `rooms AS r`. Commits do not rewrite `rooms.seq`: in rooms
+/// of two that was one more page written per event (7% of the writer's CPU). The head is the
+/// highest stored seq, which every commit leaves in place (the trim keeps at least one event);
+/// `rooms.seq` holds it from before (older logs) and is written when expiry deletes every event
+/// of a room, so a head never goes back.
+pub const ROOM_HEAD: &str =
+    "MAX(r.seq, COALESCE((SELECT MAX(e.seq) FROM events AS e WHERE e.room = r.room), 0))";
+
 /// Whether a stored frame is a chat message (not a join/leave event): a room whose log holds
 /// none and that has no member is empty. Frames are encoded with `type` first.
 const IS_MESSAGE: &str = "frame LIKE '{\"type\":\"message\"%'";
@@ -195,14 +204,21 @@ fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError>
 /// growing; this bounds it.
 const MAX_WAL_FRAMES: u64 = 65_536;
 
-/// Events written between two wake-ups of the checkpointer: about as many WAL pages as SQLite's
-/// own automatic checkpoint waits for (1,000) when every event dirties its own page, and far
-/// fewer checkpoints (each one syncs the database file) when events share pages, as in one
-/// busy room.
-const CHECKPOINT_EVERY: usize = 1_000;
+/// Events written between two wake-ups of the checkpointer. A pass copies each page once, in
+/// its latest version, however often the commits since the last pass rewrote it: in rooms of
+/// two every event dirties a page of its own room, and one room's last page takes a dozen
+/// events, so passes far apart copy far fewer pages. At 1,000 the checkpointer read and wrote
+/// 1.2 pages per event; at 8,192, 0.44 (`examples/store_load.rs`, docs/BENCHMARKS.md). Passes
+/// still come every third of a second at 25,000 events a second, and the WAL stays far below
+/// [`MAX_WAL_FRAMES`].
+const CHECKPOINT_EVERY: usize = 8_192;
 
-/// After a checkpoint, SQLite truncates a WAL file larger than this (64 MiB).
-const WAL_SIZE_LIMIT: i64 = 64 << 20;
+/// After a checkpoint, SQLite truncates a WAL file larger than this: just above the largest
+/// the WAL grows to ([`MAX_WAL_FRAMES`] frames of a 4 KiB page and its 24-byte header), so a
+/// busy log reuses its WAL's blocks instead of truncating them and writing into new ones (a
+/// write into a new block costs the kernel a block allocation and zeroing the page: 10% of the
+/// node's CPU at 25,000 messages a second).
+const WAL_SIZE_LIMIT: i64 = 288 << 20;
 
 /// Copies the WAL back into the database file, on its own thread and connection, after every
 /// [`CHECKPOINT_EVERY`] events and after each sweep (a `PASSIVE` checkpoint: it never blocks
@@ -361,7 +377,7 @@ impl LogWriter {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(drafts.len());
-        let mut touched: Vec<Arc<str>> = Vec::new();
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
         for draft in drafts {
             let written = match draft {
                 Draft::Message {
@@ -449,10 +465,10 @@ impl LogWriter {
             };
             out.push(written);
         }
+        // `rooms.seq` is not written here (see [`ROOM_HEAD`]): the trim keeps the latest
+        // `history_max_len` (at least 1) events, so the highest stored seq stays the head.
         for room in &touched {
             let seq = self.heads[room].seq;
-            tx.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
-                .execute(params![&**room, seq as i64])?;
             let max_len = self.policies.for_room(room).history_max_len;
             if seq > max_len {
                 tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
@@ -567,6 +583,13 @@ fn expire(
                 )?
                 .query_row(params![room, cutoff as i64], |r| r.get(0))
                 .optional()?;
+            if young.is_none() {
+                // Every event goes: the head must outlive them (see [`ROOM_HEAD`]).
+                tx.prepare_cached(&format!(
+                    "UPDATE rooms AS r SET seq = {ROOM_HEAD} WHERE r.room = ?1"
+                ))?
+                .execute(params![room])?;
+            }
             tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
                 .execute(params![room, young.unwrap_or(i64::MAX)])?;
         }
@@ -623,9 +646,9 @@ fn join_history(
     })
 }
 
-fn note(touched: &mut Vec<Arc<str>>, room: &Arc<str>) {
-    if !touched.iter().any(|r| r == room) {
-        touched.push(room.clone());
+fn note(touched: &mut HashSet<Arc<str>>, room: &Arc<str>) {
+    if !touched.contains(room) {
+        touched.insert(room.clone());
     }
 }
 
@@ -636,7 +659,9 @@ fn head_of<'a>(
 ) -> Result<&'a mut RoomHead, StoreError> {
     if !heads.contains_key(room) {
         let found = tx
-            .prepare_cached("SELECT epoch, seq FROM rooms WHERE room = ?1")?
+            .prepare_cached(&format!(
+                "SELECT epoch, {ROOM_HEAD} FROM rooms AS r WHERE r.room = ?1"
+            ))?
             .query_row(params![&**room], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
             })
@@ -770,11 +795,13 @@ impl LogReader {
         })
     }
 
-    /// Every room the log knows (it has had an event or a member), sorted by name. Reads the
-    /// small `rooms` table only, never `events`.
+    /// Every room the log knows (it has had an event or a member), sorted by name, with its
+    /// head: the `rooms` table and one index lookup per room.
     pub fn rooms(&self) -> Result<Vec<StoredRoom>, StoreError> {
         self.with_conn(|conn| {
-            let mut stmt = conn.prepare_cached("SELECT room, seq FROM rooms ORDER BY room")?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT r.room, {ROOM_HEAD} FROM rooms AS r ORDER BY r.room"
+            ))?;
             let rows = stmt.query_map([], |r| {
                 Ok(StoredRoom {
                     room: r.get(0)?,
@@ -869,6 +896,73 @@ mod tests {
         assert_eq!(kept("other"), [1, 2]);
     }
 
+    /// Commits do not write `rooms.seq` (the head is [`ROOM_HEAD`]): a room whose every event
+    /// expired keeps its head across a restart, and the next event takes the next seq, never
+    /// one already shown.
+    #[test]
+    fn a_room_emptied_by_expiry_keeps_its_head_across_a_restart() {
+        use crate::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let mut config = Config::default();
+        config.history.ttl_s = 60;
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let open = || {
+            open_log(
+                &path,
+                Synchronous::Normal,
+                &config.history,
+                policies.clone(),
+            )
+            .unwrap()
+        };
+        let message = |n: usize| Draft::Message {
+            room: "r".into(),
+            user: "u".into(),
+            name: "u".into(),
+            content: format!("m{n}"),
+            client_id: None,
+        };
+        let seqs = |written: Vec<Written>| -> Vec<u64> {
+            written
+                .into_iter()
+                .map(|w| match w {
+                    Written::Event { seq, .. } => seq,
+                    other => panic!("not stored: {other:?}"),
+                })
+                .collect()
+        };
+        let (mut writer, reader) = open();
+        assert_eq!(
+            seqs(
+                writer
+                    .commit(&[message(1), message(2), message(3)])
+                    .unwrap()
+            ),
+            [1, 2, 3]
+        );
+        let head = |reader: &LogReader| reader.rooms().unwrap()[0].seq;
+        assert_eq!(head(&reader), 3, "the head is the highest stored seq");
+        // An hour later every event has expired.
+        let later = now_ms() + 3_600_000;
+        expire(&writer.conn, &policies, &policies.ttls(), 0, later).unwrap();
+        let left: i64 = writer
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "expiry emptied the room");
+        assert_eq!(head(&reader), 3, "the head outlives the events");
+        drop(writer);
+        drop(reader);
+        let (mut writer, reader) = open();
+        assert_eq!(head(&reader), 3);
+        assert_eq!(
+            seqs(writer.commit(&[message(4)]).unwrap()),
+            [4],
+            "seq 4, not seq 1 again"
+        );
+    }
+
     /// The writer never checkpoints (`wal_autocheckpoint = 0`); the checkpointer copies the WAL
     /// back into the database file once [`CHECKPOINT_EVERY`] events are written, so the file
     /// grows while the writer goes on.
@@ -893,7 +987,7 @@ mod tests {
         let before = std::fs::metadata(&path).unwrap().len();
         let room: Arc<str> = "r".into();
         let user: Arc<str> = "u".into();
-        for chunk in 0..CHECKPOINT_EVERY / 100 {
+        for chunk in 0..CHECKPOINT_EVERY.div_ceil(100) {
             let drafts: Vec<Draft> = (0..100)
                 .map(|i| Draft::Message {
                     room: room.clone(),

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::log::{Cursor, Entry, HookLog, LogError, Scan, Slice, Wanted};
+use crate::store::sqlite::ROOM_HEAD;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS webhook_cursors (
@@ -23,14 +24,19 @@ CREATE TABLE IF NOT EXISTS webhook_cursors (
 /// Rooms whose log has gone past their cursor (or restarted under a new epoch), with the
 /// time of their oldest undelivered event. The store's `rooms` and `events` tables are read
 /// as `store::sqlite` writes them.
-const PENDING: &str = "
+fn pending() -> String {
+    format!(
+        "
+WITH r AS (SELECT r.room, r.epoch, {ROOM_HEAD} AS seq FROM rooms AS r)
 SELECT r.room, r.seq, CASE WHEN c.epoch = r.epoch THEN c.seq ELSE 0 END AS done,
     (SELECT e.ts_ms FROM events e WHERE e.room = r.room
         AND e.seq > (CASE WHEN c.epoch = r.epoch THEN c.seq ELSE 0 END)
         ORDER BY e.seq LIMIT 1)
-FROM rooms r LEFT JOIN webhook_cursors c ON c.room = r.room
+FROM r LEFT JOIN webhook_cursors c ON c.room = r.room
 WHERE (c.room IS NULL AND r.seq > 0) OR c.epoch != r.epoch OR c.seq < r.seq
-";
+"
+    )
+}
 
 /// The single node's webhook log.
 pub struct SqliteHookLog {
@@ -79,7 +85,7 @@ impl HookLog for SqliteHookLog {
     async fn scan(&self, wanted: &Wanted<'_>) -> Result<Scan, LogError> {
         let rows: Vec<(String, i64, i64, Option<i64>)> = self
             .with(|conn| {
-                let mut stmt = conn.prepare_cached(PENDING)?;
+                let mut stmt = conn.prepare_cached(&pending())?;
                 let rows =
                     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
                 rows.collect()
@@ -134,7 +140,9 @@ impl HookLog for SqliteHookLog {
             // One read transaction: the head, the epoch and the events agree.
             let tx = conn.transaction()?;
             let head: Option<(String, i64)> = tx
-                .prepare_cached("SELECT epoch, seq FROM rooms WHERE room = ?1")?
+                .prepare_cached(&format!(
+                    "SELECT epoch, {ROOM_HEAD} FROM rooms AS r WHERE r.room = ?1"
+                ))?
                 .query_row(params![room], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let Some((epoch, head)) = head else {
