@@ -148,8 +148,11 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms);
 ";
+
+/// The index [`expire`] reads, kept only while some room has an age limit: without one it
+/// would be one more b-tree insert per event that nothing reads.
+const EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms)";
 
 /// A room's head seq, in a query over `rooms AS r`. Commits do not rewrite `rooms.seq`: in rooms
 /// of two that was one more page written per event (7% of the writer's CPU). The head is the
@@ -270,6 +273,13 @@ pub fn open_log(
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
+    // Built once when an age limit is set on an existing log; dropped when none is left.
+    let ttls = policies.ttls();
+    conn.execute_batch(if ttls.is_empty() {
+        "DROP INDEX IF EXISTS events_ts"
+    } else {
+        EXPIRY_INDEX
+    })?;
     // Checkpoints are the checkpointer's (see the module docs).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // The writer touches the last page of every busy room (in the log and in the client-id
@@ -283,7 +293,7 @@ pub fn open_log(
         checkpointer,
         unchecked: 0,
         heads: HashMap::new(),
-        ttls: policies.ttls(),
+        ttls,
         policies,
         last_sweep_ms: 0,
         on_join: history.on_join,
@@ -858,6 +868,7 @@ mod tests {
         assert_eq!(ttls, [10, 100]);
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(EXPIRY_INDEX).unwrap();
         let add = |room: &str, seq: u64, ts_s: u64| {
             insert(&conn, room, seq, ts_s * 1000, None, None, "{}").unwrap();
         };
@@ -1012,11 +1023,79 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// `events_ts` exists only while some room has an age limit: without one it is not
+    /// written at every event; setting one later builds it, and expiry works on the old events.
+    #[test]
+    fn the_expiry_index_follows_the_age_limits() {
+        use crate::config::{Config, RoomSection};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let has_index = |writer: &LogWriter| -> bool {
+            writer
+                .conn
+                .prepare("SELECT 1 FROM sqlite_master WHERE name = 'events_ts'")
+                .unwrap()
+                .exists([])
+                .unwrap()
+        };
+        let open = |config: &Config| {
+            let policies = Arc::new(Policies::from_config(config).unwrap());
+            open_log(&path, Synchronous::Normal, &config.history, policies).unwrap()
+        };
+        let plain = Config::default();
+        let (mut writer, _) = open(&plain);
+        assert!(!has_index(&writer), "no age limit: no index");
+        let draft = Draft::Message {
+            room: "old-1".into(),
+            user: "u".into(),
+            name: "u".into(),
+            content: "hello".into(),
+            client_id: None,
+        };
+        writer.commit(&[draft]).unwrap();
+        drop(writer);
+        let limited = Config {
+            rooms: vec![RoomSection {
+                pattern: "old-*".into(),
+                history_ttl_s: Some(60),
+                ..RoomSection::default()
+            }],
+            ..Config::default()
+        };
+        let (writer, reader) = open(&limited);
+        assert!(
+            has_index(&writer),
+            "a room has an age limit: the index is built"
+        );
+        let later = now_ms() + 3_600_000;
+        expire(&writer.conn, &writer.policies, &writer.ttls, 0, later).unwrap();
+        assert_eq!(
+            reader
+                .page(
+                    "old-1",
+                    PageQuery {
+                        before: None,
+                        after: None,
+                        limit: 10
+                    }
+                )
+                .unwrap()
+                .frames
+                .len(),
+            0,
+            "the event older than the limit went"
+        );
+        drop(writer);
+        let (writer, _) = open(&plain);
+        assert!(!has_index(&writer), "the limit is gone: so is the index");
+    }
+
     #[test]
     fn dedup_lookup_and_expiry_use_their_indexes() {
         let dir = std::env::temp_dir().join(format!("parley-plan-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let config = crate::config::Config::default();
+        let mut config = crate::config::Config::default();
+        config.history.ttl_s = 3600;
         let (writer, _) = open_log(
             &dir.join("p.db"),
             Synchronous::Normal,
