@@ -117,8 +117,14 @@ impl App {
             let sync = config.store.synchronous;
             let history = config.history.clone();
             let policies = policies.clone();
+            let webhooks = config.webhooks.url.is_some();
             tokio::task::spawn_blocking(move || {
-                store::sqlite::open_log(&path, sync, &history, policies)
+                let (mut writer, reader) =
+                    store::sqlite::open_log(&path, sync, &history, policies)?;
+                if webhooks {
+                    writer.keep_heads_written()?;
+                }
+                Ok::<_, store::sqlite::StoreError>((writer, reader))
             })
             .await??
         };

@@ -23,20 +23,16 @@ CREATE TABLE IF NOT EXISTS webhook_cursors (
 
 /// Rooms whose log has gone past their cursor (or restarted under a new epoch), with the
 /// time of their oldest undelivered event. The store's `rooms` and `events` tables are read
-/// as `store::sqlite` writes them.
-fn pending() -> String {
-    format!(
-        "
-WITH r AS (SELECT r.room, r.epoch, {ROOM_HEAD} AS seq FROM rooms AS r)
+/// as `store::sqlite` writes them: with webhooks on, its writer keeps `rooms.seq` equal to each
+/// room's head (`LogWriter::keep_heads_written`), so this reads one row per room.
+const PENDING: &str = "
 SELECT r.room, r.seq, CASE WHEN c.epoch = r.epoch THEN c.seq ELSE 0 END AS done,
     (SELECT e.ts_ms FROM events e WHERE e.room = r.room
         AND e.seq > (CASE WHEN c.epoch = r.epoch THEN c.seq ELSE 0 END)
         ORDER BY e.seq LIMIT 1)
-FROM r LEFT JOIN webhook_cursors c ON c.room = r.room
+FROM rooms r LEFT JOIN webhook_cursors c ON c.room = r.room
 WHERE (c.room IS NULL AND r.seq > 0) OR c.epoch != r.epoch OR c.seq < r.seq
-"
-    )
-}
+";
 
 /// The single node's webhook log.
 pub struct SqliteHookLog {
@@ -85,7 +81,7 @@ impl HookLog for SqliteHookLog {
     async fn scan(&self, wanted: &Wanted<'_>) -> Result<Scan, LogError> {
         let rows: Vec<(String, i64, i64, Option<i64>)> = self
             .with(|conn| {
-                let mut stmt = conn.prepare_cached(&pending())?;
+                let mut stmt = conn.prepare_cached(PENDING)?;
                 let rows =
                     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
                 rows.collect()
