@@ -309,10 +309,10 @@ async fn sequencer(
 }
 
 /// Presence decides announcements; every request becomes its drafts.
-async fn plan(batch: Vec<Op>, parts: &SequencerParts) -> Planned {
+async fn plan(mut batch: Vec<Op>, parts: &SequencerParts) -> Planned {
     let mut plans = Vec::with_capacity(batch.len());
     let mut drafts = Vec::with_capacity(batch.len() + 1);
-    for op in &batch {
+    for op in &mut batch {
         let plan = match op {
             Op::Join(req, _) => plan_join(req, parts, &mut drafts).await,
             Op::Leave(req, _) => {
@@ -343,7 +343,8 @@ async fn plan(batch: Vec<Op>, parts: &SequencerParts) -> Planned {
                     room: req.room.clone(),
                     user: req.user.clone(),
                     name: req.name.clone(),
-                    content: req.content.clone(),
+                    // The answer needs only the id and the room: the text moves to the log.
+                    content: std::mem::take(&mut req.content),
                     client_id: req.client_id.clone(),
                 });
                 Plan::Publish
