@@ -21,6 +21,7 @@
 mod room;
 mod subscriber;
 mod typing;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -82,6 +83,9 @@ struct Inner {
     nodes: Arc<Nodes>,
     rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
     subscribers: Vec<mpsc::UnboundedSender<SubCmd>>,
+    /// Per shard: the message writer (`writer.rs`), which sends the rooms' runs of messages
+    /// to Redis together.
+    writers: Vec<mpsc::UnboundedSender<writer::Run>>,
     /// Per shard: room for this many publishes still waiting for Redis (backpressure).
     publish_slots: Vec<Arc<Semaphore>>,
     typing: Vec<mpsc::Sender<(Arc<str>, Utf8Bytes)>>,
@@ -113,7 +117,12 @@ impl RedisBroker {
         let mut subscribers = Vec::with_capacity(n);
         let mut typing_rx = Vec::with_capacity(n);
         let mut typing = Vec::with_capacity(n);
+        let mut writer_rx = Vec::with_capacity(n);
+        let mut writers = Vec::with_capacity(n);
         for _ in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            writers.push(tx);
+            writer_rx.push(rx);
             let (tx, rx) = mpsc::unbounded_channel();
             subscribers.push(tx);
             sub_rx.push(rx);
@@ -135,6 +144,7 @@ impl RedisBroker {
             nodes: nodes.clone(),
             rooms: Mutex::new(HashMap::new()),
             subscribers,
+            writers,
             publish_slots: (0..n)
                 .map(|_| Arc::new(Semaphore::new(QUEUE_DEPTH)))
                 .collect(),
@@ -150,6 +160,12 @@ impl RedisBroker {
             inner.tasks.spawn(health.clone().guard(
                 format!("the pub/sub subscriber of shard {}", index + 1),
                 subscriber::run(inner.clone(), index, rx),
+            ));
+        }
+        for (index, rx) in writer_rx.into_iter().enumerate() {
+            inner.tasks.spawn(health.clone().guard(
+                format!("the message writer of shard {}", index + 1),
+                writer::run(inner.clone(), index, rx),
             ));
         }
         for (index, rx) in typing_rx.into_iter().enumerate() {

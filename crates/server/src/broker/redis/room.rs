@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::subscriber::SubCmd;
+use super::writer::Run;
 use super::{entry_seq, field, script_outcome, unavailable, Entries, Inner, Publish};
 use crate::broker::log::{cap_replay, DEDUP_WINDOW};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, Posted};
@@ -304,13 +305,20 @@ impl RoomActor {
                 }
             })
             .collect();
-        let refs: Vec<&Msg> = ops.iter().collect();
-        let started = Instant::now();
-        let shard = self.inner.shards.for_room(&self.room);
-        let result = script::run_batch(shard, &refs).await;
-        Metrics::observe(&parts.metrics.store_commit, started.elapsed());
-        drop(refs);
+        let msgs = ops.iter().map(Msg::prepare).collect();
         drop(ops);
+        let started = Instant::now();
+        // The shard's writer sends this run with other rooms' in one script call.
+        let (done, answer) = oneshot::channel();
+        let index = self.inner.shards.index_of(&self.room);
+        let _ = self.inner.writers[index].send(Run { msgs, done });
+        let result = answer.await.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the message writer stopped",
+            )))
+        });
+        Metrics::observe(&parts.metrics.store_commit, started.elapsed());
         // Stored in the room's new epoch (Redis came back with less) while the members here
         // are in the old one, where that seq may name another event: they are closed with 4009
         // before any answer (an ack to a closed connection is dropped), resume in the new epoch
