@@ -225,9 +225,24 @@ impl Inner {
                 .arg(500)
                 .query_async(&mut scan)
                 .await?;
+            // A room with people is kept, and the script would only find that out: one
+            // pipeline of EXISTS leaves those out (the script checks again, atomically, for the
+            // rest). With thousands of busy rooms, a script call per room and pass cost Redis
+            // more than the messages of some of them.
+            let mut exists = redis::pipe();
+            for room in &rooms {
+                exists.cmd("EXISTS").arg(keys::users(room));
+            }
+            let occupied: Vec<bool> = if rooms.is_empty() {
+                Vec::new()
+            } else {
+                exists.query_async(&mut scan).await?
+            };
             let ops: Vec<Sweep<'_>> = rooms
                 .iter()
-                .map(|room| Sweep {
+                .zip(&occupied)
+                .filter(|(_, occupied)| !**occupied)
+                .map(|(room, _)| Sweep {
                     room,
                     node: &self.parts.node,
                     empty_ttl_s,
