@@ -2,7 +2,8 @@
 //!
 //! - **One ordered path per room.** Every request on a room (join, leave, publish, presence
 //!   repair) goes to the room's actor on this node (`room.rs`), which runs them in arrival
-//!   order; consecutive publishes go to Redis together in one pipeline (a group commit). So a
+//!   order; consecutive publishes go as one run to the shard's message writer (`writer.rs`),
+//!   which sends the runs of all rooms together in one script call (a group commit). So a
 //!   `send` followed by a `leave` on one connection is sequenced first and acked first.
 //! - **Sequencing.** The Lua scripts ([`crate::cluster::script`]) do the de-duplication check,
 //!   create the room's epoch when missing, INCR the seq, build the frame from a node-computed

@@ -1,6 +1,6 @@
 //! The room actor: one task per room in use on this node, the room's one ordered path. It runs
-//! the room's requests (join, leave, publish, presence repair) in arrival order, batching
-//! consecutive publishes into one pipeline, and feeds the room's events from pub/sub to the
+//! the room's requests (join, leave, publish, presence repair) in arrival order, handing
+//! consecutive publishes as one run to the shard's message writer, and feeds the room's events from pub/sub to the
 //! hub strictly by seq: an event that skips ahead makes it XRANGE the missing seqs from the
 //! stream first, and when it cannot (trimmed, another epoch, Redis away) the room's local
 //! members are closed with 4009 so they resume with `since`. The hub owns the members and the
@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::outbound::Batch;
 use crate::policy::RoomPolicy;
 
-/// Most publishes one pipeline carries.
+/// Most publishes one run carries.
 const MAX_BATCH: usize = 256;
 /// How long the actor waits for pub/sub to bring an event it knows exists before it reads the
 /// stream instead.
@@ -229,7 +229,7 @@ impl RoomActor {
                 }
             }
             RoomCmd::Publish(first) => {
-                // The publishes queued right behind this one go in the same pipeline; the
+                // The publishes queued right behind this one go in the same run; the
                 // first other request waits for them, in its place.
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -267,8 +267,9 @@ impl RoomActor {
         Ok(())
     }
 
-    /// Stores a run of messages in one pipeline, in order, and answers each: the ack (or the
-    /// error) is queued once Redis has stored it. Delivery follows through pub/sub.
+    /// Stores a run of messages (through the shard's writer, with other rooms' runs), in order,
+    /// and answers each: the ack (or the error) is queued once Redis has stored it. Delivery
+    /// follows through pub/sub.
     async fn publish(&mut self, batch: Vec<Publish>) {
         let inner = self.inner.clone();
         let parts = &inner.parts;
