@@ -130,6 +130,11 @@ pub fn node_reaper(node: &str) -> String {
     format!("parley:node:{node}:reaper")
 }
 
+/// In a batch of messages (`lua/msgs.lua`), the keys each message after the first passes: its
+/// room's, by their [`ScriptKeys`] names, in this order (the first message passes all of its
+/// [`ScriptKeys`]; the others are the shard's, the same for every message of a node).
+pub const BATCH_ROOM_KEYS: [&str; 6] = ["seq", "epoch", "log", "channel", "dedup", "room_gen"];
+
 /// The keys every script receives, in this order (`KEYS[1]`..): the Lua names them with the
 /// same list (`lua/lib.lua`, checked by a test).
 pub struct ScriptKeys {

@@ -18,23 +18,30 @@ use std::sync::LazyLock;
 
 use redis::{FromRedisValue, RedisResult, Script, Value};
 
-use super::keys::ScriptKeys;
+use super::keys::{ScriptKeys, BATCH_ROOM_KEYS};
 use super::Shard;
 
 macro_rules! op_script {
     ($file:literal) => {
+        op_script!($file, "false")
+    };
+    ($file:literal, $batch:literal) => {
         LazyLock::new(|| {
             Script::new(concat!(
+                "local BATCH = ",
+                $batch,
+                "\n",
                 include_str!("lua/lib.lua"),
                 "local function op()\n",
                 include_str!(concat!("lua/", $file, ".lua")),
-                "\nend\nreturn {op(), redis.call('GET', K.events) or '0'}\n"
+                "\nend\nreturn {op(), events_now()}\n"
             ))
         })
     };
 }
 
 static MSG: LazyLock<Script> = op_script!("msg");
+static MSGS: LazyLock<Script> = op_script!("msgs", "true");
 static JOIN: LazyLock<Script> = op_script!("join");
 static LEAVE: LazyLock<Script> = op_script!("leave");
 static REAP: LazyLock<Script> = op_script!("reap");
@@ -138,6 +145,117 @@ impl Op for Msg<'_> {
             outcome,
         })
     }
+}
+
+impl Msg<'_> {
+    /// The message's keys and arguments, owned, for a batch ([`run_msgs`]).
+    pub fn prepare(&self) -> PreparedMsg {
+        PreparedMsg {
+            keys: self.keys().keys.into_iter().map(|(_, key)| key).collect(),
+            args: self.args().into_iter().map(|(_, value)| value).collect(),
+        }
+    }
+}
+
+/// A [`Msg`] ready to go to Redis with others in one call of `lua/msgs.lua`: its keys in
+/// [`ScriptKeys`] order and its arguments in [`Msg`]'s order.
+pub struct PreparedMsg {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+/// Where each of [`BATCH_ROOM_KEYS`] is in [`ScriptKeys`].
+static BATCH_ROOM_INDEX: LazyLock<Vec<usize>> = LazyLock::new(|| {
+    let names: Vec<&str> = ScriptKeys::new("r", "n", None)
+        .keys
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    BATCH_ROOM_KEYS
+        .iter()
+        .map(|k| {
+            names
+                .iter()
+                .position(|n| n == k)
+                .expect("a ScriptKeys name")
+        })
+        .collect()
+});
+
+/// One `EVALSHA` of `lua/msgs.lua` carrying every message of `msgs` (not empty): KEYS are the
+/// first message's keys, then each further message's [`BATCH_ROOM_KEYS`]; ARGV each message's
+/// arguments in turn, then the events this node has seen the shard hold.
+fn msgs_command(msgs: &[PreparedMsg], events_seen: u64) -> redis::Cmd {
+    let first = &msgs[0];
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(MSGS.get_hash())
+        .arg(first.keys.len() + (msgs.len() - 1) * BATCH_ROOM_KEYS.len());
+    for key in &first.keys {
+        cmd.arg(key);
+    }
+    for msg in &msgs[1..] {
+        for &i in BATCH_ROOM_INDEX.iter() {
+            cmd.arg(&msg.keys[i]);
+        }
+    }
+    for msg in msgs {
+        for value in &msg.args {
+            cmd.arg(value);
+        }
+    }
+    cmd.arg(events_seen);
+    cmd
+}
+
+fn is_noscript_error(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Sequences `msgs` (of any rooms of the shard) in one script call, in order: one Redis
+/// round trip and one run-id check for all of them. One reply per message: `Err` with the
+/// script's error text for a message that failed on its own; the outer `Err` when the call
+/// did not go through at all (then it did nothing, or its answer was lost). On `NOSCRIPT` the
+/// script is loaded and the call made again (a call that met NOSCRIPT did nothing).
+pub async fn run_msgs(
+    shard: &Shard,
+    msgs: &[PreparedMsg],
+) -> RedisResult<Vec<Result<MsgReply, String>>> {
+    if msgs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = shard.conn.clone();
+    let value: Value = match msgs_command(msgs, shard.events_seen())
+        .query_async(&mut conn)
+        .await
+    {
+        Err(e) if is_noscript_error(&e) => {
+            MSGS.load_async(&mut conn).await?;
+            msgs_command(msgs, shard.events_seen())
+                .query_async(&mut conn)
+                .await?
+        }
+        other => other?,
+    };
+    let (replies, events): (Vec<Value>, u64) = FromRedisValue::from_redis_value(value)?;
+    shard.saw_events(events);
+    if replies.len() != msgs.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "msgs: one reply per message expected",
+        )));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|value| match value {
+            // `{0, '', 3, error}`: this message failed on its own.
+            Value::Array(ref fields) if fields.len() == 4 => {
+                let (_, _, _, why): (u64, String, u8, String) =
+                    FromRedisValue::from_redis_value(value).map_err(|e| e.to_string())?;
+                Err(why)
+            }
+            value => Msg::reply(value).map_err(|e| e.to_string()),
+        })
+        .collect())
 }
 
 /// `join`: a connection joins; presence, the join event, head and history in one step.
@@ -619,5 +737,22 @@ mod tests {
         for (source, rust) in cases {
             assert_eq!(lua_names(source, "local a = args"), rust);
         }
+        // A batch names each message's arguments as msg.lua does.
+        assert_eq!(
+            lua_names(include_str!("lua/msgs.lua"), "local a = args_of(i)"),
+            names(msg.args())
+        );
+    }
+
+    #[test]
+    fn a_batch_names_each_further_message_s_room_keys_in_the_same_order() {
+        let msgs = include_str!("lua/msgs.lua");
+        assert_eq!(lua_names(msgs, "local room_keys = "), BATCH_ROOM_KEYS);
+        let all = ScriptKeys::new("r", "n", None).keys.len();
+        assert!(
+            msgs.contains(&format!("#KEYS ~= {all} + (n - 1)"))
+                && msgs.contains(&format!("local at = {all} + ")),
+            "msgs.lua counts the first message's {all} keys"
+        );
     }
 }

@@ -1417,3 +1417,35 @@ async fn a_send_that_starts_a_new_epoch_is_not_acked_in_the_old_one() {
     assert_eq!(ack["duplicate"], true, "{ack}");
     assert_eq!(common::seq(&ack), saved + 1, "{ack}");
 }
+
+/// The sweep of empty rooms leaves the rooms with people out before it runs its script: with
+/// thousands of busy rooms, one script call per room and pass cost Redis a tenth of its CPU at
+/// 13,000 messages a second (issue #13). An empty room is still swept (conformance.rs
+/// `empty_rooms_are_forgotten`).
+#[tokio::test]
+async fn the_sweep_runs_no_script_for_rooms_with_people() {
+    let redis = RedisServer::start();
+    let server = TestServer::builder()
+        .set(
+            "redis.urls",
+            toml::Value::Array(vec![toml::Value::from(redis.url())]),
+        )
+        .set("history.empty_room_ttl_s", 4)
+        .start()
+        .await;
+    let mut alice = server.user("alice").await;
+    for room in ["s1", "s2", "s3"] {
+        alice.join(room).await;
+    }
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    // A pass every second (a quarter of the ttl, at least 1 s): two or more.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_sscan:"), "the sweep ran: {stats}");
+    assert!(
+        !stats.contains("cmdstat_evalsha:"),
+        "no script for rooms with people: {stats}"
+    );
+    alice.close().await;
+    server.shutdown().await.unwrap();
+}

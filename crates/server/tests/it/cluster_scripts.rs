@@ -299,6 +299,102 @@ async fn every_op_through_its_typed_structs() {
 
 /// The Lua announce rule on the same cases as `broker::log::announce`: each case sets up a
 /// fresh room with the people it needs, then joins or leaves the subject with `announce_max`.
+/// From `INFO commandstats`: how many times `command` ran since the last `CONFIG RESETSTAT`.
+fn calls(info: &str, command: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_batch_of_messages_of_several_rooms_is_one_call_with_one_run_id_check() {
+    let redis = RedisServer::start();
+    let shards = Shards::open(&[redis.url()]).unwrap();
+    let shard = &shards.shards[0];
+    let conn = &shard.conn;
+    // Load the script (a first call meets NOSCRIPT), then count from zero.
+    let warm = script::run_msgs(shard, &[msg("warm", "u", "", "x").prepare()])
+        .await
+        .unwrap();
+    assert_eq!(warm[0].as_ref().unwrap().seq, 1);
+    let _: () = cmd(conn, &["CONFIG", "RESETSTAT"]).await;
+    // Room "c" holds a key of the wrong type where its log goes: its message fails alone.
+    let _: () = cmd(conn, &["SET", &keys::log("c"), "not a stream"]).await;
+
+    let batch = [
+        msg("a", "alice", "c-1", "hello"),
+        msg("b", "alice", "c-1", "hi"),
+        msg("a", "alice", "c-1", "hello"),
+        msg("c", "carol", "", "lost"),
+        msg("a", "alice", "c-1", "other"),
+        msg("b", "bob", "", "no id"),
+    ];
+    let prepared: Vec<_> = batch.iter().map(Msg::prepare).collect();
+    let replies = script::run_msgs(shard, &prepared).await.unwrap();
+    let stored = |seq| {
+        Ok(MsgReply {
+            seq,
+            epoch: "ep0".into(),
+            outcome: MsgOutcome::Stored,
+        })
+    };
+    assert_eq!(replies[0], stored(1));
+    assert_eq!(
+        replies[1],
+        stored(1),
+        "another room, its own seqs and client ids"
+    );
+    assert_eq!(
+        replies[2],
+        Ok(MsgReply {
+            seq: 1,
+            epoch: "ep0".into(),
+            outcome: MsgOutcome::Duplicate
+        }),
+        "a resend in the same batch"
+    );
+    assert!(
+        replies[3].as_ref().is_err_and(|e| e.contains("WRONGTYPE")),
+        "{:?}",
+        replies[3]
+    );
+    assert_eq!(
+        replies[4],
+        Ok(MsgReply {
+            seq: 0,
+            epoch: "ep0".into(),
+            outcome: MsgOutcome::Conflict
+        }),
+        "the messages after a failed one still run"
+    );
+    assert_eq!(replies[5], stored(2));
+    let frames: Vec<(String, Vec<(String, String)>)> =
+        cmd(conn, &["XRANGE", &keys::log("b"), "-", "+"]).await;
+    let frame = |i: usize| {
+        frames[i]
+            .1
+            .iter()
+            .find(|(k, _)| k == "f")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frame(0), "{\"content\":\"hi\",\"seq\":1}");
+    assert_eq!(frame(1), "{\"content\":\"no id\",\"seq\":2}");
+    let a_len: u64 = cmd(conn, &["XLEN", &keys::log("a")]).await;
+    assert_eq!(a_len, 1);
+    // One script call for the six; the run id (INFO) and the clock (TIME) read once.
+    let info: String = cmd(conn, &["INFO", "commandstats"]).await;
+    assert_eq!(calls(&info, "evalsha"), 1);
+    assert_eq!(calls(&info, "info"), 1);
+    assert_eq!(calls(&info, "time"), 1);
+    // The shard's event count: the warm-up's and the three stored here.
+    let events: u64 = cmd(conn, &["GET", keys::EVENTS]).await;
+    assert_eq!(events, 4);
+    assert_eq!(shard.events_seen(), 4);
+}
+
 #[tokio::test]
 async fn the_lua_announce_rule_matches_announce() {
     let redis = RedisServer::start();

@@ -2,7 +2,8 @@
 //!
 //! - **One ordered path per room.** Every request on a room (join, leave, publish, presence
 //!   repair) goes to the room's actor on this node (`room.rs`), which runs them in arrival
-//!   order; consecutive publishes go to Redis together in one pipeline (a group commit). So a
+//!   order; consecutive publishes go as one run to the shard's message writer (`writer.rs`),
+//!   which sends the runs of all rooms together in one script call (a group commit). So a
 //!   `send` followed by a `leave` on one connection is sequenced first and acked first.
 //! - **Sequencing.** The Lua scripts ([`crate::cluster::script`]) do the de-duplication check,
 //!   create the room's epoch when missing, INCR the seq, build the frame from a node-computed
@@ -21,6 +22,7 @@
 mod room;
 mod subscriber;
 mod typing;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -82,6 +84,9 @@ struct Inner {
     nodes: Arc<Nodes>,
     rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
     subscribers: Vec<mpsc::UnboundedSender<SubCmd>>,
+    /// Per shard: the message writer (`writer.rs`), which sends the rooms' runs of messages
+    /// to Redis together.
+    writers: Vec<mpsc::UnboundedSender<writer::Run>>,
     /// Per shard: room for this many publishes still waiting for Redis (backpressure).
     publish_slots: Vec<Arc<Semaphore>>,
     typing: Vec<mpsc::Sender<(Arc<str>, Utf8Bytes)>>,
@@ -113,7 +118,12 @@ impl RedisBroker {
         let mut subscribers = Vec::with_capacity(n);
         let mut typing_rx = Vec::with_capacity(n);
         let mut typing = Vec::with_capacity(n);
+        let mut writer_rx = Vec::with_capacity(n);
+        let mut writers = Vec::with_capacity(n);
         for _ in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            writers.push(tx);
+            writer_rx.push(rx);
             let (tx, rx) = mpsc::unbounded_channel();
             subscribers.push(tx);
             sub_rx.push(rx);
@@ -135,6 +145,7 @@ impl RedisBroker {
             nodes: nodes.clone(),
             rooms: Mutex::new(HashMap::new()),
             subscribers,
+            writers,
             publish_slots: (0..n)
                 .map(|_| Arc::new(Semaphore::new(QUEUE_DEPTH)))
                 .collect(),
@@ -150,6 +161,12 @@ impl RedisBroker {
             inner.tasks.spawn(health.clone().guard(
                 format!("the pub/sub subscriber of shard {}", index + 1),
                 subscriber::run(inner.clone(), index, rx),
+            ));
+        }
+        for (index, rx) in writer_rx.into_iter().enumerate() {
+            inner.tasks.spawn(health.clone().guard(
+                format!("the message writer of shard {}", index + 1),
+                writer::run(inner.clone(), index, rx),
             ));
         }
         for (index, rx) in typing_rx.into_iter().enumerate() {
@@ -209,9 +226,24 @@ impl Inner {
                 .arg(500)
                 .query_async(&mut scan)
                 .await?;
+            // A room with people is kept, and the script would only find that out: one
+            // pipeline of EXISTS leaves those out (the script checks again, atomically, for the
+            // rest). With thousands of busy rooms, a script call per room and pass cost Redis
+            // more than the messages of some of them.
+            let mut exists = redis::pipe();
+            for room in &rooms {
+                exists.cmd("EXISTS").arg(keys::users(room));
+            }
+            let occupied: Vec<bool> = if rooms.is_empty() {
+                Vec::new()
+            } else {
+                exists.query_async(&mut scan).await?
+            };
             let ops: Vec<Sweep<'_>> = rooms
                 .iter()
-                .map(|room| Sweep {
+                .zip(&occupied)
+                .filter(|(_, occupied)| !**occupied)
+                .map(|(room, _)| Sweep {
                     room,
                     node: &self.parts.node,
                     empty_ttl_s,

@@ -1,6 +1,6 @@
 //! The room actor: one task per room in use on this node, the room's one ordered path. It runs
-//! the room's requests (join, leave, publish, presence repair) in arrival order, batching
-//! consecutive publishes into one pipeline, and feeds the room's events from pub/sub to the
+//! the room's requests (join, leave, publish, presence repair) in arrival order, handing
+//! consecutive publishes as one run to the shard's message writer, and feeds the room's events from pub/sub to the
 //! hub strictly by seq: an event that skips ahead makes it XRANGE the missing seqs from the
 //! stream first, and when it cannot (trimmed, another epoch, Redis away) the room's local
 //! members are closed with 4009 so they resume with `since`. The hub owns the members and the
@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::subscriber::SubCmd;
+use super::writer::Run;
 use super::{entry_seq, field, script_outcome, unavailable, Entries, Inner, Publish};
 use crate::broker::log::{cap_replay, DEDUP_WINDOW};
 use crate::broker::{BrokerError, JoinRequest, LeaveRequest, Posted};
@@ -34,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::outbound::Batch;
 use crate::policy::RoomPolicy;
 
-/// Most publishes one pipeline carries.
+/// Most publishes one run carries.
 const MAX_BATCH: usize = 256;
 /// How long the actor waits for pub/sub to bring an event it knows exists before it reads the
 /// stream instead.
@@ -228,7 +229,7 @@ impl RoomActor {
                 }
             }
             RoomCmd::Publish(first) => {
-                // The publishes queued right behind this one go in the same pipeline; the
+                // The publishes queued right behind this one go in the same run; the
                 // first other request waits for them, in its place.
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -266,8 +267,9 @@ impl RoomActor {
         Ok(())
     }
 
-    /// Stores a run of messages in one pipeline, in order, and answers each: the ack (or the
-    /// error) is queued once Redis has stored it. Delivery follows through pub/sub.
+    /// Stores a run of messages (through the shard's writer, with other rooms' runs), in order,
+    /// and answers each: the ack (or the error) is queued once Redis has stored it. Delivery
+    /// follows through pub/sub.
     async fn publish(&mut self, batch: Vec<Publish>) {
         let inner = self.inner.clone();
         let parts = &inner.parts;
@@ -304,13 +306,20 @@ impl RoomActor {
                 }
             })
             .collect();
-        let refs: Vec<&Msg> = ops.iter().collect();
-        let started = Instant::now();
-        let shard = self.inner.shards.for_room(&self.room);
-        let result = script::run_batch(shard, &refs).await;
-        Metrics::observe(&parts.metrics.store_commit, started.elapsed());
-        drop(refs);
+        let msgs = ops.iter().map(Msg::prepare).collect();
         drop(ops);
+        let started = Instant::now();
+        // The shard's writer sends this run with other rooms' in one script call.
+        let (done, answer) = oneshot::channel();
+        let index = self.inner.shards.index_of(&self.room);
+        let _ = self.inner.writers[index].send(Run { msgs, done });
+        let result = answer.await.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the message writer stopped",
+            )))
+        });
+        Metrics::observe(&parts.metrics.store_commit, started.elapsed());
         // Stored in the room's new epoch (Redis came back with less) while the members here
         // are in the old one, where that seq may name another event: they are closed with 4009
         // before any answer (an ack to a closed connection is dropped), resume in the new epoch

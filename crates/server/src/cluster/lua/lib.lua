@@ -6,19 +6,28 @@
 --   op in a function and answers {op's reply, the shard's event count (K.events)};
 -- * the last ARGV is the most events the calling node has seen the shard hold; it is taken
 --   off here, before the op names its own.
+-- * A batch (msgs.lua, several messages of any rooms in one call; script.rs sets BATCH for
+--   it) has the first message's keys named as above, then each further message's room keys
+--   (`cluster::keys::BATCH_ROOM_KEYS`), and each message's ARGV in turn.
 -- Unit tests compare both name lists with the Rust structs; tests/cluster_scripts.rs runs
 -- every op against a real redis-server through the structs.
-local function named(values, names, what)
+local function named(values, names, at)
+  local out = {}
+  for i, name in ipairs(names) do out[name] = values[at + i] end
+  return out
+end
+local function exactly(values, names, what)
   if #values ~= #names then
     error(what .. ': expected ' .. #names .. ', got ' .. #values)
   end
-  local out = {}
-  for i, name in ipairs(names) do out[name] = values[i] end
-  return out
+  return named(values, names, 0)
 end
-local function keys(names) return named(KEYS, names, 'KEYS') end
+local function keys(names)
+  if BATCH then return named(KEYS, names, 0) end
+  return exactly(KEYS, names, 'KEYS')
+end
 local events_seen = tonumber(table.remove(ARGV)) or 0
-local function args(names) return named(ARGV, names, 'ARGV') end
+local function args(names) return exactly(ARGV, names, 'ARGV') end
 local K = keys{'seq', 'epoch', 'log', 'users', 'channel', 'rooms', 'nodes', 'presence',
   'node_rooms', 'alive', 'dedup', 'room_gen', 'run', 'durable', 'gen', 'active', 'events'}
 
@@ -35,7 +44,11 @@ local function fmt(n) return string.format('%d', n) end
 -- the most it has seen the shard hold (events_seen): fewer now means events were lost, and
 -- the generation goes up just the same. K.events then goes on from what the node saw, so the
 -- other nodes do not renew the epochs again for the same loss.
+-- Checked once per script call (the answer is kept for the rest of the call, which no restart
+-- can interrupt): a batch of messages pays for `INFO server` once, not per message.
+local checked_gen, checked_run = nil, nil
 local function generation()
+  if checked_gen then return checked_gen, checked_run end
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
   local was = redis.call('GET', K.run)
   local lost = false
@@ -54,14 +67,16 @@ local function generation()
     lost = true
   end
   if lost then redis.call('INCR', K.gen) end
-  return redis.call('GET', K.gen) or '0', run
+  checked_gen, checked_run = redis.call('GET', K.gen) or '0', run
+  return checked_gen, checked_run
 end
 -- The room's epoch (nil when it has none), renewed first if Redis may have lost some of its
 -- events since it was made; and the generation.
 local function room_epoch()
-  local e = redis.call('GET', K.epoch)
+  local got = redis.call('MGET', K.epoch, K.room_gen)
+  local e, room_gen = got[1], got[2]
   local gen, run = generation()
-  if e and (redis.call('GET', K.room_gen) or '0') ~= gen then
+  if e and (room_gen or '0') ~= gen then
     local renewed = string.sub(run, 1, 8)
     if renewed == e then renewed = string.sub(run, 9, 16) end
     e = renewed
@@ -80,9 +95,14 @@ local function epoch_of(candidate)
   end
   return e
 end
+-- Redis's clock, read once per script call.
+local clock = nil
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not clock then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock
 end
 local function entry_seq(id) return tonumber(string.match(id, '^(%d+)')) end
 -- The announce rule, as `broker::log::announce` defines it (a table-driven test runs both on
@@ -124,12 +144,25 @@ local function retain(max_len, ttl)
   redis.call('XTRIM', K.log, 'MAXLEN', max_len)
   trim(ttl)
 end
--- Sequences, stores and publishes one event; retention is the caller's.
-local function add_event(e, prefix, suffix, ttl)
+-- Events this call stored: K.events goes up by as many when the call ends (`events_now`).
+local added = 0
+-- The shard's event count after this call.
+local function events_now()
+  if added > 0 then return redis.call('INCRBY', K.events, added) end
+  return redis.call('GET', K.events) or '0'
+end
+-- Sequences, stores and publishes one event; retention is the caller's, but with `max_len`
+-- the stream is cut to it in the same XADD (as `XTRIM MAXLEN` after it would).
+local function add_event(e, prefix, suffix, ttl, max_len)
   local seq = redis.call('INCR', K.seq)
-  redis.call('INCR', K.events)
   local frame = prefix .. fmt(seq) .. suffix
-  redis.call('XADD', K.log, fmt(seq) .. '-0', 'f', frame, 'e', e, 't', fmt(now_ms()))
+  if max_len then
+    redis.call('XADD', K.log, 'MAXLEN', max_len, fmt(seq) .. '-0', 'f', frame, 'e', e, 't',
+      fmt(now_ms()))
+  else
+    redis.call('XADD', K.log, fmt(seq) .. '-0', 'f', frame, 'e', e, 't', fmt(now_ms()))
+  end
+  added = added + 1
   if tonumber(ttl) > 0 then
     -- Every event is older than ttl once the room has been idle that long.
     redis.call('EXPIRE', K.log, ttl)
@@ -138,8 +171,8 @@ local function add_event(e, prefix, suffix, ttl)
   return seq
 end
 local function append(e, prefix, suffix, max_len, ttl)
-  local seq = add_event(e, prefix, suffix, ttl)
-  retain(max_len, ttl)
+  local seq = add_event(e, prefix, suffix, ttl, max_len)
+  trim(ttl)
   return seq
 end
 local function frames(entries)
@@ -179,4 +212,27 @@ local function remove(room, user, count)
   -- The room may be empty from now on (see sweep.lua).
   if after == 0 then redis.call('SET', K.active, fmt(now_ms())) end
   return true, after
+end
+-- A chat message (msg.lua, and each message of msgs.lua) -> {seq, epoch, outcome}: outcome 0
+-- stored now, 1 a resend of the same content under this client id (seq is the original's,
+-- nothing stored), 2 the id holds other content (seq 0, nothing stored).
+local function message(a)
+  if a.client_id ~= '' then
+    local orig = redis.call('GET', K.dedup)
+    if orig then
+      -- Like one node: a message dropped by retention no longer de-duplicates.
+      local got = redis.call('XRANGE', K.log, orig .. '-0', orig .. '-0')
+      if #got > 0 then
+        local e = room_epoch() or ''
+        local stored = cjson.decode(frames(got)[1])
+        if stored.content == a.content then return {tonumber(orig), e, 1} end
+        return {0, e, 2}
+      end
+    end
+  end
+  local e = epoch_of(a.epoch_candidate)
+  local seq = append(e, a.prefix, a.suffix, a.max_len, a.ttl_s)
+  if a.client_id ~= '' then redis.call('SET', K.dedup, seq, 'EX', a.dedup_window_s) end
+  redis.call('SADD', K.rooms, a.room)
+  return {seq, e, 0}
 end
