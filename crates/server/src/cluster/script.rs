@@ -164,6 +164,13 @@ pub struct PreparedMsg {
     args: Vec<String>,
 }
 
+impl PreparedMsg {
+    /// The bytes of its keys and arguments: what it adds to a call.
+    pub fn bytes(&self) -> usize {
+        self.keys.iter().chain(&self.args).map(String::len).sum()
+    }
+}
+
 /// Where each of [`BATCH_ROOM_KEYS`] is in [`ScriptKeys`].
 static BATCH_ROOM_INDEX: LazyLock<Vec<usize>> = LazyLock::new(|| {
     let names: Vec<&str> = ScriptKeys::new("r", "n", None)

@@ -355,7 +355,7 @@ impl RoomActor {
             Err(e) => {
                 warn!(room = %self.room, error = %e, "redis send batch failed");
                 let err = unavailable(format!(
-                    "{}; the message was not stored, retry",
+                    "{}; the message may not have been stored, retry (with its id it is not stored twice)",
                     cluster::reason(&e)
                 ));
                 batch.iter().map(|_| Err(err.clone())).collect()
