@@ -329,6 +329,13 @@ impl Outbound {
         if let Some(code) = state.closed {
             return Progress::Closed(code);
         }
+        if state.in_batch {
+            // A batch holds the writes and writes them ([`Batch::write`]), waking this task
+            // if the socket is full then. Reporting `Blocked` here made the task wait for a
+            // socket that is writable, at once, again and again, for as long as the batch was
+            // held (a cluster room actor awaiting Redis holds one): a core spent spinning.
+            return Progress::Done;
+        }
         state.blocked = false;
         self.write_locked(&mut state);
         progress(&state)
@@ -562,6 +569,25 @@ mod tests {
         let mut buf = [0u8; 4];
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, &[0x81, 2, b'h', b'i']);
+    }
+
+    /// While a batch holds a connection's writes, its own task has nothing to do: `Done`, not
+    /// `Blocked` (which sent it to wait for a writable socket, in a loop that never waited).
+    #[tokio::test]
+    async fn frames_held_by_a_batch_are_the_batchs_to_write() {
+        let (out, mut client) = pair(QueueBounds {
+            frames: 10,
+            bytes: 100,
+        })
+        .await;
+        let mut batch = Batch::default();
+        assert!(out.push_in(Utf8Bytes::from("a"), &mut batch));
+        assert_eq!(out.write_pending(), Progress::Done, "the batch writes it");
+        batch.write();
+        assert_eq!(out.write_pending(), Progress::Done);
+        let mut buf = [0u8; 3];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, &[0x81, 1, b'a']);
     }
 
     #[tokio::test]
