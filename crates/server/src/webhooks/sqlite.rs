@@ -11,7 +11,6 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::log::{Cursor, Entry, HookLog, LogError, Scan, Slice, Wanted};
-use crate::store::sqlite::ROOM_HEAD;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS webhook_cursors (
@@ -136,9 +135,7 @@ impl HookLog for SqliteHookLog {
             // One read transaction: the head, the epoch and the events agree.
             let tx = conn.transaction()?;
             let head: Option<(String, i64)> = tx
-                .prepare_cached(&format!(
-                    "SELECT epoch, {ROOM_HEAD} FROM rooms AS r WHERE r.room = ?1"
-                ))?
+                .prepare_cached("SELECT epoch, seq FROM rooms WHERE room = ?1")?
                 .query_row(params![room], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let Some((epoch, head)) = head else {
