@@ -17,16 +17,8 @@
 # delivery), bench CPU (% of a core). The machine is shared: read `load` (the 1-minute load
 # average before the run) beside each row.
 set -euo pipefail
-BIN=${BIN:-target/release}
-DURATION=${DURATION:-30}
-OUT=${OUT:-$(mktemp -d /tmp/bench-chat.XXXXXX)}
-SECRET=bench-secret-0123456789abcdef0123456789ab
-mkdir -p "$OUT"
-ulimit -n 20000
-[ -x "$BIN/parley" ] && [ -x "$BIN/parley-bench" ] || {
-  echo "build first: cargo build --release -p parley -p parley-bench" >&2
-  exit 1
-}
+. "$(dirname "$0")/bench-common.sh"
+bench_setup bench-chat
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(dm6k dm13k dm13k-normal dm25k fanout2k fanout5k)
 

@@ -22,16 +22,8 @@
 # joins included, which differs from acked when acks were lost to timeouts), bench CPU. `load` is the 1-minute load average
 # just before the run: the machine may be shared, so read CPU per message before latency.
 set -euo pipefail
-BIN=${BIN:-target/release}
-DURATION=${DURATION:-30}
-OUT=${OUT:-$(mktemp -d /tmp/bench-cluster.XXXXXX)}
-SECRET=bench-secret-0123456789abcdef0123456789ab
-mkdir -p "$OUT"
-ulimit -n 20000
-[ -x "$BIN/parley" ] && [ -x "$BIN/parley-bench" ] || {
-  echo "build first: cargo build --release -p parley -p parley-bench" >&2
-  exit 1
-}
+. "$(dirname "$0")/bench-common.sh"
+bench_setup bench-cluster
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(dm13k dm25k)
 TICK=$(getconf CLK_TCK)
