@@ -27,7 +27,9 @@ run_one() {
   local name=$1
   port=$((port + 1))
   local db="$OUT/$name.db" extra=() kind=chat args=()
-  rm -f "$db" "$db"-wal "$db"-shm
+  rm -f "$db" "$db"-wal "$db"-shm "$db"-acks
+  # PARLEY_ARGS: more server options for every run, e.g. "--set store.settle_ms=50".
+  read -r -a more <<<"${PARLEY_ARGS:-}"; extra+=("${more[@]}")
   case $name in
     dm6k) args=(--send-min-s 1 --send-max-s 2) ;;
     dm13k) args=(--send-min-s 0.5 --send-max-s 1.0) ;;

@@ -8,7 +8,8 @@
 //! cargo run --release -p parley --example store_load -- [ROOMS] [BATCH] [MESSAGES] [ids]
 //! ```
 //! Defaults: 5,000 rooms, batches of 250, 200,000 messages, no client ids (`ids`: every
-//! message has one, as from the JS client).
+//! message has one, as from the JS client). The writer settles every 200 ms (the default
+//! `store.settle_ms`); the time each settle took is printed too.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +43,9 @@ fn main() {
         policies,
     )
     .expect("open the log");
+    if let Some(ms) = std::env::var("SETTLE_MS").ok().and_then(|v| v.parse().ok()) {
+        writer.set_settle_every(std::time::Duration::from_millis(ms));
+    }
     let names: Vec<Arc<str>> = (0..rooms).map(|r| Arc::from(format!("dm{r}"))).collect();
     let users: Vec<Arc<str>> = (0..rooms * 2).map(|u| Arc::from(format!("u{u}"))).collect();
     let content = "x".repeat(100);
@@ -54,6 +58,7 @@ fn main() {
     };
     let (cpu0, wall0) = (cpu_secs(), Instant::now());
     let mut sent = 0;
+    let (mut settles, mut settle_ms, mut settle_max) = (0, 0.0f64, 0.0f64);
     while sent < messages {
         let drafts: Vec<Draft> = (0..batch)
             .map(|i| {
@@ -68,6 +73,14 @@ fn main() {
             })
             .collect();
         writer.commit(&drafts).expect("commit");
+        if writer.settle_due() {
+            let started = Instant::now();
+            writer.settle().expect("settle");
+            let took = started.elapsed().as_secs_f64() * 1e3;
+            settles += 1;
+            settle_ms += took;
+            settle_max = settle_max.max(took);
+        }
         sent += batch;
     }
     let (cpu, wall) = (cpu_secs() - cpu0, wall0.elapsed().as_secs_f64());
@@ -76,5 +89,9 @@ fn main() {
         cpu * 1e6 / sent as f64,
         sent as f64 / wall,
         wall * 1e3 / (sent / batch) as f64
+    );
+    println!(
+        "settles {settles}: {:.1} ms on average, {settle_max:.1} ms at most",
+        settle_ms / f64::from(settles.max(1))
     );
 }

@@ -168,6 +168,9 @@ pub struct StoreConfig {
     pub synchronous: Synchronous,
     /// Most events one group commit writes.
     pub max_batch: usize,
+    /// How long the log writer's SQLite transaction gathers group commits before it commits
+    /// (settles) them; each group commit is durable in the journal before its ack.
+    pub settle_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -176,6 +179,7 @@ impl Default for StoreConfig {
             db: PathBuf::from("./parley.db"),
             synchronous: Synchronous::Full,
             max_batch: 1024,
+            settle_ms: 200,
         }
     }
 }
@@ -537,6 +541,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "store.max_batch",
         "1024",
         "most events written by one group commit",
+    ),
+    (
+        "store.settle_ms",
+        "200",
+        "how long SQLite gathers journaled group commits before committing them",
     ),
     (
         "auth.jwt_secret",
@@ -963,6 +972,7 @@ impl Config {
         ] {
             in_range(name, value as u64, 1, u32::MAX as u64, "")?;
         }
+        in_range("store.settle_ms", self.store.settle_ms, 1, 600_000, "ms")?;
         for (name, value, min) in [
             ("history.on_join", self.history.on_join as u64, 0),
             ("history.max_replay", self.history.max_replay as u64, 1),
@@ -1370,6 +1380,7 @@ mod tests {
             "history.max_len",
             "history.max_replay",
             "store.max_batch",
+            "store.settle_ms",
             "auth.max_token_ttl_s",
         ] {
             let err = load_with(&[(key, 0.into())]).unwrap_err().to_string();

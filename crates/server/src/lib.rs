@@ -118,9 +118,11 @@ impl App {
             let history = config.history.clone();
             let policies = policies.clone();
             let webhooks = config.webhooks.url.is_some();
+            let settle_every = Duration::from_millis(config.store.settle_ms);
             tokio::task::spawn_blocking(move || {
                 let (mut writer, reader) =
                     store::sqlite::open_log(&path, sync, &history, policies)?;
+                writer.set_settle_every(settle_every);
                 if webhooks {
                     writer.keep_heads_written()?;
                 }

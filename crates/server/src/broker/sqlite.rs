@@ -88,7 +88,7 @@ pub struct SequencerParts {
     pub health: Arc<Health>,
     /// Test-only fault switches.
     pub faults: Arc<Faults>,
-    /// Notified after every commit that stored events (the webhook deliverer reads them).
+    /// Notified after every settle of the log (the webhook deliverer reads what it settled).
     pub committed: Arc<tokio::sync::Notify>,
 }
 
@@ -369,7 +369,23 @@ fn write_log(
     committed: mpsc::Sender<Committed>,
     parts: &SequencerParts,
 ) {
-    while let Some(job) = jobs.blocking_recv() {
+    let runtime = tokio::runtime::Handle::current();
+    loop {
+        // Wait for work, but not past the moment the open transaction is due to settle.
+        let job = match writer.settle_at() {
+            None => jobs.blocking_recv(),
+            Some(at) => {
+                let wait = tokio::time::timeout_at(at.into(), jobs.recv());
+                match runtime.block_on(wait) {
+                    Ok(job) => job,
+                    Err(_) => {
+                        settle(&mut writer, parts);
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(job) = job else { break };
         match job {
             Job::Commit(Planned { ops, plans, drafts }) => {
                 let started = Instant::now();
@@ -378,6 +394,10 @@ fn write_log(
                 let batch = Committed { ops, plans, result };
                 if committed.blocking_send(batch).is_err() {
                     break;
+                }
+                // After the batch went on to be answered: a settle delays the next batch only.
+                if writer.settle_due() {
+                    settle(&mut writer, parts);
                 }
             }
             Job::Sweep(occupied) => {
@@ -390,9 +410,20 @@ fn write_log(
             }
         }
     }
-    // The log is closed before the deliverer hears that nothing more comes.
+    // The log is closed (and settled) before the deliverer hears that nothing more comes.
     drop(writer);
+    parts.committed.notify_one();
     drop(committed);
+}
+
+/// Settles the writer's open transaction; the webhook deliverer reads what it settled. A
+/// failed settle keeps everything in the journal, and the next commit reads it back.
+fn settle(writer: &mut LogWriter, parts: &SequencerParts) {
+    match writer.settle() {
+        Ok(true) => parts.committed.notify_one(),
+        Ok(false) => {}
+        Err(e) => error!(error = %e, "settling the log failed; the journal keeps it"),
+    }
 }
 
 /// Stage 3: delivers and answers each committed batch, in order, then writes every touched
@@ -424,7 +455,6 @@ fn deliver_batch(batch: Committed, parts: &SequencerParts, writes: &mut Batch) {
     let Committed { ops, plans, result } = batch;
     match result {
         Ok(written) => {
-            parts.committed.notify_one();
             let mut written = written.into_iter();
             for (op, plan) in ops.into_iter().zip(plans) {
                 finish(op, plan, &mut written, parts, writes);

@@ -1,3 +1,5 @@
 //! Durable storage of room logs.
 
+pub mod journal;
 pub mod sqlite;
+pub mod unsettled;

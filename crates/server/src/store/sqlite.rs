@@ -17,21 +17,23 @@
 //! (SQLite's default) made one commit in five take 50-400 ms on a busy disk, which stalled
 //! every room behind it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parley_protocol::server::ServerFrame;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::broker::log::{
     cap_replay, system_event, JoinHistory, Page, PageQuery, StoredRoom, DEDUP_WINDOW,
 };
 use crate::config::{HistoryConfig, Synchronous};
 use crate::policy::Policies;
+use crate::store::journal::{Journal, Record};
+use crate::store::unsettled::{Added, Unsettled};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +41,10 @@ pub enum StoreError {
     /// SQLite refused.
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// The checkpointer's thread could not start.
+    /// The journal could not be written or read, or the checkpointer's thread could not
+    /// start.
     #[error("store: {0}")]
-    Thread(#[from] std::io::Error),
+    Io(#[from] std::io::Error),
 }
 
 /// A room's head: its latest seq and the epoch of its log.
@@ -148,7 +151,13 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS settled (generation INTEGER NOT NULL);
+INSERT INTO settled SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM settled);
 ";
+
+/// Most events one open transaction gathers before it settles, however young: their dirty
+/// pages stay well within the writer's page cache.
+const SETTLE_EVENTS: usize = 32_768;
 
 /// The index [`expire`] reads, kept only while some room has an age limit: without one it
 /// would be one more b-tree insert per event that nothing reads.
@@ -262,8 +271,16 @@ impl Checkpointer {
     }
 }
 
+/// The journal of the log at `path`: `<path>-acks`.
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-acks");
+    PathBuf::from(name)
+}
+
 /// Opens (creating when needed) the log at `path`: the writer for the sequencer and a pool of
-/// readers for history.
+/// readers for history. What the journal holds of the last generation (acknowledged, never
+/// settled: the process died) is settled first.
 pub fn open_log(
     path: &Path,
     synchronous: Synchronous,
@@ -288,9 +305,22 @@ pub fn open_log(
     conn.pragma_update(None, "cache_size", -131_072)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     let checkpointer = Checkpointer::start(path, synchronous)?;
-    let writer = LogWriter {
+    let generation: i64 = conn.query_row("SELECT generation FROM settled", [], |r| r.get(0))?;
+    let journal = Journal::open(
+        &journal_path(path),
+        matches!(synchronous, Synchronous::Full),
+    )?;
+    let unsettled = Arc::new(Unsettled::default());
+    let mut writer = LogWriter {
         conn,
         checkpointer,
+        journal,
+        generation: generation as u64,
+        opened: None,
+        open_events: 0,
+        lost: true,
+        settle_every: DEFAULT_SETTLE_EVERY,
+        unsettled: unsettled.clone(),
         unchecked: 0,
         heads: HashMap::new(),
         ttls,
@@ -302,19 +332,42 @@ pub fn open_log(
         empty_room_ttl: Duration::from_secs(history.empty_room_ttl_s),
         write_heads: false,
     };
+    // `lost`: the open transaction is the journal's, read back now.
+    writer.settle()?;
     let reader = LogReader {
         path: path.to_owned(),
         synchronous,
         pool: Mutex::new(Vec::new()),
+        unsettled,
     };
     Ok((writer, reader))
 }
 
+/// How long the writer's transaction stays open by default (`store.settle_ms`).
+pub const DEFAULT_SETTLE_EVERY: Duration = Duration::from_millis(200);
+
 /// The write side of the log. Not shared: the broker's log-writer thread owns it for the
 /// node's life.
+///
+/// Its connection keeps one transaction open across group commits: each commit is a
+/// savepoint in it, made durable by the [`Journal`] before it is answered, and the
+/// transaction itself commits (*settles*) every `store.settle_ms` ([`LogWriter::settle`]).
 pub struct LogWriter {
     conn: Connection,
     checkpointer: Checkpointer,
+    journal: Journal,
+    /// The generation SQLite holds: the journal's blocks of it are not settled yet.
+    generation: u64,
+    /// When the open transaction began; `None`: none is open.
+    opened: Option<Instant>,
+    /// Events in the open transaction.
+    open_events: usize,
+    /// SQLite rolled the open transaction back on an error (a full disk, an I/O error):
+    /// what it held is read back from the journal before anything else.
+    lost: bool,
+    settle_every: Duration,
+    /// What readers see of the open transaction.
+    unsettled: Arc<Unsettled>,
     /// Events written since the checkpointer was last woken.
     unchecked: usize,
     heads: HashMap<Arc<str>, RoomHead>,
@@ -360,19 +413,188 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Writes a batch in one transaction and returns one [`Written`] per draft, in order. On
-    /// error nothing of the batch is stored and no seq is consumed.
+    /// How long the transaction stays open before it settles (`store.settle_ms`).
+    pub fn set_settle_every(&mut self, every: Duration) {
+        self.settle_every = every;
+    }
+
+    /// Stores a batch and returns one [`Written`] per draft, in order: its statements in the
+    /// open transaction, then one block of the journal (durable with `store.synchronous =
+    /// full`), so what is returned is acknowledged and survives a crash. On error nothing of
+    /// the batch is stored and no seq is consumed: the open transaction is rolled back, and
+    /// what earlier batches put in it is read back from the journal before the next batch.
+    /// (A savepoint per batch would spare that rare replay, but it copies every page a batch
+    /// changes into a statement journal first: 15% of the writer's time.)
     pub fn commit(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
-        let result = self.commit_inner(drafts);
-        if result.is_err() {
-            // The cached heads may include seqs of the rolled-back transaction.
-            self.heads.clear();
+        if self.lost {
+            self.recover()?;
         }
-        self.unchecked += drafts.len();
+        if self.opened.is_none() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.opened = Some(Instant::now());
+        }
+        let result = self.commit_inner(drafts).and_then(|done| {
+            self.journal.write()?;
+            Ok(done)
+        });
+        match result {
+            Ok((out, added, expired)) => {
+                if let Some(now) = expired {
+                    self.last_sweep_ms = now;
+                }
+                self.open_events += drafts.len();
+                self.unsettled.add(added);
+                Ok(out)
+            }
+            Err(e) => {
+                self.journal.discard();
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the open transaction is due to settle (or a lost one to be read back).
+    pub fn settle_due(&self) -> bool {
+        self.lost
+            || self.opened.is_some_and(|at| {
+                at.elapsed() >= self.settle_every || self.open_events >= SETTLE_EVENTS
+            })
+    }
+
+    /// When the open transaction is due to settle; `None`: nothing is open.
+    pub fn settle_at(&self) -> Option<Instant> {
+        if self.lost {
+            return Some(Instant::now());
+        }
+        self.opened.map(|at| at + self.settle_every)
+    }
+
+    /// Commits the open transaction, with the next generation: from then on SQLite holds
+    /// everything acknowledged, and the journal starts over. Returns whether anything was
+    /// settled (readers can see new events).
+    pub fn settle(&mut self) -> Result<bool, StoreError> {
+        if self.lost {
+            self.recover()?;
+        }
+        if self.opened.is_none() {
+            return Ok(false);
+        }
+        let next = self.generation + 1;
+        let result = self
+            .conn
+            .execute("UPDATE settled SET generation = ?1", params![next as i64])
+            .and_then(|_| self.conn.execute_batch("COMMIT"));
+        if let Err(e) = result {
+            self.abandon();
+            return Err(e.into());
+        }
+        self.opened = None;
+        self.generation = next;
+        self.journal.restart(next);
+        self.unsettled.clear();
+        self.unchecked += std::mem::take(&mut self.open_events);
         if self.unchecked >= CHECKPOINT_EVERY {
             self.checkpoint();
         }
-        result
+        Ok(true)
+    }
+
+    /// Gives the open transaction up (as a crash would): the journal still has it, and the
+    /// next commit or settle reads it back.
+    fn abandon(&mut self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %e, "rollback failed");
+            }
+        }
+        self.heads.clear();
+        self.opened = None;
+        self.lost = true;
+    }
+
+    /// Reads the journal's blocks of the current generation back into a new open
+    /// transaction: at open, what a dead process acknowledged; later, what a transaction
+    /// SQLite rolled back held.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        self.abandon();
+        // Expired events the lost transaction deleted are found again by a first full pass.
+        self.last_sweep_ms = 0;
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = self
+            .journal
+            .replay(self.generation)
+            .map_err(StoreError::from)
+            .and_then(|records| self.apply(&records).map(|()| records.len()));
+        match result {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(records = n, "read back from the journal");
+                }
+                self.opened = Some(Instant::now());
+                self.open_events = n;
+                self.lost = false;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Replays journal records on the open transaction, with the trim of each room they
+    /// touched.
+    fn apply(&self, records: &[Record]) -> Result<(), StoreError> {
+        let mut heads: HashMap<&str, u64> = HashMap::new();
+        for record in records {
+            match record {
+                Record::Room {
+                    room,
+                    epoch,
+                    active_ms,
+                } => {
+                    self.conn
+                        .prepare_cached(
+                            "INSERT INTO rooms (room, epoch, seq, active_ms) VALUES (?1, ?2, 0, ?3)",
+                        )?
+                        .execute(params![room, epoch, *active_ms as i64])?;
+                }
+                Record::Event {
+                    room,
+                    seq,
+                    ts_ms,
+                    user,
+                    client_id,
+                    frame,
+                } => {
+                    insert(
+                        &self.conn,
+                        room,
+                        *seq,
+                        *ts_ms,
+                        user.as_deref(),
+                        client_id.as_deref(),
+                        frame,
+                    )?;
+                    heads.insert(room, *seq);
+                }
+                Record::Vacated { room, active_ms } => {
+                    self.conn
+                        .prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
+                        .execute(params![room, *active_ms as i64])?;
+                }
+            }
+        }
+        for (room, seq) in heads {
+            if self.write_heads {
+                self.conn
+                    .prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
+                    .execute(params![room, seq as i64])?;
+            }
+            trim(&self.conn, &self.policies, room, seq)?;
+        }
+        Ok(())
     }
 
     /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
@@ -393,15 +615,20 @@ impl LogWriter {
         self.checkpointer.wake();
     }
 
-    fn commit_inner(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
+    /// A batch's statements, on the open transaction, with its journal records: what each
+    /// draft became, each touched room's part for the readers, and when expiry ran.
+    #[allow(clippy::type_complexity)]
+    fn commit_inner(
+        &mut self,
+        drafts: &[Draft],
+    ) -> Result<(Vec<Written>, Vec<Added>, Option<u64>), StoreError> {
         let now = now_ms();
         let ts =
             humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(now)).to_string();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let conn = &self.conn;
+        let journal = &mut self.journal;
         let mut out = Vec::with_capacity(drafts.len());
-        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        let mut touched: HashMap<Arc<str>, Vec<(u64, String)>> = HashMap::new();
         for draft in drafts {
             let written = match draft {
                 Draft::Message {
@@ -413,7 +640,7 @@ impl LogWriter {
                 } => {
                     if let Some(id) = client_id {
                         let since = now.saturating_sub(DEDUP_WINDOW.as_millis() as u64);
-                        let original: Option<(i64, String)> = tx
+                        let original: Option<(i64, String)> = conn
                             .prepare_cached(DEDUP_LOOKUP)?
                             .query_row(params![&**room, &**user, id, since as i64], |r| {
                                 Ok((r.get(0)?, r.get(1)?))
@@ -428,7 +655,7 @@ impl LogWriter {
                             continue;
                         }
                     }
-                    let head = head_of(&tx, &mut self.heads, room)?;
+                    let head = head_of(conn, &mut self.heads, journal, room)?;
                     head.seq += 1;
                     let seq = head.seq;
                     let frame = ServerFrame::Message {
@@ -442,7 +669,7 @@ impl LogWriter {
                     }
                     .encode();
                     insert(
-                        &tx,
+                        conn,
                         room,
                         seq,
                         now,
@@ -450,7 +677,8 @@ impl LogWriter {
                         client_id.as_deref(),
                         &frame,
                     )?;
-                    note(&mut touched, room);
+                    journal.event(room, seq, now, Some(user), client_id.as_deref(), &frame);
+                    events_of(&mut touched, room).push((seq, frame.clone()));
                     Written::Event { seq, frame }
                 }
                 Draft::Presence {
@@ -459,24 +687,28 @@ impl LogWriter {
                     name,
                     joined,
                 } => {
-                    let head = head_of(&tx, &mut self.heads, room)?;
+                    let head = head_of(conn, &mut self.heads, journal, room)?;
                     head.seq += 1;
                     let seq = head.seq;
                     let frame = system_event(room, seq, user, name, *joined, &ts);
-                    insert(&tx, room, seq, now, Some(user), None, &frame)?;
-                    note(&mut touched, room);
+                    insert(conn, room, seq, now, Some(user), None, &frame)?;
+                    journal.event(room, seq, now, Some(user), None, &frame);
+                    events_of(&mut touched, room).push((seq, frame.clone()));
                     Written::Event { seq, frame }
                 }
                 Draft::Vacated { room } => {
-                    tx.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
+                    conn.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
                         .execute(params![&**room, now as i64])?;
+                    journal.vacated(room, now);
                     Written::Noted
                 }
                 Draft::Head { room, window } => {
-                    let head = head_of(&tx, &mut self.heads, room)?.clone();
+                    let head = head_of(conn, &mut self.heads, journal, room)?.clone();
+                    // A new room is listed from now on.
+                    events_of(&mut touched, room);
                     let history = match window {
                         Some(window) => Some(join_history(
-                            &tx,
+                            conn,
                             room,
                             &head,
                             window,
@@ -492,27 +724,35 @@ impl LogWriter {
         // `rooms.seq` is written only for the webhook scan (see [`ROOM_HEAD`]): the trim keeps
         // the latest `history_max_len` (at least 1) events, so the highest stored seq stays
         // the head.
-        for room in &touched {
-            let seq = self.heads[room].seq;
-            if self.write_heads {
-                tx.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
-                    .execute(params![&**room, seq as i64])?;
+        let mut added = Vec::with_capacity(touched.len());
+        for (room, events) in touched {
+            let seq = self.heads[&room].seq;
+            if !events.is_empty() {
+                if self.write_heads {
+                    conn.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
+                        .execute(params![&*room, seq as i64])?;
+                }
+                trim(conn, &self.policies, &room, seq)?;
             }
-            let max_len = self.policies.for_room(room).history_max_len;
-            if seq > max_len {
-                tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
-                    .execute(params![&**room, (seq - max_len) as i64])?;
-            }
+            let max_len = self.policies.for_room(&room).history_max_len;
+            added.push(Added {
+                floor: (seq + 1).saturating_sub(max_len),
+                head: seq,
+                room,
+                events,
+            });
         }
         let expiring = !self.ttls.is_empty() && now >= self.last_sweep_ms + 1000;
         if expiring {
-            expire(&tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
+            added.extend(expire(
+                conn,
+                &self.policies,
+                &self.ttls,
+                self.last_sweep_ms,
+                now,
+            )?);
         }
-        tx.commit()?;
-        if expiring {
-            self.last_sweep_ms = now;
-        }
-        Ok(out)
+        Ok((out, added, expiring.then_some(now)))
     }
 
     /// How often the sequencer calls [`LogWriter::sweep`]: a quarter of
@@ -527,20 +767,45 @@ impl LogWriter {
     /// go, so it is no longer listed, and a later join starts it afresh with a new epoch. A
     /// room found in use (members, or messages) counts as in use from now. Returns how many
     /// rooms were forgotten.
+    ///
+    /// It runs in the open transaction, which settles at once when a room was forgotten: the
+    /// journal must never hold a room's events from before the sweep forgot it beside those
+    /// of its next life. (A crash before that settle loses the sweep only, which runs again.)
     pub fn sweep(&mut self, occupied: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
-        let result = self.sweep_inner(occupied);
-        // Forgotten rooms must not live on in the cache of heads (nor a rolled-back one).
+        if self.lost {
+            self.recover()?;
+        }
+        if self.opened.is_none() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.opened = Some(Instant::now());
+        }
+        let now = now_ms();
+        let result = self.sweep_inner(occupied, now);
+        // Forgotten rooms must not live on in the cache of heads.
         self.heads.clear();
-        self.checkpoint();
-        result
+        match result {
+            Ok(forgotten) => {
+                self.last_sweep_ms = now;
+                if forgotten > 0 {
+                    self.settle()?;
+                }
+                Ok(forgotten)
+            }
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
     }
 
-    fn sweep_inner(&mut self, occupied: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
-        let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        expire(&tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
+    fn sweep_inner(
+        &mut self,
+        occupied: impl Fn(&str) -> bool,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let tx = &self.conn;
+        let cut = expire(tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
+        self.unsettled.add(cut);
         let cutoff = now.saturating_sub(self.empty_room_ttl.as_millis() as u64);
         let candidates: Vec<String> = {
             let mut stmt = tx.prepare_cached("SELECT room FROM rooms WHERE active_ms <= ?1")?;
@@ -566,9 +831,27 @@ impl LogWriter {
                 forgotten += 1;
             }
         }
-        tx.commit()?;
-        self.last_sweep_ms = now;
         Ok(forgotten)
+    }
+}
+
+impl LogWriter {
+    /// Ends the writer as SIGKILL would: the open transaction never commits and nothing is
+    /// settled on the way out.
+    #[cfg(test)]
+    fn crash(self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for LogWriter {
+    /// A node that stops settles what it acknowledged (the journal would bring it back at
+    /// the next start anyway).
+    fn drop(&mut self) {
+        if let Err(e) = self.settle() {
+            tracing::warn!(error = %e, "the last settle failed; the journal keeps it");
+        }
     }
 }
 
@@ -585,13 +868,17 @@ const NEWLY_EXPIRED: &str = "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 
 /// not cut a hole (the oldest kept seq decides `recovered`), and an old event kept above a
 /// young one goes when that one expires. The walk in seq order (NOT INDEXED: the primary key)
 /// reads about what it deletes.
+///
+/// Returns each room it cut with the lowest seq left (`u64::MAX`: none), for the readers
+/// ([`Unsettled`]) until the cut settles.
 fn expire(
     tx: &Connection,
     policies: &Policies,
     ttls: &[u64],
     last_ms: u64,
     now: u64,
-) -> Result<(), StoreError> {
+) -> Result<Vec<Added>, StoreError> {
+    let mut cut = Vec::new();
     for &ttl_s in ttls {
         let ttl_ms = ttl_s.saturating_mul(1000);
         let cutoff = now.saturating_sub(ttl_ms);
@@ -619,11 +906,20 @@ fn expire(
                 ))?
                 .execute(params![room])?;
             }
-            tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
+            let gone = tx
+                .prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
                 .execute(params![room, young.unwrap_or(i64::MAX)])?;
+            if gone > 0 {
+                cut.push(Added {
+                    room: room.as_str().into(),
+                    head: 0,
+                    floor: young.map_or(u64::MAX, |seq| seq as u64),
+                    events: Vec::new(),
+                });
+            }
         }
     }
-    Ok(())
+    Ok(cut)
 }
 
 /// The history for a joiner: after `since` when it continues the retained log in the same
@@ -675,15 +971,33 @@ fn join_history(
     })
 }
 
-fn note(touched: &mut HashSet<Arc<str>>, room: &Arc<str>) {
-    if !touched.contains(room) {
-        touched.insert(room.clone());
+/// A touched room's new events (adding the room when it is new to the batch).
+fn events_of<'a>(
+    touched: &'a mut HashMap<Arc<str>, Vec<(u64, String)>>,
+    room: &Arc<str>,
+) -> &'a mut Vec<(u64, String)> {
+    if !touched.contains_key(room) {
+        touched.insert(room.clone(), Vec::new());
     }
+    touched.get_mut(room).expect("just inserted")
 }
 
+/// Drops what `room`'s `history_max_len` no longer keeps below its head `seq`.
+fn trim(conn: &Connection, policies: &Policies, room: &str, seq: u64) -> Result<(), StoreError> {
+    let max_len = policies.for_room(room).history_max_len;
+    if seq > max_len {
+        conn.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
+            .execute(params![room, (seq - max_len) as i64])?;
+    }
+    Ok(())
+}
+
+/// A room's head from the cache, or from SQLite; a room new to the log is created (and
+/// journaled).
 fn head_of<'a>(
     tx: &Connection,
     heads: &'a mut HashMap<Arc<str>, RoomHead>,
+    journal: &mut Journal,
     room: &Arc<str>,
 ) -> Result<&'a mut RoomHead, StoreError> {
     if !heads.contains_key(room) {
@@ -702,10 +1016,12 @@ fn head_of<'a>(
             },
             None => {
                 let epoch = new_epoch();
+                let now = now_ms();
                 tx.prepare_cached(
                     "INSERT INTO rooms (room, epoch, seq, active_ms) VALUES (?1, ?2, 0, ?3)",
                 )?
-                .execute(params![&**room, &epoch, now_ms() as i64])?;
+                .execute(params![&**room, &epoch, now as i64])?;
+                journal.room(room, &epoch, now);
                 RoomHead {
                     seq: 0,
                     epoch: epoch.into(),
@@ -747,6 +1063,16 @@ fn sql_seq(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
+fn select_events(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 fn select_frames(
     conn: &Connection,
     sql: &str,
@@ -762,6 +1088,8 @@ pub struct LogReader {
     path: PathBuf,
     synchronous: Synchronous,
     pool: Mutex<Vec<Connection>>,
+    /// The writer's open transaction, which these connections cannot see.
+    unsettled: Arc<Unsettled>,
 }
 
 impl LogReader {
@@ -786,48 +1114,46 @@ impl LogReader {
     pub fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
         let limit = query.limit as usize;
         let take = (limit + 1) as i64;
-        self.with_conn(|conn| {
-            let (mut frames, descending) = match (query.before, query.after) {
-                (before, Some(after)) => (
-                    select_frames(
-                        conn,
-                        "SELECT frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
-                         ORDER BY seq LIMIT ?4",
-                        params![room, sql_seq(after), before.map_or(i64::MAX, sql_seq), take],
-                    )?,
-                    false,
-                ),
-                (Some(before), None) => (
-                    select_frames(
-                        conn,
-                        "SELECT frame FROM events WHERE room = ?1 AND seq < ?2 \
-                         ORDER BY seq DESC LIMIT ?3",
-                        params![room, sql_seq(before), take],
-                    )?,
-                    true,
-                ),
-                (None, None) => (
-                    select_frames(
-                        conn,
-                        "SELECT frame FROM events WHERE room = ?1 ORDER BY seq DESC LIMIT ?2",
-                        params![room, take],
-                    )?,
-                    true,
-                ),
-            };
-            let more = frames.len() > limit;
-            frames.truncate(limit);
-            if descending {
-                frames.reverse();
-            }
-            Ok(Page { frames, more })
+        let before = query.before.unwrap_or(u64::MAX);
+        let after = query.after.unwrap_or(0);
+        // First the unsettled view, then SQLite (see `store::unsettled`).
+        let (mut events, floor) = self.unsettled.events(room, after, before);
+        let descending = query.after.is_none();
+        let stored = self.with_conn(|conn| {
+            select_events(
+                conn,
+                if descending {
+                    "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
+                     ORDER BY seq DESC LIMIT ?4"
+                } else {
+                    "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
+                     ORDER BY seq LIMIT ?4"
+                },
+                params![room, sql_seq(after), sql_seq(before), take],
+            )
+        })?;
+        events.extend(stored);
+        events.retain(|(seq, _)| *seq >= floor);
+        events.sort_unstable_by_key(|(seq, _)| *seq);
+        events.dedup_by_key(|(seq, _)| *seq);
+        // The events nearest the page's origin: the newest paging back, the oldest forward.
+        let more = events.len() > limit;
+        if descending {
+            events.drain(..events.len().saturating_sub(limit));
+        } else {
+            events.truncate(limit);
+        }
+        Ok(Page {
+            frames: events.into_iter().map(|(_, frame)| frame).collect(),
+            more,
         })
     }
 
     /// Every room the log knows (it has had an event or a member), sorted by name, with its
-    /// head: the `rooms` table and one index lookup per room.
+    /// head: the `rooms` table and one index lookup per room, and the unsettled rooms.
     pub fn rooms(&self) -> Result<Vec<StoredRoom>, StoreError> {
-        self.with_conn(|conn| {
+        let unsettled = self.unsettled.heads();
+        let mut rooms: Vec<StoredRoom> = self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT r.room, {ROOM_HEAD} FROM rooms AS r ORDER BY r.room"
             ))?;
@@ -838,7 +1164,21 @@ impl LogReader {
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
-        })
+        })?;
+        if !unsettled.is_empty() {
+            let mut heads: HashMap<String, u64> =
+                rooms.drain(..).map(|r| (r.room, r.seq)).collect();
+            for (room, seq) in unsettled {
+                let head = heads.entry(room).or_insert(0);
+                *head = (*head).max(seq);
+            }
+            rooms = heads
+                .into_iter()
+                .map(|(room, seq)| StoredRoom { room, seq })
+                .collect();
+            rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+        }
+        Ok(rooms)
     }
 
     /// Whether the database answers.
@@ -861,6 +1201,167 @@ fn same_content(frame: &str, content: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(room: &str, content: &str) -> Draft {
+        Draft::Message {
+            room: room.into(),
+            user: "u".into(),
+            name: "u".into(),
+            content: content.into(),
+            client_id: Some(format!("id-{content}")),
+        }
+    }
+
+    fn stored_seqs(written: Vec<Written>) -> Vec<u64> {
+        written
+            .into_iter()
+            .map(|w| match w {
+                Written::Event { seq, .. } => seq,
+                other => panic!("not stored: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn head(writer: &mut LogWriter, room: &str) -> RoomHead {
+        let written = writer
+            .commit(&[Draft::Head {
+                room: room.into(),
+                window: None,
+            }])
+            .unwrap();
+        match written.into_iter().next() {
+            Some(Written::Head { head, .. }) => head,
+            other => panic!("no head: {other:?}"),
+        }
+    }
+
+    fn contents(reader: &LogReader, room: &str) -> Vec<String> {
+        let page = reader
+            .page(
+                room,
+                PageQuery {
+                    limit: 50,
+                    ..PageQuery::default()
+                },
+            )
+            .unwrap();
+        page.frames
+            .iter()
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_str(f).unwrap();
+                format!("{}:{}", v["seq"], v["content"].as_str().unwrap_or(""))
+            })
+            .collect()
+    }
+
+    /// What group commits acknowledged comes back from the journal when the process dies
+    /// before the open transaction settles (SQLite itself never had it): the same seqs under
+    /// the same epoch, and the next message takes the next seq. Readers see it before the
+    /// settle too.
+    #[test]
+    fn acknowledged_batches_outlive_a_crash_before_the_settle() {
+        use crate::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let config = Config::default();
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let open = || {
+            let (mut writer, reader) =
+                open_log(&path, Synchronous::Full, &config.history, policies.clone()).unwrap();
+            writer.set_settle_every(Duration::from_secs(3600));
+            (writer, reader)
+        };
+        let (mut writer, reader) = open();
+        let epoch = head(&mut writer, "r").epoch;
+        assert_eq!(
+            stored_seqs(
+                writer
+                    .commit(&[message("r", "a"), message("r", "b")])
+                    .unwrap()
+            ),
+            [1, 2]
+        );
+        assert_eq!(
+            stored_seqs(writer.commit(&[message("r", "c")]).unwrap()),
+            [3]
+        );
+        let want = ["1:a", "2:b", "3:c"];
+        assert_eq!(
+            contents(&reader, "r"),
+            want,
+            "readers see the open transaction"
+        );
+        assert_eq!(reader.rooms().unwrap()[0].seq, 3);
+        let in_sqlite = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(in_sqlite(&path), 0, "nothing is settled yet");
+
+        writer.crash();
+        drop(reader);
+        assert_eq!(in_sqlite(&path), 0, "the crash took the open transaction");
+        let (mut writer, reader) = open();
+        assert_eq!(
+            in_sqlite(&path),
+            3,
+            "read back from the journal and settled"
+        );
+        assert_eq!(contents(&reader, "r"), want);
+        let after = head(&mut writer, "r");
+        assert_eq!((after.seq, after.epoch), (3, epoch));
+        assert_eq!(
+            stored_seqs(writer.commit(&[message("r", "d")]).unwrap()),
+            [4]
+        );
+        // A resend of an acknowledged message is still known.
+        assert!(matches!(
+            writer.commit(&[message("r", "b")]).unwrap()[0],
+            Written::Duplicate { seq: 2 }
+        ));
+    }
+
+    /// A batch that fails takes the open transaction down with it, but not the batches
+    /// acknowledged before it in that transaction: they are read back from the journal, and
+    /// the failed batch used no seq.
+    #[test]
+    fn a_failed_batch_leaves_the_batches_before_it_stored() {
+        use crate::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let config = Config::default();
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let (mut writer, reader) =
+            open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
+        writer.set_settle_every(Duration::from_secs(3600));
+        writer
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER boom BEFORE INSERT ON events \
+                 WHEN NEW.frame LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+            )
+            .unwrap();
+        assert_eq!(
+            stored_seqs(
+                writer
+                    .commit(&[message("r", "a"), message("r", "b")])
+                    .unwrap()
+            ),
+            [1, 2]
+        );
+        assert!(writer
+            .commit(&[message("r", "c"), message("r", "boom")])
+            .is_err());
+        assert_eq!(
+            stored_seqs(writer.commit(&[message("r", "d")]).unwrap()),
+            [3]
+        );
+        assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:d"]);
+        assert!(writer.settle().unwrap());
+        assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:d"]);
+    }
 
     /// Age limits per room: each room loses what is older than its own limit, one pass after
     /// another (each reading only what expired since the previous one), and never a hole.
@@ -1029,6 +1530,8 @@ mod tests {
                 .collect();
             writer.commit(&drafts).unwrap();
         }
+        // The checkpointer is woken by settles.
+        assert!(writer.settle().unwrap());
         // The checkpointer works on its own thread: wait for the file to take the pages.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::fs::metadata(&path).unwrap().len() <= before {

@@ -607,3 +607,107 @@ async fn age_retention_removes_only_a_prefix_when_the_clock_stepped_back() {
     server.shutdown().await.unwrap();
     drop(dir);
 }
+
+/// A node in a process of its own on `db`, whose log settles only every 10 minutes: what it
+/// acknowledges lives in the journal (and the writer's open transaction) meanwhile.
+struct SlowSettlingNode {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl SlowSettlingNode {
+    async fn start(db: &std::path::Path) -> SlowSettlingNode {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .arg("--db")
+            .arg(db)
+            .args(["--set", "store.settle_ms=600000"])
+            .args(["--set", "api.key=journal-test-key"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start parley");
+        let node = SlowSettlingNode { port, child };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "node ready");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    async fn user(&self, user: &str) -> Client {
+        let mut c = Client::connect(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port))
+            .await
+            .unwrap();
+        c.recv_type("authenticated").await;
+        c
+    }
+}
+
+impl Drop for SlowSettlingNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Acknowledged messages outlive a SIGKILL that comes before SQLite ever committed them: the
+/// node reads them back from its journal at the next start, under the same seqs and epoch,
+/// and `since` recovers them. Before the kill, the HTTP API (a reader on its own connection)
+/// already serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_outlive_a_sigkill_before_the_log_settles() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("journal.db");
+    let mut node = SlowSettlingNode::start(&db).await;
+    let mut alice = node.user("alice").await;
+    let joined = alice.join("kept").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let since = seq(&joined);
+    let acked = post_many(&mut alice, "kept", "before-kill", 5).await;
+    let page = common::api_json(
+        &format!(
+            "http://127.0.0.1:{}/api/rooms/kept/messages?after={since}",
+            node.port
+        ),
+        "journal-test-key",
+    )
+    .await;
+    assert_eq!(seqs(list(&page, "messages")), acked, "{page}");
+
+    // The fault: SIGKILL, with nothing settled into SQLite.
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    let in_sqlite: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM events WHERE room = 'kept'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(in_sqlite, 0, "SQLite never had them: only the journal did");
+    drop(node);
+
+    let node = SlowSettlingNode::start(&db).await;
+    let mut bob = node.user("bob").await;
+    let joined = join_since(&mut bob, "kept", since, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let replayed: Vec<u64> = list(&joined, "history")
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(seq)
+        .collect();
+    assert_eq!(replayed, acked, "{joined}");
+    let (ack, _) = bob.post("kept", "after the restart", "after-1").await;
+    assert!(seq(&ack) > *acked.last().unwrap(), "{ack}");
+}
