@@ -578,9 +578,19 @@ async fn a_store_that_cannot_write_is_503_and_nothing_is_posted() {
     let head = watcher.join("general").await["seq"].as_u64().unwrap();
 
     // Another process holds the database's write lock: the node's commit gives up after its
-    // busy timeout, and the post is refused, not acked.
-    let lock = rusqlite::Connection::open(&server.db).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // busy timeout, and the post is refused, not acked. (The lock is taken once the node's
+    // open transaction has settled, within `store.settle_ms`.)
+    // Taken on a thread of its own: the wait must not stop the node's runtime.
+    let db = server.db.clone();
+    let lock = tokio::task::spawn_blocking(move || {
+        let lock = rusqlite::Connection::open(db).unwrap();
+        lock.busy_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        lock
+    })
+    .await
+    .unwrap();
     let (status, body) = api.post(path, json!({"user": "bot", "content": "2"})).await;
     assert_error(status, &body, 503, "unavailable");
     lock.execute_batch("ROLLBACK").unwrap();
