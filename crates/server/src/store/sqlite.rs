@@ -1,8 +1,10 @@
 //! The single-node durable log in SQLite (WAL mode). One [`LogWriter`] owns the write
-//! connection and is driven by the broker's log-writer thread: it assigns each room's next seq inside
-//! the transaction that stores the event, so seq order is commit order, and it writes every
-//! event that arrived together in one transaction (group commit). Readers use their own
-//! connections and never block the writer.
+//! connection and is driven by the broker's log-writer thread: it assigns each room's next seq
+//! in its open transaction, which stores the events of every group commit and commits (settles)
+//! every `store.settle_ms`; each group commit is made durable before its ack by one block of
+//! the [`Journal`], from which a crash's unsettled events are read back. Readers use their own
+//! connections (with the [`Unsettled`] view of the open transaction) and never block the
+//! writer.
 //!
 //! Schema: `rooms(room, epoch, seq, active_ms)` holds the epoch of each room's log, its head
 //! as of the last time expiry emptied it (the head itself is [`ROOM_HEAD`]) and when it was
