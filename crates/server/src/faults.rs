@@ -79,11 +79,15 @@ pub struct Faults {
     pub hold_sweep: AtomicBool,
     /// Set while the log writer holds a sweep (read it with `GET /_faults/sweep-held`).
     pub sweep_held: AtomicBool,
+    /// The single-node log writer does not settle while set: what it acknowledges stays in
+    /// its journal and open transaction only, as in the moment before a settle.
+    pub hold_settle: AtomicBool,
 }
 
 impl Faults {
     /// The switch called `name` (`pause-heartbeat`, `panic-sequencer`, `panic-room`,
-    /// `panic-subscriber`, `hold-resubscribe`, `hold-catch-up`, `hold-sweep`, `sweep-held`).
+    /// `panic-subscriber`, `hold-resubscribe`, `hold-catch-up`, `hold-sweep`, `sweep-held`,
+    /// `hold-settle`).
     fn switch(&self, name: &str) -> Option<&AtomicBool> {
         Some(match name {
             "pause-heartbeat" => &self.pause_heartbeat,
@@ -94,6 +98,7 @@ impl Faults {
             "hold-catch-up" => &self.hold_catch_up,
             "hold-sweep" => &self.hold_sweep,
             "sweep-held" => &self.sweep_held,
+            "hold-settle" => &self.hold_settle,
             _ => return None,
         })
     }

@@ -372,7 +372,8 @@ fn write_log(
     let runtime = tokio::runtime::Handle::current();
     loop {
         // Wait for work, but not past the moment the open transaction is due to settle.
-        let job = match writer.settle_at() {
+        let held = Faults::on(&parts.faults.hold_settle);
+        let job = match writer.settle_at().filter(|_| !held) {
             None => jobs.blocking_recv(),
             Some(at) => {
                 let wait = tokio::time::timeout_at(at.into(), jobs.recv());
@@ -395,8 +396,12 @@ fn write_log(
                 if committed.blocking_send(batch).is_err() {
                     break;
                 }
-                // After the batch went on to be answered: a settle delays the next batch only.
-                if writer.settle_due() {
+                // After the batch went on to be answered, when no batch waits (a light load
+                // settles each batch, as a plain commit would) or when it is due (a busy
+                // writer gathers batches, and writes each dirty page once for all of them).
+                if (jobs.is_empty() || writer.settle_due())
+                    && !Faults::on(&parts.faults.hold_settle)
+                {
                     settle(&mut writer, parts);
                 }
             }

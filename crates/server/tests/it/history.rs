@@ -608,15 +608,14 @@ async fn age_retention_removes_only_a_prefix_when_the_clock_stepped_back() {
     drop(dir);
 }
 
-/// A node in a process of its own on `db`, whose log settles only every 10 minutes: what it
-/// acknowledges lives in the journal (and the writer's open transaction) meanwhile.
-struct SlowSettlingNode {
+/// A node in a process of its own on `db`, so it can die by SIGKILL.
+struct KillableNode {
     port: u16,
     child: std::process::Child,
 }
 
-impl SlowSettlingNode {
-    async fn start(db: &std::path::Path) -> SlowSettlingNode {
+impl KillableNode {
+    async fn start(db: &std::path::Path) -> KillableNode {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -626,13 +625,12 @@ impl SlowSettlingNode {
             .args(["--bind", &format!("127.0.0.1:{port}")])
             .arg("--db")
             .arg(db)
-            .args(["--set", "store.settle_ms=600000"])
             .args(["--set", "api.key=journal-test-key"])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start parley");
-        let node = SlowSettlingNode { port, child };
+        let node = KillableNode { port, child };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
             .await
@@ -655,14 +653,15 @@ impl SlowSettlingNode {
     }
 }
 
-impl Drop for SlowSettlingNode {
+impl Drop for KillableNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// Acknowledged messages outlive a SIGKILL that comes before SQLite ever committed them: the
+/// Acknowledged messages outlive a SIGKILL that comes before SQLite ever committed them (the
+/// writer is held from settling): the
 /// node reads them back from its journal at the next start, under the same seqs and epoch,
 /// and `since` recovers them. Before the kill, the HTTP API (a reader on its own connection)
 /// already serves them.
@@ -670,7 +669,17 @@ impl Drop for SlowSettlingNode {
 async fn acked_messages_outlive_a_sigkill_before_the_log_settles() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("journal.db");
-    let mut node = SlowSettlingNode::start(&db).await;
+    let mut node = KillableNode::start(&db).await;
+    let status = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/_faults/hold-settle?on=true",
+            node.port
+        ))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 204, "the hold-settle switch");
     let mut alice = node.user("alice").await;
     let joined = alice.join("kept").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
@@ -698,7 +707,7 @@ async fn acked_messages_outlive_a_sigkill_before_the_log_settles() {
     assert_eq!(in_sqlite, 0, "SQLite never had them: only the journal did");
     drop(node);
 
-    let node = SlowSettlingNode::start(&db).await;
+    let node = KillableNode::start(&db).await;
     let mut bob = node.user("bob").await;
     let joined = join_since(&mut bob, "kept", since, &epoch).await;
     assert_eq!(joined["recovered"], true, "{joined}");
