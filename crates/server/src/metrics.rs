@@ -121,8 +121,12 @@ pub struct Metrics {
     pub messages_out: Counter,
     /// From a message being accepted to its ack: stored, delivered, answered.
     pub send_latency: Histogram,
-    /// Duration of one group commit of the log (one transaction, one fsync), failed or not.
+    /// Duration of one group commit of the log (its statements and its journal block, with
+    /// one fsync), failed or not.
     pub store_commit: Histogram,
+    /// Duration of one settle of the log (the SQLite commit of the group commits since the
+    /// last), failed or not: the batches behind it wait.
+    pub store_settle: Histogram,
     /// Sends refused by the per-connection rate limit.
     pub rate_limited: Counter,
     /// Connections closed with 4009 because they could not keep up.
@@ -193,6 +197,13 @@ impl Metrics {
             "Duration of one group commit of the log, failed ones included",
             Unit::Seconds,
             store_commit.clone(),
+        );
+        let store_settle = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register_with_unit(
+            "store_settle",
+            "Duration of one settle of the log (its SQLite commit), failed ones included",
+            Unit::Seconds,
+            store_settle.clone(),
         );
         let rate_limited = Counter::default();
         registry.register(
@@ -279,6 +290,7 @@ impl Metrics {
             messages_out,
             send_latency,
             store_commit,
+            store_settle,
             rate_limited,
             slow_consumer_closes,
             heartbeat_timeouts,

@@ -371,9 +371,15 @@ fn write_log(
 ) {
     let runtime = tokio::runtime::Handle::current();
     loop {
-        // Wait for work, but not past the moment the open transaction is due to settle.
+        // Wait for work, but not past the moment the open transaction is due to settle, nor
+        // for longer than `QUIET` (a light load settles each burst, as a plain commit would;
+        // a busy writer gathers batches and writes each dirty page once for all of them).
         let held = Faults::on(&parts.faults.hold_settle);
-        let job = match writer.settle_at().filter(|_| !held) {
+        let settle_at = writer
+            .settle_at()
+            .map(|due| due.min(Instant::now() + QUIET))
+            .filter(|_| !held);
+        let job = match settle_at {
             None => jobs.blocking_recv(),
             Some(at) => {
                 let wait = tokio::time::timeout_at(at.into(), jobs.recv());
@@ -396,12 +402,8 @@ fn write_log(
                 if committed.blocking_send(batch).is_err() {
                     break;
                 }
-                // After the batch went on to be answered, when no batch waits (a light load
-                // settles each batch, as a plain commit would) or when it is due (a busy
-                // writer gathers batches, and writes each dirty page once for all of them).
-                if (jobs.is_empty() || writer.settle_due())
-                    && !Faults::on(&parts.faults.hold_settle)
-                {
+                // After the batch went on to be answered: a settle delays the next batch only.
+                if writer.settle_due() && !Faults::on(&parts.faults.hold_settle) {
                     settle(&mut writer, parts);
                 }
             }
@@ -421,10 +423,18 @@ fn write_log(
     drop(committed);
 }
 
+/// How long the log writer waits for another batch before it settles what it has.
+const QUIET: Duration = Duration::from_millis(10);
+
 /// Settles the writer's open transaction; the webhook deliverer reads what it settled. A
 /// failed settle keeps everything in the journal, and the next commit reads it back.
 fn settle(writer: &mut LogWriter, parts: &SequencerParts) {
-    match writer.settle() {
+    let started = Instant::now();
+    let settled = writer.settle();
+    if !matches!(settled, Ok(false)) {
+        Metrics::observe(&parts.metrics.store_settle, started.elapsed());
+    }
+    match settled {
         Ok(true) => parts.committed.notify_one(),
         Ok(false) => {}
         Err(e) => error!(error = %e, "settling the log failed; the journal keeps it"),

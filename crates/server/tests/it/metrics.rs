@@ -103,6 +103,7 @@ async fn counters_move_by_exactly_the_known_actions() {
         "parley_messages_out_total",
         "parley_send_latency_seconds_count",
         "parley_store_commit_seconds_count",
+        "parley_store_settle_seconds_count",
         "parley_rate_limited_total",
         "parley_slow_consumer_closes_total",
         "parley_heartbeat_timeouts_total",
@@ -204,6 +205,9 @@ async fn counters_move_by_exactly_the_known_actions() {
         (1.0..=4.0 + SENDS as f64 + 1.0).contains(&commits),
         "{commits}"
     );
+    // Settles: a light load settles after the group commits (at most one each).
+    let settles = now.get("parley_store_settle_seconds_count");
+    assert!((1.0..=commits).contains(&settles), "{settles} of {commits}");
     for reason in REASONS {
         let want = match *reason {
             "bad_signature" | "expired" | "api_key" => 1.0,
