@@ -171,6 +171,9 @@ pub struct StoreConfig {
     /// How long the log writer's SQLite transaction gathers group commits before it commits
     /// (settles) them; each group commit is durable in the journal before its ack.
     pub settle_ms: u64,
+    /// Most journaled records that may wait for SQLite; past it, writes are refused until
+    /// SQLite takes them (a locked or failing database).
+    pub max_unsettled: u64,
 }
 
 impl Default for StoreConfig {
@@ -180,6 +183,7 @@ impl Default for StoreConfig {
             synchronous: Synchronous::Full,
             max_batch: 1024,
             settle_ms: 200,
+            max_unsettled: 500_000,
         }
     }
 }
@@ -546,6 +550,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "store.settle_ms",
         "200",
         "how long SQLite gathers journaled group commits before committing them",
+    ),
+    (
+        "store.max_unsettled",
+        "500000",
+        "most journaled records waiting for SQLite before writes are refused",
     ),
     (
         "auth.jwt_secret",
@@ -973,6 +982,13 @@ impl Config {
             in_range(name, value as u64, 1, u32::MAX as u64, "")?;
         }
         in_range("store.settle_ms", self.store.settle_ms, 1, 600_000, "ms")?;
+        in_range(
+            "store.max_unsettled",
+            self.store.max_unsettled,
+            1,
+            u32::MAX as u64,
+            "",
+        )?;
         for (name, value, min) in [
             ("history.on_join", self.history.on_join as u64, 0),
             ("history.max_replay", self.history.max_replay as u64, 1),
@@ -1381,6 +1397,7 @@ mod tests {
             "history.max_replay",
             "store.max_batch",
             "store.settle_ms",
+            "store.max_unsettled",
             "auth.max_token_ttl_s",
         ] {
             let err = load_with(&[(key, 0.into())]).unwrap_err().to_string();

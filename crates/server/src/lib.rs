@@ -119,10 +119,12 @@ impl App {
             let policies = policies.clone();
             let webhooks = config.webhooks.url.is_some();
             let settle_every = Duration::from_millis(config.store.settle_ms);
+            let max_unsettled = config.store.max_unsettled;
             tokio::task::spawn_blocking(move || {
                 let (mut writer, reader) =
                     store::sqlite::open_log(&path, sync, &history, policies)?;
                 writer.set_settle_every(settle_every);
+                writer.set_max_unsettled(max_unsettled);
                 if webhooks {
                     writer.keep_heads_written()?;
                 }

@@ -369,30 +369,17 @@ fn write_log(
     committed: mpsc::Sender<Committed>,
     parts: &SequencerParts,
 ) {
-    let runtime = tokio::runtime::Handle::current();
-    loop {
-        // Wait for work, but not past the moment the open transaction is due to settle, nor
-        // for longer than `QUIET` (a light load settles each burst, as a plain commit would;
-        // a busy writer gathers batches and writes each dirty page once for all of them).
-        let held = Faults::on(&parts.faults.hold_settle);
-        let settle_at = writer
-            .settle_at()
-            .map(|due| due.min(Instant::now() + QUIET))
-            .filter(|_| !held);
-        let job = match settle_at {
-            None => jobs.blocking_recv(),
-            Some(at) => {
-                let wait = tokio::time::timeout_at(at.into(), jobs.recv());
-                match runtime.block_on(wait) {
-                    Ok(job) => job,
-                    Err(_) => {
-                        settle(&mut writer, parts);
-                        continue;
-                    }
-                }
-            }
-        };
-        let Some(job) = job else { break };
+    {
+        // Settles are the indexer's: the time they take and the webhook deliverer's wake-up.
+        let metrics = parts.metrics.clone();
+        let committed = parts.committed.clone();
+        writer.on_settle(move |took| {
+            Metrics::observe(&metrics.store_settle, took);
+            committed.notify_one();
+        });
+    }
+    while let Some(job) = jobs.blocking_recv() {
+        writer.hold_settles(Faults::on(&parts.faults.hold_settle));
         match job {
             Job::Commit(Planned { ops, plans, drafts }) => {
                 let started = Instant::now();
@@ -401,10 +388,6 @@ fn write_log(
                 let batch = Committed { ops, plans, result };
                 if committed.blocking_send(batch).is_err() {
                     break;
-                }
-                // After the batch went on to be answered: a settle delays the next batch only.
-                if writer.settle_due() && !Faults::on(&parts.faults.hold_settle) {
-                    settle(&mut writer, parts);
                 }
             }
             Job::Sweep(occupied) => {
@@ -419,26 +402,7 @@ fn write_log(
     }
     // The log is closed (and settled) before the deliverer hears that nothing more comes.
     drop(writer);
-    parts.committed.notify_one();
     drop(committed);
-}
-
-/// How long the log writer waits for another batch before it settles what it has.
-const QUIET: Duration = Duration::from_millis(10);
-
-/// Settles the writer's open transaction; the webhook deliverer reads what it settled. A
-/// failed settle keeps everything in the journal, and the next commit reads it back.
-fn settle(writer: &mut LogWriter, parts: &SequencerParts) {
-    let started = Instant::now();
-    let settled = writer.settle();
-    if !matches!(settled, Ok(false)) {
-        Metrics::observe(&parts.metrics.store_settle, started.elapsed());
-    }
-    match settled {
-        Ok(true) => parts.committed.notify_one(),
-        Ok(false) => {}
-        Err(e) => error!(error = %e, "settling the log failed; the journal keeps it"),
-    }
 }
 
 /// Stage 3: delivers and answers each committed batch, in order, then writes every touched

@@ -1,20 +1,19 @@
-//! The journal: what the log writer has acknowledged but not yet settled into SQLite.
+//! The journal: what the log writer has acknowledged and SQLite may not hold yet.
 //!
-//! Every group commit is appended here as one checksummed block and (with `store.synchronous =
-//! full`) made durable with one `fdatasync` before anything of it is acknowledged. SQLite's
-//! own commit, which writes every page the events dirtied, then runs only every
-//! `store.settle_ms` (`LogWriter::settle`): in rooms of two each event dirties a page of its
-//! own room, and a transaction that gathers a fifth of a second of events writes each page
-//! once instead of once per group commit.
+//! Every group commit is appended as one checksummed block, numbered with its *LSN* (log
+//! sequence number, one more than the last), and (with `store.synchronous = full`) made durable
+//! with one `fdatasync` before anything of it is acknowledged. The indexer thread
+//! (`store::indexer`) writes the same blocks into SQLite and commits them every
+//! `store.settle_ms`, storing the LSN it reached in the same transaction. At open, the blocks
+//! above that LSN are exactly the acknowledged events SQLite lacks.
 //!
-//! Each settle raises the log's *generation* in the same SQLite transaction and starts the
-//! journal over from its first byte under the new one. At open, the blocks of the generation
-//! SQLite holds are exactly the acknowledged events it may lack; older blocks (left behind
-//! the current end, or from before a settle whose commit went through) are ignored, and a
-//! torn block (the process died while writing it, before its ack) ends the journal.
+//! Two files, `<db>-acks-a` and `<db>-acks-b`: the writer appends to one and, once it is past
+//! [`SWITCH_BYTES`] and the other holds nothing unsettled, starts the other over from its first
+//! byte. In each file the blocks' LSNs rise; a torn block (the process died while writing it,
+//! before its ack), or an older block left behind the new end, ends the file.
 //!
-//! Block: `len: u32` (bytes after `crc`), `crc: u32` (CRC-32 of those bytes), `generation: u64`,
-//! then records; little-endian, strings as `u32` length and UTF-8 bytes.
+//! Block: `len: u32` (bytes after `crc`), `crc: u32` (CRC-32 of those bytes), `lsn: u64`, then
+//! records; little-endian, strings as `u32` length and UTF-8 bytes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -48,82 +47,113 @@ pub enum Record {
         /// The encoded frame.
         frame: String,
     },
-    /// The room's last member left at `active_ms`.
-    Vacated {
+    /// The room was in use at `active_ms` (its last member left, or the sweep found it in
+    /// use).
+    Active {
         /// The room.
         room: String,
         /// `rooms.active_ms`.
         active_ms: u64,
     },
+    /// The sweep forgot the room: its row and events go.
+    Forget {
+        /// The room.
+        room: String,
+    },
 }
 
 const ROOM: u8 = 1;
 const EVENT: u8 = 2;
-const VACATED: u8 = 3;
+const ACTIVE: u8 = 3;
+const FORGET: u8 = 4;
+
+/// Size past which the writer moves to the other file (when that one is settled).
+const SWITCH_BYTES: u64 = 8 << 20;
 
 /// Bytes before a block's records: `len`, `crc` and `generation`.
 const HEADER: usize = 16;
 
-/// The journal file, written by the log writer only.
+/// The journal's two files, written by the log writer only.
 pub struct Journal {
-    file: File,
-    /// Where the next block goes.
+    files: [File; 2],
+    /// The file being appended to.
+    current: usize,
+    /// Where the next block goes in it.
     end: u64,
-    generation: u64,
+    /// The highest LSN in each file (0: none).
+    last: [u64; 2],
     /// The block being built: header space, then records.
     block: Vec<u8>,
     /// `fdatasync` after each block (`store.synchronous = full`).
     sync: bool,
 }
 
+/// The journal files of the log at `path`.
+pub fn paths(path: &Path) -> [std::path::PathBuf; 2] {
+    ["-acks-a", "-acks-b"].map(|suffix| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    })
+}
+
 impl Journal {
-    /// Opens (creating when needed) the journal at `path`. Nothing is read until
+    /// Opens (creating when needed) the journal of the log at `path`. Nothing is read until
     /// [`Journal::replay`].
     pub fn open(path: &Path, sync: bool) -> io::Result<Journal> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let [a, b] = paths(path);
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+        };
         let mut block = Vec::with_capacity(64 << 10);
         block.resize(HEADER, 0);
         Ok(Journal {
-            file,
+            files: [open(&a)?, open(&b)?],
+            current: 0,
             end: 0,
-            generation: 0,
+            last: [0, 0],
             block,
             sync,
         })
     }
 
-    /// The records of every block of `generation`, oldest first, from the start of the file
-    /// up to the first block that is torn or of another generation. New blocks go after them.
-    pub fn replay(&mut self, generation: u64) -> io::Result<Vec<Record>> {
-        let mut bytes = Vec::new();
-        (&self.file).seek(SeekFrom::Start(0))?;
-        (&self.file).read_to_end(&mut bytes)?;
-        let mut records = Vec::new();
-        let mut at = 0usize;
-        while let Some(body) = block_at(&bytes, at) {
-            if u64::from_le_bytes(body[..8].try_into().expect("8 bytes")) != generation {
-                break;
+    /// Every block above LSN `settled`, oldest first, as `(lsn, records)`. New blocks go after
+    /// the newest block of either file.
+    pub fn replay(&mut self, settled: u64) -> io::Result<Vec<(u64, Vec<Record>)>> {
+        let mut blocks = Vec::new();
+        let mut ends = [0u64; 2];
+        for (i, mut file) in self.files.iter().enumerate() {
+            let mut bytes = Vec::new();
+            file.seek(SeekFrom::Start(0))?;
+            file.read_to_end(&mut bytes)?;
+            let mut at = 0usize;
+            let mut last = 0u64;
+            while let Some(body) = block_at(&bytes, at) {
+                let lsn = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                if lsn <= last {
+                    break;
+                }
+                last = lsn;
+                if lsn > settled {
+                    let records = decode(&body[8..]).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "journal: a bad record")
+                    })?;
+                    blocks.push((lsn, records));
+                }
+                at += HEADER + body.len() - 8;
             }
-            decode(&body[8..], &mut records).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "journal: a bad record")
-            })?;
-            at += HEADER + body.len() - 8;
+            self.last[i] = last;
+            ends[i] = at as u64;
         }
-        self.generation = generation;
-        self.end = at as u64;
-        Ok(records)
-    }
-
-    /// Starts the journal over under `generation`, whose settle has committed everything
-    /// written so far. The old bytes stay until overwritten; [`Journal::replay`] ignores them.
-    pub fn restart(&mut self, generation: u64) {
-        self.generation = generation;
-        self.end = 0;
+        self.current = usize::from(self.last[1] > self.last[0]);
+        self.end = ends[self.current];
+        blocks.sort_by_key(|(lsn, _)| *lsn);
+        Ok(blocks)
     }
 
     /// Notes a room's log starting.
@@ -153,41 +183,60 @@ impl Journal {
         put_str(&mut self.block, frame);
     }
 
-    /// Notes a room's last member leaving.
-    pub fn vacated(&mut self, room: &str, active_ms: u64) {
-        self.block.push(VACATED);
+    /// Notes a room in use at `active_ms`.
+    pub fn active(&mut self, room: &str, active_ms: u64) {
+        self.block.push(ACTIVE);
         put_str(&mut self.block, room);
         self.block.extend_from_slice(&active_ms.to_le_bytes());
     }
 
-    /// Writes the records noted since the last write or discard as one block, durably when
-    /// `sync`. Nothing noted: nothing written.
-    pub fn write(&mut self) -> io::Result<()> {
-        if self.block.len() == HEADER {
-            return Ok(());
+    /// Notes a room forgotten.
+    pub fn forget(&mut self, room: &str) {
+        self.block.push(FORGET);
+        put_str(&mut self.block, room);
+    }
+
+    /// Whether records were noted since the last write or discard.
+    pub fn is_empty(&self) -> bool {
+        self.block.len() == HEADER
+    }
+
+    /// Writes the records noted since the last write or discard as block `lsn`, durably when
+    /// `sync`, and returns them. `settled`: the LSN SQLite holds, which says whether the
+    /// other file may be started over.
+    pub fn write(&mut self, lsn: u64, settled: u64) -> io::Result<Vec<Record>> {
+        let other = 1 - self.current;
+        if self.end >= SWITCH_BYTES && self.last[other] <= settled {
+            self.current = other;
+            self.end = 0;
         }
-        self.block[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        self.block[8..16].copy_from_slice(&lsn.to_le_bytes());
         let body = &self.block[8..];
         let len = u32::try_from(body.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal: block too big"))?;
         let crc = crc32fast::hash(body);
         self.block[..4].copy_from_slice(&len.to_le_bytes());
         self.block[4..8].copy_from_slice(&crc.to_le_bytes());
-        let written = self
-            .file
-            .write_all_at(&self.block, self.end)
-            .and_then(|()| {
-                if self.sync {
-                    self.file.sync_data()
-                } else {
-                    Ok(())
-                }
-            });
-        if written.is_ok() {
-            self.end += self.block.len() as u64;
-        }
+        let file = &self.files[self.current];
+        let written = file.write_all_at(&self.block, self.end).and_then(|()| {
+            if self.sync {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        let records = match written {
+            Ok(()) => {
+                self.end += self.block.len() as u64;
+                self.last[self.current] = lsn;
+                decode(&self.block[HEADER..]).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "journal: a bad record")
+                })
+            }
+            Err(e) => Err(e),
+        };
         self.discard();
-        written
+        records
     }
 
     /// Forgets the records noted since the last write (their batch failed).
@@ -196,7 +245,7 @@ impl Journal {
     }
 }
 
-/// The body (generation and records) of an intact block at `at`, if there is one.
+/// The body (LSN and records) of an intact block at `at`, if there is one.
 fn block_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
     let header = bytes.get(at..at + 8)?;
     let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
@@ -255,7 +304,8 @@ impl Reader<'_> {
     }
 }
 
-fn decode(bytes: &[u8], out: &mut Vec<Record>) -> Option<()> {
+fn decode(bytes: &[u8]) -> Option<Vec<Record>> {
+    let mut out = Vec::new();
     let mut r = Reader(bytes);
     while !r.0.is_empty() {
         let record = match r.u8()? {
@@ -272,15 +322,16 @@ fn decode(bytes: &[u8], out: &mut Vec<Record>) -> Option<()> {
                 client_id: r.opt()?,
                 frame: r.string()?,
             },
-            VACATED => Record::Vacated {
+            ACTIVE => Record::Active {
                 room: r.string()?,
                 active_ms: r.u64()?,
             },
+            FORGET => Record::Forget { room: r.string()? },
             _ => return None,
         };
         out.push(record);
     }
-    Some(())
+    Some(out)
 }
 
 #[cfg(test)]
@@ -320,18 +371,26 @@ mod tests {
                 client_id.as_deref(),
                 frame,
             ),
-            Record::Vacated { room, active_ms } => journal.vacated(room, *active_ms),
+            Record::Active { room, active_ms } => journal.active(room, *active_ms),
+            Record::Forget { room } => journal.forget(room),
         }
     }
 
-    /// Blocks of the current generation come back in order; a discarded batch, a torn tail
-    /// and the blocks of a generation that was settled do not.
+    fn write(journal: &mut Journal, lsn: u64, settled: u64, records: &[Record]) {
+        for r in records {
+            note(journal, r);
+        }
+        assert_eq!(journal.write(lsn, settled).unwrap(), records);
+    }
+
+    /// The blocks above the settled LSN come back in order, from both files; a discarded
+    /// batch, a torn tail and the blocks left behind a file's new start do not.
     #[test]
-    fn replay_gives_back_the_current_generations_blocks_up_to_a_torn_one() {
+    fn replay_gives_back_the_unsettled_blocks_up_to_a_torn_one() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
+        let path = dir.path().join("j.db");
         let mut journal = Journal::open(&path, true).unwrap();
-        assert!(journal.replay(1).unwrap().is_empty());
+        assert!(journal.replay(0).unwrap().is_empty());
         let first = vec![
             Record::Room {
                 room: "r".into(),
@@ -341,43 +400,54 @@ mod tests {
             event("r", 1),
             event("r", 2),
         ];
-        for r in &first {
-            note(&mut journal, r);
-        }
-        journal.write().unwrap();
+        write(&mut journal, 1, 0, &first);
         note(&mut journal, &event("r", 99));
         journal.discard();
         let second = vec![
-            Record::Vacated {
+            Record::Active {
                 room: "r".into(),
                 active_ms: 6,
             },
             event("r", 3),
+            Record::Forget { room: "q".into() },
         ];
-        for r in &second {
-            note(&mut journal, r);
-        }
-        journal.write().unwrap();
-        let all: Vec<Record> = first.iter().chain(&second).cloned().collect();
+        write(&mut journal, 2, 0, &second);
         let mut again = Journal::open(&path, true).unwrap();
-        assert_eq!(again.replay(1).unwrap(), all);
-        assert!(again.replay(2).unwrap().is_empty(), "another generation");
+        assert_eq!(
+            again.replay(0).unwrap(),
+            vec![(1, first.clone()), (2, second.clone())]
+        );
+        assert_eq!(again.replay(1).unwrap(), vec![(2, second.clone())]);
+        assert!(again.replay(2).unwrap().is_empty(), "all settled");
 
         // A third block torn half way: the two before it still count.
-        note(&mut journal, &event("r", 4));
-        journal.write().unwrap();
-        let len = std::fs::metadata(&path).unwrap().len();
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.set_len(len - 3).unwrap();
+        write(&mut journal, 3, 0, &[event("r", 4)]);
+        let [a, _] = paths(&path);
+        let len = std::fs::metadata(&a).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
         let mut again = Journal::open(&path, true).unwrap();
-        assert_eq!(again.replay(1).unwrap(), all);
+        assert_eq!(again.replay(0).unwrap().len(), 2);
 
-        // A settle starts generation 2 over the old bytes: only the new block counts, and
-        // the old ones behind it are not read as the new generation's.
-        again.restart(2);
-        note(&mut again, &event("s", 1));
-        again.write().unwrap();
+        // Past the switch size, with the other file settled, the writer moves there; once
+        // everything in the first file is settled it starts that one over, and its old blocks
+        // behind the new one are not read.
+        again.end = SWITCH_BYTES;
+        write(&mut again, 3, 2, &[event("s", 1)]);
+        write(&mut again, 4, 2, &[event("s", 2)]);
         let mut after = Journal::open(&path, true).unwrap();
-        assert_eq!(after.replay(2).unwrap(), vec![event("s", 1)]);
+        assert_eq!(
+            after.replay(2).unwrap(),
+            vec![(3, vec![event("s", 1)]), (4, vec![event("s", 2)])]
+        );
+        after.end = SWITCH_BYTES;
+        write(&mut after, 5, 4, &[event("s", 3)]);
+        let mut last = Journal::open(&path, true).unwrap();
+        assert_eq!(last.replay(4).unwrap(), vec![(5, vec![event("s", 3)])]);
+        assert_eq!(last.current, 0, "back in the first file");
     }
 }

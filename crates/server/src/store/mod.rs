@@ -1,5 +1,6 @@
 //! Durable storage of room logs.
 
+pub mod indexer;
 pub mod journal;
 pub mod sqlite;
 pub mod unsettled;

@@ -1,10 +1,10 @@
-//! The single-node durable log in SQLite (WAL mode). One [`LogWriter`] owns the write
-//! connection and is driven by the broker's log-writer thread: it assigns each room's next seq
-//! in its open transaction, which stores the events of every group commit and commits (settles)
-//! every `store.settle_ms`; each group commit is made durable before its ack by one block of
-//! the [`Journal`], from which a crash's unsettled events are read back. Readers use their own
-//! connections (with the [`Unsettled`] view of the open transaction) and never block the
-//! writer.
+//! The single-node durable log: a journal in front of SQLite (WAL mode). One [`LogWriter`],
+//! driven by the broker's log-writer thread, assigns each room's next seq from the heads it
+//! keeps and makes each group commit durable, before its ack, as one block of the [`Journal`];
+//! the indexer (`store::indexer`), on a thread of its own, writes the blocks into SQLite and
+//! commits them every `store.settle_ms`. Everything that reads the log (the writer's own
+//! lookups, and readers on their own connections) adds the [`Unsettled`] view of what SQLite
+//! does not hold yet, and never blocks the writer.
 //!
 //! Schema: `rooms(room, epoch, seq, active_ms)` holds the epoch of each room's log, its head
 //! as of the last time expiry emptied it (the head itself is [`ROOM_HEAD`]) and when it was
@@ -14,17 +14,14 @@
 //! event, so history is served without re-encoding.
 //!
 //! Checkpoints (copying the WAL back into the database file) run on a thread of their own with
-//! its own connection (`Checkpointer`), not in the writer's commits: in rooms of two each
-//! message dirties pages all over the file, and a checkpoint every 1,000 pages inside a commit
-//! (SQLite's default) made one commit in five take 50-400 ms on a busy disk, which stalled
-//! every room behind it.
+//! its own connection (`store::indexer::Checkpointer`), not in the indexer's commits.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parley_protocol::server::ServerFrame;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -34,8 +31,9 @@ use crate::broker::log::{
 };
 use crate::config::{HistoryConfig, Synchronous};
 use crate::policy::Policies;
-use crate::store::journal::{Journal, Record};
-use crate::store::unsettled::{Added, Unsettled};
+use crate::store::indexer::{Block, Indexer, Shared, WAL_SIZE_LIMIT};
+use crate::store::journal::Journal;
+use crate::store::unsettled::{Added, Event, Unsettled};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +45,10 @@ pub enum StoreError {
     /// start.
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
+    /// SQLite has not taken this many journaled records (`store.max_unsettled`): nothing more
+    /// is acknowledged until it does.
+    #[error("store: {0} records wait for SQLite")]
+    Backlog(u64),
 }
 
 /// A room's head: its latest seq and the epoch of its log.
@@ -153,13 +155,9 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS settled (generation INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS settled (lsn INTEGER NOT NULL);
 INSERT INTO settled SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM settled);
 ";
-
-/// Most events one open transaction gathers before it settles, however young: their dirty
-/// pages stay well within the writer's page cache.
-const SETTLE_EVENTS: usize = 32_768;
 
 /// The index [`expire`] reads, kept only while some room has an age limit: without one it
 /// would be one more b-tree insert per event that nothing reads.
@@ -197,7 +195,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 const DEDUP_LOOKUP: &str = "SELECT seq, frame FROM events INDEXED BY events_client_id \
      WHERE room = ?1 AND user = ?2 AND client_id = ?3 AND ts_ms >= ?4 LIMIT 1";
 
-fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+pub(super) fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -212,77 +210,9 @@ fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError>
     Ok(conn)
 }
 
-/// WAL frames past which the writer stops to checkpoint itself (a `RESTART` checkpoint, which
-/// finishes the copy and makes the next commit start the WAL over): 65,536 pages of 4 KiB,
-/// 256 MiB. A passive checkpoint that never quite catches up with a busy writer leaves the WAL
-/// growing; this bounds it.
-const MAX_WAL_FRAMES: u64 = 65_536;
-
-/// Events written between two wake-ups of the checkpointer. A pass copies each page once, in
-/// its latest version, however often the commits since the last pass rewrote it: in rooms of
-/// two every event dirties a page of its own room, and one room's last page takes a dozen
-/// events, so passes far apart copy far fewer pages. At 1,000 the checkpointer read and wrote
-/// 1.2 pages per event; at 8,192, 0.44 (`examples/store_load.rs`, docs/BENCHMARKS.md). Passes
-/// still come every third of a second at 25,000 events a second, and the WAL stays far below
-/// [`MAX_WAL_FRAMES`].
-const CHECKPOINT_EVERY: usize = 8_192;
-
-/// After a checkpoint, SQLite truncates a WAL file larger than this: just above the largest
-/// the WAL grows to ([`MAX_WAL_FRAMES`] frames of a 4 KiB page and its 24-byte header), so a
-/// busy log reuses its WAL's blocks instead of truncating them and writing into new ones (a
-/// write into a new block costs the kernel a block allocation and zeroing the page: 10% of the
-/// node's CPU at 25,000 messages a second).
-const WAL_SIZE_LIMIT: i64 = 288 << 20;
-
-/// Copies the WAL back into the database file, on its own thread and connection, after every
-/// [`CHECKPOINT_EVERY`] events and after each sweep (a `PASSIVE` checkpoint: it never blocks
-/// the writer or readers). Once
-/// everything is copied back, the writer's next transaction starts the WAL over. The thread
-/// ends when the writer is dropped.
-struct Checkpointer {
-    wake: SyncSender<()>,
-    /// Frames in the WAL, as of the last checkpoint.
-    frames: Arc<AtomicU64>,
-}
-
-impl Checkpointer {
-    fn start(path: &Path, synchronous: Synchronous) -> Result<Checkpointer, StoreError> {
-        let conn = open(path, synchronous)?;
-        let (wake, woken) = sync_channel::<()>(1);
-        let frames = Arc::new(AtomicU64::new(0));
-        let seen = frames.clone();
-        std::thread::Builder::new()
-            .name("parley-checkpoint".into())
-            .spawn(move || {
-                while woken.recv().is_ok() {
-                    let result = conn
-                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-                    match result {
-                        Ok(log) => seen.store(log.max(0) as u64, Ordering::Relaxed),
-                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-                    }
-                }
-            })?;
-        Ok(Checkpointer { wake, frames })
-    }
-
-    /// Asks for a checkpoint (one that is already asked for covers this commit too).
-    fn wake(&self) {
-        // Full: one is pending already. Disconnected: the thread is gone with the writer.
-        let _ = self.wake.try_send(());
-    }
-}
-
-/// The journal of the log at `path`: `<path>-acks`.
-pub fn journal_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-acks");
-    PathBuf::from(name)
-}
-
 /// Opens (creating when needed) the log at `path`: the writer for the sequencer and a pool of
-/// readers for history. What the journal holds of the last generation (acknowledged, never
-/// settled: the process died) is settled first.
+/// readers for history. The journal's blocks that SQLite lacks (acknowledged, never settled:
+/// the process died) are written into it first.
 pub fn open_log(
     path: &Path,
     synchronous: Synchronous,
@@ -293,49 +223,67 @@ pub fn open_log(
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
     // Built once when an age limit is set on an existing log; dropped when none is left.
-    let ttls = policies.ttls();
-    conn.execute_batch(if ttls.is_empty() {
+    conn.execute_batch(if policies.ttls().is_empty() {
         "DROP INDEX IF EXISTS events_ts"
     } else {
         EXPIRY_INDEX
     })?;
     // Checkpoints are the checkpointer's (see the module docs).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    // The writer touches the last page of every busy room (in the log and in the client-id
+    // The indexer touches the last page of every busy room (in the log and in the client-id
     // index): with thousands of small rooms that is tens of MiB, and a page that fell out of
     // the cache is read back from the OS with a system call. 128 MiB, used only as the log grows.
     conn.pragma_update(None, "cache_size", -131_072)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
-    let checkpointer = Checkpointer::start(path, synchronous)?;
-    let generation: i64 = conn.query_row("SELECT generation FROM settled", [], |r| r.get(0))?;
-    let journal = Journal::open(
-        &journal_path(path),
-        matches!(synchronous, Synchronous::Full),
-    )?;
+    let settled: i64 = conn.query_row("SELECT lsn FROM settled", [], |r| r.get(0))?;
+    let settled = settled as u64;
+    let mut journal = Journal::open(path, matches!(synchronous, Synchronous::Full))?;
+    let blocks = journal.replay(settled)?;
     let unsettled = Arc::new(Unsettled::default());
-    let mut writer = LogWriter {
-        conn,
-        checkpointer,
-        journal,
-        generation: generation as u64,
-        opened: None,
-        open_events: 0,
-        lost: true,
-        settle_every: DEFAULT_SETTLE_EVERY,
+    let shared = Arc::new(Shared {
+        settled: AtomicU64::new(settled),
+        hold: AtomicBool::new(false),
+        crash: AtomicBool::new(false),
+        failures: AtomicU64::new(0),
+        backlog: AtomicU64::new(0),
+        on_settle: Mutex::new(None),
         unsettled: unsettled.clone(),
-        unchecked: 0,
+    });
+    let mut indexer = Indexer::new(
+        conn,
+        path,
+        synchronous,
+        policies.clone(),
+        settled,
+        shared.clone(),
+    )?;
+    let lsn = blocks.last().map_or(settled, |(lsn, _)| *lsn);
+    if !blocks.is_empty() {
+        let events: usize = blocks.iter().map(|(_, records)| records.len()).sum();
+        shared.backlog.fetch_add(events as u64, Ordering::SeqCst);
+        for (lsn, records) in blocks {
+            indexer.apply(lsn, records)?;
+        }
+        indexer.settle()?;
+        tracing::info!(records = events, "read back from the journal");
+    }
+    let writer = LogWriter {
+        conn: open(path, synchronous)?,
+        journal,
+        lsn,
         heads: HashMap::new(),
-        ttls,
+        unsettled: unsettled.clone(),
+        shared,
+        indexer: Some(indexer),
+        blocks: None,
+        thread: None,
         policies,
-        last_sweep_ms: 0,
         on_join: history.on_join,
         max_replay: history.max_replay,
         max_replay_bytes: history.max_replay_bytes,
         empty_room_ttl: Duration::from_secs(history.empty_room_ttl_s),
-        write_heads: false,
+        max_unsettled: DEFAULT_MAX_UNSETTLED,
     };
-    // `lost`: the open transaction is the journal's, read back now.
-    writer.settle()?;
     let reader = LogReader {
         path: path.to_owned(),
         synchronous,
@@ -345,49 +293,43 @@ pub fn open_log(
     Ok((writer, reader))
 }
 
-/// How long the writer's transaction stays open by default (`store.settle_ms`).
+/// How long the indexer's transaction stays open by default (`store.settle_ms`).
 pub const DEFAULT_SETTLE_EVERY: Duration = Duration::from_millis(200);
 
 /// The write side of the log. Not shared: the broker's log-writer thread owns it for the
 /// node's life.
 ///
-/// Its connection keeps one transaction open across group commits: each commit is a
-/// savepoint in it, made durable by the [`Journal`] before it is answered, and the
-/// transaction itself commits (*settles*) every `store.settle_ms` ([`LogWriter::settle`]).
+/// It writes no SQLite: each group commit's changes go into one block of the [`Journal`],
+/// durable before the batch is answered, then to the [`Unsettled`] view and to the indexer
+/// (`store::indexer`), which writes them into SQLite. Its own connection only reads, adding
+/// the unsettled view to what it reads.
 pub struct LogWriter {
+    /// Reads only.
     conn: Connection,
-    checkpointer: Checkpointer,
     journal: Journal,
-    /// The generation SQLite holds: the journal's blocks of it are not settled yet.
-    generation: u64,
-    /// When the open transaction began; `None`: none is open.
-    opened: Option<Instant>,
-    /// Events in the open transaction.
-    open_events: usize,
-    /// SQLite rolled the open transaction back on an error (a full disk, an I/O error):
-    /// what it held is read back from the journal before anything else.
-    lost: bool,
-    settle_every: Duration,
-    /// What readers see of the open transaction.
-    unsettled: Arc<Unsettled>,
-    /// Events written since the checkpointer was last woken.
-    unchecked: usize,
+    /// The last block written.
+    lsn: u64,
     heads: HashMap<Arc<str>, RoomHead>,
+    unsettled: Arc<Unsettled>,
+    shared: Arc<Shared>,
+    /// The indexer, until its thread starts (with the first block).
+    indexer: Option<Indexer>,
+    blocks: Option<SyncSender<Block>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// Each room's retention (`history_max_len`, `history_ttl_s`).
     policies: Arc<Policies>,
-    /// Every age limit some room has ([`Policies::ttls`]); empty: nothing expires.
-    ttls: Vec<u64>,
-    /// When expired events were last dropped ([`expire`]); 0 before the first time.
-    last_sweep_ms: u64,
     on_join: usize,
     max_replay: usize,
     max_replay_bytes: usize,
     empty_room_ttl: Duration,
-    /// Whether commits keep `rooms.seq` equal to the head ([`LogWriter::keep_heads_written`]).
-    write_heads: bool,
+    /// `store.max_unsettled`.
+    max_unsettled: u64,
 }
 
-fn now_ms() -> u64 {
+/// `store.max_unsettled` by default.
+pub const DEFAULT_MAX_UNSETTLED: u64 = 500_000;
+
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -403,234 +345,147 @@ fn new_epoch() -> String {
         .collect()
 }
 
+/// A batch's changes, before its block is written.
+#[derive(Default)]
+struct Changes {
+    /// Per room: its new events (a room new to the log with none is here too).
+    rooms: HashMap<Arc<str>, Vec<Event>>,
+    /// Rooms found in use.
+    touched: Vec<Arc<str>>,
+    /// Rooms forgotten.
+    forgotten: Vec<Arc<str>>,
+}
+
 impl LogWriter {
-    /// From now on every commit also writes each touched room's head to `rooms.seq`, and the
+    /// From now on every settle also writes each touched room's head to `rooms.seq`, and the
     /// heads of a log written without it are brought up to date first. The webhook scan
     /// (`webhooks::sqlite`) reads `rooms.seq` for every room several times a second, where
     /// [`ROOM_HEAD`]'s lookup per room cost 6 times as much; without webhooks nothing needs it.
+    /// Before the first commit only.
     pub fn keep_heads_written(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .execute(&format!("UPDATE rooms AS r SET seq = {ROOM_HEAD}"), [])?;
-        self.write_heads = true;
-        Ok(())
+        self.indexer
+            .as_mut()
+            .expect("keep_heads_written before the first commit")
+            .keep_heads_written()
     }
 
-    /// How long the transaction stays open before it settles (`store.settle_ms`).
+    /// How long the indexer's transaction stays open before it settles (`store.settle_ms`).
+    /// Before the first commit only.
     pub fn set_settle_every(&mut self, every: Duration) {
-        self.settle_every = every;
+        self.indexer
+            .as_mut()
+            .expect("set_settle_every before the first commit")
+            .set_settle_every(every);
     }
 
-    /// Stores a batch and returns one [`Written`] per draft, in order: its statements in the
-    /// open transaction, then one block of the journal (durable with `store.synchronous =
-    /// full`), so what is returned is acknowledged and survives a crash. On error nothing of
-    /// the batch is stored and no seq is consumed: the open transaction is rolled back, and
-    /// what earlier batches put in it is read back from the journal before the next batch.
-    /// (A savepoint per batch would spare that rare replay, but it copies every page a batch
-    /// changes into a statement journal first: 15% of the writer's time.)
+    /// Called after every settle with its duration (metrics, the webhook deliverer).
+    pub fn on_settle(&self, f: impl Fn(Duration) + Send + 'static) {
+        *self.shared.on_settle.lock().expect("on_settle lock") = Some(Box::new(f));
+    }
+
+    /// At most this many journaled records wait for SQLite (`store.max_unsettled`); past it,
+    /// batches fail.
+    pub fn set_max_unsettled(&mut self, max: u64) {
+        self.max_unsettled = max;
+    }
+
+    /// The test-only switch `hold-settle`: while on, the indexer settles nothing.
+    pub fn hold_settles(&self, on: bool) {
+        self.shared.hold.store(on, Ordering::SeqCst);
+    }
+
+    /// The LSN SQLite holds.
+    pub fn settled(&self) -> u64 {
+        self.shared.settled.load(Ordering::SeqCst)
+    }
+
+    /// Whether SQLite holds every block written so far.
+    pub fn is_settled(&self) -> bool {
+        self.settled() >= self.lsn
+    }
+
+    /// Stores a batch and returns one [`Written`] per draft, in order: its changes as one
+    /// block of the journal (durable with `store.synchronous = full`), so what is returned is
+    /// acknowledged and survives a crash. On error nothing of the batch is stored and no seq
+    /// is consumed.
     pub fn commit(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
-        if self.lost {
-            self.recover()?;
+        let backlog = self.shared.backlog.load(Ordering::SeqCst);
+        if backlog >= self.max_unsettled {
+            return Err(StoreError::Backlog(backlog));
         }
-        if self.opened.is_none() {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.opened = Some(Instant::now());
+        let mut changes = Changes::default();
+        let result = self
+            .plan(drafts, &mut changes)
+            .and_then(|out| self.write(changes).map(|()| out));
+        if result.is_err() {
+            self.journal.discard();
+            // The cached heads may include seqs of the failed batch.
+            self.heads.clear();
         }
-        let result = self.commit_inner(drafts).and_then(|done| {
-            self.journal.write()?;
-            Ok(done)
-        });
-        match result {
-            Ok((out, added, expired)) => {
-                if let Some(now) = expired {
-                    self.last_sweep_ms = now;
-                }
-                self.open_events += drafts.len();
-                self.unsettled.add(added);
-                Ok(out)
-            }
-            Err(e) => {
-                self.journal.discard();
-                self.abandon();
-                Err(e)
-            }
-        }
+        result
     }
 
-    /// Whether the open transaction is due to settle (or a lost one to be read back).
-    pub fn settle_due(&self) -> bool {
-        self.lost
-            || self.opened.is_some_and(|at| {
-                at.elapsed() >= self.settle_every || self.open_events >= SETTLE_EVENTS
+    /// Writes the noted records as the next block, then tells the unsettled view and the
+    /// indexer.
+    fn write(&mut self, changes: Changes) -> Result<(), StoreError> {
+        if self.journal.is_empty() {
+            return Ok(());
+        }
+        let lsn = self.lsn + 1;
+        let records = self.journal.write(lsn, self.settled())?;
+        self.lsn = lsn;
+        self.shared
+            .backlog
+            .fetch_add(records.len() as u64, Ordering::SeqCst);
+        let added = changes
+            .rooms
+            .into_iter()
+            .map(|(room, events)| {
+                let head = &self.heads[&room];
+                let max_len = self.policies.for_room(&room).history_max_len;
+                Added {
+                    floor: (head.seq + 1).saturating_sub(max_len),
+                    head: (head.epoch.clone(), head.seq),
+                    room,
+                    events,
+                }
             })
-    }
-
-    /// When the open transaction is due to settle; `None`: nothing is open.
-    pub fn settle_at(&self) -> Option<Instant> {
-        if self.lost {
-            return Some(Instant::now());
+            .collect();
+        self.unsettled.add(lsn, added);
+        for room in &changes.touched {
+            self.unsettled.touch(lsn, room);
         }
-        self.opened.map(|at| at + self.settle_every)
-    }
-
-    /// Commits the open transaction, with the next generation: from then on SQLite holds
-    /// everything acknowledged, and the journal starts over. Returns whether anything was
-    /// settled (readers can see new events).
-    pub fn settle(&mut self) -> Result<bool, StoreError> {
-        if self.lost {
-            self.recover()?;
+        for room in &changes.forgotten {
+            self.unsettled.forget(lsn, room);
         }
-        if self.opened.is_none() {
-            return Ok(false);
+        if self.blocks.is_none() {
+            let indexer = self.indexer.take().expect("the indexer, before it starts");
+            let (blocks, thread) = indexer.start()?;
+            self.blocks = Some(blocks);
+            self.thread = Some(thread);
         }
-        let next = self.generation + 1;
-        let result = self
-            .conn
-            .execute("UPDATE settled SET generation = ?1", params![next as i64])
-            .and_then(|_| self.conn.execute_batch("COMMIT"));
-        if let Err(e) = result {
-            self.abandon();
-            return Err(e.into());
-        }
-        self.opened = None;
-        self.generation = next;
-        self.journal.restart(next);
-        self.unsettled.clear();
-        self.unchecked += std::mem::take(&mut self.open_events);
-        if self.unchecked >= CHECKPOINT_EVERY {
-            self.checkpoint();
-        }
-        Ok(true)
-    }
-
-    /// Gives the open transaction up (as a crash would): the journal still has it, and the
-    /// next commit or settle reads it back.
-    fn abandon(&mut self) {
-        if !self.conn.is_autocommit() {
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                tracing::warn!(error = %e, "rollback failed");
-            }
-        }
-        self.heads.clear();
-        self.opened = None;
-        self.lost = true;
-    }
-
-    /// Reads the journal's blocks of the current generation back into a new open
-    /// transaction: at open, what a dead process acknowledged; later, what a transaction
-    /// SQLite rolled back held.
-    fn recover(&mut self) -> Result<(), StoreError> {
-        self.abandon();
-        // Expired events the lost transaction deleted are found again by a first full pass.
-        self.last_sweep_ms = 0;
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = self
-            .journal
-            .replay(self.generation)
-            .map_err(StoreError::from)
-            .and_then(|records| self.apply(&records).map(|()| records.len()));
-        match result {
-            Ok(n) => {
-                if n > 0 {
-                    tracing::info!(records = n, "read back from the journal");
-                }
-                self.opened = Some(Instant::now());
-                self.open_events = n;
-                self.lost = false;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
-    }
-
-    /// Replays journal records on the open transaction, with the trim of each room they
-    /// touched.
-    fn apply(&self, records: &[Record]) -> Result<(), StoreError> {
-        let mut heads: HashMap<&str, u64> = HashMap::new();
-        for record in records {
-            match record {
-                Record::Room {
-                    room,
-                    epoch,
-                    active_ms,
-                } => {
-                    self.conn
-                        .prepare_cached(
-                            "INSERT INTO rooms (room, epoch, seq, active_ms) VALUES (?1, ?2, 0, ?3)",
-                        )?
-                        .execute(params![room, epoch, *active_ms as i64])?;
-                }
-                Record::Event {
-                    room,
-                    seq,
-                    ts_ms,
-                    user,
-                    client_id,
-                    frame,
-                } => {
-                    insert(
-                        &self.conn,
-                        room,
-                        *seq,
-                        *ts_ms,
-                        user.as_deref(),
-                        client_id.as_deref(),
-                        frame,
-                    )?;
-                    heads.insert(room, *seq);
-                }
-                Record::Vacated { room, active_ms } => {
-                    self.conn
-                        .prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
-                        .execute(params![room, *active_ms as i64])?;
-                }
-            }
-        }
-        for (room, seq) in heads {
-            if self.write_heads {
-                self.conn
-                    .prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
-                    .execute(params![room, seq as i64])?;
-            }
-            trim(&self.conn, &self.policies, room, seq)?;
+        let sent = self.blocks.as_ref().map(|b| b.send((lsn, records)));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "the indexer stopped; the journal keeps the batch",
+            )));
         }
         Ok(())
     }
 
-    /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
-    fn checkpoint(&mut self) {
-        self.unchecked = 0;
-        if self.checkpointer.frames.load(Ordering::Relaxed) > MAX_WAL_FRAMES {
-            match self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
-            {
-                // The first column is 1 when the checkpoint could not finish (a reader, or
-                // the checkpointer's own PASSIVE pass, held it): the WAL is still long.
-                Ok(0) => self.checkpointer.frames.store(0, Ordering::Relaxed),
-                Ok(_) => tracing::warn!("WAL checkpoint busy; retried after the next commits"),
-                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-            }
-        }
-        self.checkpointer.wake();
-    }
-
-    /// A batch's statements, on the open transaction, with its journal records: what each
-    /// draft became, each touched room's part for the readers, and when expiry ran.
-    #[allow(clippy::type_complexity)]
-    fn commit_inner(
+    /// What each draft becomes, with the journal's records and the batch's changes noted.
+    fn plan(
         &mut self,
         drafts: &[Draft],
-    ) -> Result<(Vec<Written>, Vec<Added>, Option<u64>), StoreError> {
+        changes: &mut Changes,
+    ) -> Result<Vec<Written>, StoreError> {
         let now = now_ms();
         let ts =
             humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(now)).to_string();
         let conn = &self.conn;
         let journal = &mut self.journal;
+        let unsettled = &*self.unsettled;
         let mut out = Vec::with_capacity(drafts.len());
-        let mut touched: HashMap<Arc<str>, Vec<(u64, String)>> = HashMap::new();
         for draft in drafts {
             let written = match draft {
                 Draft::Message {
@@ -642,22 +497,18 @@ impl LogWriter {
                 } => {
                     if let Some(id) = client_id {
                         let since = now.saturating_sub(DEDUP_WINDOW.as_millis() as u64);
-                        let original: Option<(i64, String)> = conn
-                            .prepare_cached(DEDUP_LOOKUP)?
-                            .query_row(params![&**room, &**user, id, since as i64], |r| {
-                                Ok((r.get(0)?, r.get(1)?))
-                            })
-                            .optional()?;
-                        if let Some((seq, frame)) = original {
+                        let pending = changes.rooms.get(room).map_or(&[][..], Vec::as_slice);
+                        let found = original(conn, unsettled, pending, room, user, id, since)?;
+                        if let Some((seq, frame)) = found {
                             out.push(if same_content(&frame, content) {
-                                Written::Duplicate { seq: seq as u64 }
+                                Written::Duplicate { seq }
                             } else {
                                 Written::Conflict
                             });
                             continue;
                         }
                     }
-                    let head = head_of(conn, &mut self.heads, journal, room)?;
+                    let head = head_of(conn, unsettled, &mut self.heads, journal, changes, room)?;
                     head.seq += 1;
                     let seq = head.seq;
                     let frame = ServerFrame::Message {
@@ -670,17 +521,13 @@ impl LogWriter {
                         id: client_id.as_deref(),
                     }
                     .encode();
-                    insert(
-                        conn,
-                        room,
-                        seq,
-                        now,
-                        Some(user),
-                        client_id.as_deref(),
-                        &frame,
-                    )?;
                     journal.event(room, seq, now, Some(user), client_id.as_deref(), &frame);
-                    events_of(&mut touched, room).push((seq, frame.clone()));
+                    events_of(changes, room).push(Event {
+                        seq,
+                        frame: frame.clone(),
+                        sender: client_id.as_ref().map(|id| (user.clone(), id.clone())),
+                        ts_ms: now,
+                    });
                     Written::Event { seq, frame }
                 }
                 Draft::Presence {
@@ -689,33 +536,44 @@ impl LogWriter {
                     name,
                     joined,
                 } => {
-                    let head = head_of(conn, &mut self.heads, journal, room)?;
+                    let head = head_of(conn, unsettled, &mut self.heads, journal, changes, room)?;
                     head.seq += 1;
                     let seq = head.seq;
                     let frame = system_event(room, seq, user, name, *joined, &ts);
-                    insert(conn, room, seq, now, Some(user), None, &frame)?;
                     journal.event(room, seq, now, Some(user), None, &frame);
-                    events_of(&mut touched, room).push((seq, frame.clone()));
+                    events_of(changes, room).push(Event {
+                        seq,
+                        frame: frame.clone(),
+                        sender: None,
+                        ts_ms: now,
+                    });
                     Written::Event { seq, frame }
                 }
                 Draft::Vacated { room } => {
-                    conn.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
-                        .execute(params![&**room, now as i64])?;
-                    journal.vacated(room, now);
+                    journal.active(room, now);
+                    changes.touched.push(room.clone());
                     Written::Noted
                 }
                 Draft::Head { room, window } => {
-                    let head = head_of(conn, &mut self.heads, journal, room)?.clone();
-                    // A new room is listed from now on.
-                    events_of(&mut touched, room);
+                    let head =
+                        head_of(conn, unsettled, &mut self.heads, journal, changes, room)?.clone();
                     let history = match window {
-                        Some(window) => Some(join_history(
-                            conn,
-                            room,
-                            &head,
-                            window,
-                            (self.on_join, self.max_replay, self.max_replay_bytes),
-                        )?),
+                        Some(window) => {
+                            // This batch's own events so far count too; its trim comes after.
+                            let log = Log {
+                                conn,
+                                unsettled,
+                                pending: changes.rooms.get(room).map_or(&[][..], Vec::as_slice),
+                                floor: 0,
+                            };
+                            Some(join_history(
+                                &log,
+                                room,
+                                &head,
+                                window,
+                                (self.on_join, self.max_replay, self.max_replay_bytes),
+                            )?)
+                        }
                         None => None,
                     };
                     Written::Head { head, history }
@@ -723,38 +581,7 @@ impl LogWriter {
             };
             out.push(written);
         }
-        // `rooms.seq` is written only for the webhook scan (see [`ROOM_HEAD`]): the trim keeps
-        // the latest `history_max_len` (at least 1) events, so the highest stored seq stays
-        // the head.
-        let mut added = Vec::with_capacity(touched.len());
-        for (room, events) in touched {
-            let seq = self.heads[&room].seq;
-            if !events.is_empty() {
-                if self.write_heads {
-                    conn.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
-                        .execute(params![&*room, seq as i64])?;
-                }
-                trim(conn, &self.policies, &room, seq)?;
-            }
-            let max_len = self.policies.for_room(&room).history_max_len;
-            added.push(Added {
-                floor: (seq + 1).saturating_sub(max_len),
-                head: seq,
-                room,
-                events,
-            });
-        }
-        let expiring = !self.ttls.is_empty() && now >= self.last_sweep_ms + 1000;
-        if expiring {
-            added.extend(expire(
-                conn,
-                &self.policies,
-                &self.ttls,
-                self.last_sweep_ms,
-                now,
-            )?);
-        }
-        Ok((out, added, expiring.then_some(now)))
+        Ok(out)
     }
 
     /// How often the sequencer calls [`LogWriter::sweep`]: a quarter of
@@ -763,193 +590,217 @@ impl LogWriter {
         crate::broker::log::sweep_every(self.empty_room_ttl)
     }
 
-    /// The retention sweep that needs no traffic: drops events older than `history.ttl_s`
-    /// and forgets every room that has been empty for `history.empty_room_ttl_s` (no member,
-    /// `occupied` says, and no `message` event in its log): its row and its join/leave events
-    /// go, so it is no longer listed, and a later join starts it afresh with a new epoch. A
-    /// room found in use (members, or messages) counts as in use from now. Returns how many
-    /// rooms were forgotten.
-    ///
-    /// It runs in the open transaction, which settles at once when a room was forgotten: the
-    /// journal must never hold a room's events from before the sweep forgot it beside those
-    /// of its next life. (A crash before that settle loses the sweep only, which runs again.)
+    /// The retention sweep that needs no traffic: forgets every room that has been empty for
+    /// `history.empty_room_ttl_s` (no member, `occupied` says, and no `message` event in its
+    /// log): its row and its join/leave events go, so it is no longer listed, and a later join
+    /// starts it afresh with a new epoch. A room found in use (members, or messages) counts as
+    /// in use from now. A room with unsettled changes was in use just now. Returns how many
+    /// rooms were forgotten. (Expiry by age is the indexer's, once a second.)
     pub fn sweep(&mut self, occupied: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
-        if self.lost {
-            self.recover()?;
-        }
-        if self.opened.is_none() {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.opened = Some(Instant::now());
-        }
         let now = now_ms();
-        let result = self.sweep_inner(occupied, now);
-        // Forgotten rooms must not live on in the cache of heads.
-        self.heads.clear();
-        match result {
-            Ok(forgotten) => {
-                self.last_sweep_ms = now;
-                if forgotten > 0 {
-                    self.settle()?;
-                }
-                Ok(forgotten)
-            }
-            Err(e) => {
-                self.abandon();
-                Err(e)
-            }
-        }
-    }
-
-    fn sweep_inner(
-        &mut self,
-        occupied: impl Fn(&str) -> bool,
-        now: u64,
-    ) -> Result<usize, StoreError> {
-        let tx = &self.conn;
-        let cut = expire(tx, &self.policies, &self.ttls, self.last_sweep_ms, now)?;
-        self.unsettled.add(cut);
         let cutoff = now.saturating_sub(self.empty_room_ttl.as_millis() as u64);
         let candidates: Vec<String> = {
-            let mut stmt = tx.prepare_cached("SELECT room FROM rooms WHERE active_ms <= ?1")?;
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT room FROM rooms WHERE active_ms <= ?1")?;
             let rows = stmt.query_map(params![cutoff as i64], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
-        let mut forgotten = 0;
+        let mut changes = Changes::default();
         for room in candidates {
-            let has_message = occupied(&room)
-                || tx
+            if self.unsettled.has(&room) {
+                continue;
+            }
+            let in_use = occupied(&room)
+                || self
+                    .conn
                     .prepare_cached(&format!(
                         "SELECT 1 FROM events WHERE room = ?1 AND {IS_MESSAGE} LIMIT 1"
                     ))?
                     .exists(params![&room])?;
-            if has_message {
-                tx.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
-                    .execute(params![&room, now as i64])?;
+            let room: Arc<str> = room.into();
+            if in_use {
+                self.journal.active(&room, now);
+                changes.touched.push(room);
             } else {
-                tx.prepare_cached("DELETE FROM events WHERE room = ?1")?
-                    .execute(params![&room])?;
-                tx.prepare_cached("DELETE FROM rooms WHERE room = ?1")?
-                    .execute(params![&room])?;
-                forgotten += 1;
+                self.journal.forget(&room);
+                self.heads.remove(&room);
+                changes.forgotten.push(room);
             }
         }
-        Ok(forgotten)
+        let forgotten = changes.forgotten.len();
+        let result = self.write(changes);
+        if result.is_err() {
+            self.journal.discard();
+            self.heads.clear();
+        }
+        result.map(|()| forgotten)
     }
-}
 
-impl LogWriter {
-    /// Ends the writer as SIGKILL would: the open transaction never commits and nothing is
+    /// Ends the writer as SIGKILL would: the indexer stops without settling, and nothing is
     /// settled on the way out.
     #[cfg(test)]
-    fn crash(self) {
-        let _ = self.conn.execute_batch("ROLLBACK");
+    fn crash(mut self) {
+        self.shared.crash.store(true, Ordering::SeqCst);
+        self.blocks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
         std::mem::forget(self);
     }
 }
 
 impl Drop for LogWriter {
-    /// A node that stops settles what it acknowledged (the journal would bring it back at
-    /// the next start anyway).
+    /// The indexer settles what it has and stops (the journal would bring it back at the next
+    /// start anyway); a log reopened after this sees everything.
     fn drop(&mut self) {
-        if let Err(e) = self.settle() {
-            tracing::warn!(error = %e, "the last settle failed; the journal keeps it");
+        self.blocks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-/// The rooms with an event whose time lies in a range: one pass of [`expire`] over one age
-/// limit reads the range of `events_ts` that expired since the previous pass, never the
-/// events that rooms with a longer limit (or none) keep.
-const NEWLY_EXPIRED: &str = "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2";
+/// The original of a resend: the message of `room` from `user` with `client_id` since
+/// `since_ms`, in this batch so far (`pending`), unsettled or in SQLite.
+fn original(
+    conn: &Connection,
+    unsettled: &Unsettled,
+    pending: &[Event],
+    room: &str,
+    user: &str,
+    client_id: &str,
+    since_ms: u64,
+) -> Result<Option<(u64, String)>, StoreError> {
+    let in_batch = pending.iter().find(|e| {
+        e.sender
+            .as_ref()
+            .is_some_and(|(u, id)| &**u == user && id == client_id)
+    });
+    if let Some(e) = in_batch {
+        return Ok(Some((e.seq, e.frame.clone())));
+    }
+    // A message retention dropped (below the floor, settled or not) no longer counts.
+    let view = unsettled.view(room, 0, 0);
+    let kept = |found: &(u64, String)| found.0 >= view.floor;
+    if let Some(found) = unsettled
+        .original(room, user, client_id, since_ms)
+        .filter(kept)
+    {
+        return Ok(Some(found));
+    }
+    if view.forgotten {
+        return Ok(None);
+    }
+    let found: Option<(i64, String)> = conn
+        .prepare_cached(DEDUP_LOOKUP)?
+        .query_row(params![room, user, client_id, since_ms as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    Ok(found.map(|(seq, frame)| (seq as u64, frame)).filter(kept))
+}
 
-/// Drops the events that outlived their room's `history_ttl_s`, one age limit `T` at a time
-/// (rooms have their own, from their policy): the rooms with an event that turned older than
-/// `T` since the previous pass at `last_ms` (an index range over `events.ts_ms` as wide as the
-/// time between passes; everything older at the first pass) and whose limit is `T`. Per room,
-/// only the events below its first young one in seq order go: a clock that stepped back must
-/// not cut a hole (the oldest kept seq decides `recovered`), and an old event kept above a
-/// young one goes when that one expires. The walk in seq order (NOT INDEXED: the primary key)
-/// reads about what it deletes.
-///
-/// Returns each room it cut with the lowest seq left (`u64::MAX`: none), for the readers
-/// ([`Unsettled`]) until the cut settles.
-fn expire(
-    tx: &Connection,
-    policies: &Policies,
-    ttls: &[u64],
-    last_ms: u64,
-    now: u64,
-) -> Result<Vec<Added>, StoreError> {
-    let mut cut = Vec::new();
-    for &ttl_s in ttls {
-        let ttl_ms = ttl_s.saturating_mul(1000);
-        let cutoff = now.saturating_sub(ttl_ms);
-        let from = last_ms.saturating_sub(ttl_ms);
-        let rooms: Vec<String> = {
-            let mut stmt = tx.prepare_cached(NEWLY_EXPIRED)?;
-            let rows = stmt.query_map(params![from as i64, cutoff as i64], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for room in rooms
+/// Where a room's log is read from: SQLite, the unsettled view and, for the writer, the events
+/// of the batch it is planning (`pending`, with the room's `floor` after them).
+pub(super) struct Log<'a> {
+    /// A connection for SQLite's part.
+    pub conn: &'a Connection,
+    /// The unsettled view.
+    pub unsettled: &'a Unsettled,
+    /// The planned batch's events of the room.
+    pub pending: &'a [Event],
+    /// The lowest seq kept, as of the planned batch (0: the view's own).
+    pub floor: u64,
+}
+
+/// A room's retained events with `after < seq < before`, oldest first: the `take` nearest
+/// `after` (`newest_first`: nearest `before`).
+pub(super) fn merged(
+    log: &Log<'_>,
+    room: &str,
+    (after, before): (u64, u64),
+    take: usize,
+    newest_first: bool,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    // First the unsettled view, then SQLite (see `store::unsettled`).
+    let view = log.unsettled.view(room, after, before);
+    let mut events = view.events;
+    events.extend(
+        log.pending
             .iter()
-            .filter(|room| policies.for_room(room).history_ttl_s == ttl_s)
-        {
-            let young: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
-                     ORDER BY seq LIMIT 1",
-                )?
-                .query_row(params![room, cutoff as i64], |r| r.get(0))
-                .optional()?;
-            if young.is_none() {
-                // Every event goes: the head must outlive them (see [`ROOM_HEAD`]).
-                tx.prepare_cached(&format!(
-                    "UPDATE rooms AS r SET seq = {ROOM_HEAD} WHERE r.room = ?1"
-                ))?
-                .execute(params![room])?;
-            }
-            let gone = tx
-                .prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
-                .execute(params![room, young.unwrap_or(i64::MAX)])?;
-            if gone > 0 {
-                cut.push(Added {
-                    room: room.as_str().into(),
-                    head: 0,
-                    floor: young.map_or(u64::MAX, |seq| seq as u64),
-                    events: Vec::new(),
-                });
-            }
+            .filter(|e| e.seq > after && e.seq < before)
+            .map(|e| (e.seq, e.frame.clone())),
+    );
+    if !view.forgotten {
+        events.extend(select_events(
+            log.conn,
+            if newest_first {
+                "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
+                 ORDER BY seq DESC LIMIT ?4"
+            } else {
+                "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
+                 ORDER BY seq LIMIT ?4"
+            },
+            params![room, sql_seq(after), sql_seq(before), take as i64],
+        )?);
+    }
+    let floor = view.floor.max(log.floor);
+    events.retain(|(seq, _)| *seq >= floor);
+    events.sort_unstable_by_key(|(seq, _)| *seq);
+    events.dedup_by_key(|(seq, _)| *seq);
+    if newest_first {
+        events.drain(..events.len().saturating_sub(take));
+    } else {
+        events.truncate(take);
+    }
+    Ok(events)
+}
+
+/// The oldest seq a room's log keeps.
+fn oldest(log: &Log<'_>, room: &str) -> Result<Option<u64>, StoreError> {
+    let view = log.unsettled.view(room, 0, u64::MAX);
+    let floor = view.floor.max(log.floor);
+    let mut oldest = view
+        .events
+        .iter()
+        .map(|(seq, _)| *seq)
+        .chain(log.pending.iter().map(|e| e.seq))
+        .filter(|seq| *seq >= floor)
+        .min();
+    if !view.forgotten {
+        let stored: Option<i64> = log
+            .conn
+            .prepare_cached("SELECT MIN(seq) FROM events WHERE room = ?1 AND seq >= ?2")?
+            .query_row(params![room, sql_seq(floor)], |r| r.get(0))?;
+        if let Some(stored) = stored {
+            oldest = Some(oldest.map_or(stored as u64, |o| o.min(stored as u64)));
         }
     }
-    Ok(cut)
+    Ok(oldest)
 }
 
 /// The history for a joiner: after `since` when it continues the retained log in the same
 /// epoch (at most `max_replay`), otherwise the latest `on_join` events.
 fn join_history(
-    tx: &Connection,
+    log: &Log<'_>,
     room: &str,
     head: &RoomHead,
     window: &JoinWindow,
     (on_join, max_replay, max_replay_bytes): (usize, usize, usize),
 ) -> Result<JoinHistory, StoreError> {
     if let Some((since, epoch)) = &window.since {
-        let oldest: Option<i64> = tx
-            .prepare_cached("SELECT MIN(seq) FROM events WHERE room = ?1")?
-            .query_row(params![room], |r| r.get(0))?;
-        let continuous = match oldest {
+        let continuous = match oldest(log, room)? {
             // `since` comes from the client: u64::MAX must not overflow.
-            Some(oldest) => since.saturating_add(1) >= oldest as u64,
+            Some(oldest) => since.saturating_add(1) >= oldest,
             None => *since == head.seq,
         };
         if epoch.as_str() == &*head.epoch && *since <= head.seq && continuous {
             let limit = max_replay;
-            let frames = select_frames(
-                tx,
-                "SELECT frame FROM events WHERE room = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-                params![room, *since as i64, (limit + 1) as i64],
-            )?;
-            let mut frames = frames;
+            let mut frames: Vec<String> = merged(log, room, (*since, u64::MAX), limit + 1, false)?
+                .into_iter()
+                .map(|(_, frame)| frame)
+                .collect();
             let truncated = frames.len() > limit;
             frames.truncate(limit);
             let truncated = cap_replay(&mut frames, max_replay_bytes) || truncated;
@@ -960,12 +811,10 @@ fn join_history(
             });
         }
     }
-    let mut frames = select_frames(
-        tx,
-        "SELECT frame FROM events WHERE room = ?1 ORDER BY seq DESC LIMIT ?2",
-        params![room, on_join as i64],
-    )?;
-    frames.reverse();
+    let frames = merged(log, room, (0, u64::MAX), on_join, true)?
+        .into_iter()
+        .map(|(_, frame)| frame)
+        .collect();
     Ok(JoinHistory {
         frames,
         truncated: false,
@@ -973,44 +822,38 @@ fn join_history(
     })
 }
 
-/// A touched room's new events (adding the room when it is new to the batch).
-fn events_of<'a>(
-    touched: &'a mut HashMap<Arc<str>, Vec<(u64, String)>>,
-    room: &Arc<str>,
-) -> &'a mut Vec<(u64, String)> {
-    if !touched.contains_key(room) {
-        touched.insert(room.clone(), Vec::new());
+/// A room's new events in this batch (adding the room when it is new to the batch).
+fn events_of<'a>(changes: &'a mut Changes, room: &Arc<str>) -> &'a mut Vec<Event> {
+    if !changes.rooms.contains_key(room) {
+        changes.rooms.insert(room.clone(), Vec::new());
     }
-    touched.get_mut(room).expect("just inserted")
+    changes.rooms.get_mut(room).expect("just inserted")
 }
 
-/// Drops what `room`'s `history_max_len` no longer keeps below its head `seq`.
-fn trim(conn: &Connection, policies: &Policies, room: &str, seq: u64) -> Result<(), StoreError> {
-    let max_len = policies.for_room(room).history_max_len;
-    if seq > max_len {
-        conn.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
-            .execute(params![room, (seq - max_len) as i64])?;
-    }
-    Ok(())
-}
-
-/// A room's head from the cache, or from SQLite; a room new to the log is created (and
-/// journaled).
+/// A room's head from the cache, the unsettled view or SQLite; a room new to the log is
+/// created (and journaled).
 fn head_of<'a>(
-    tx: &Connection,
+    conn: &Connection,
+    unsettled: &Unsettled,
     heads: &'a mut HashMap<Arc<str>, RoomHead>,
     journal: &mut Journal,
+    changes: &mut Changes,
     room: &Arc<str>,
 ) -> Result<&'a mut RoomHead, StoreError> {
     if !heads.contains_key(room) {
-        let found = tx
-            .prepare_cached(&format!(
-                "SELECT epoch, {ROOM_HEAD} FROM rooms AS r WHERE r.room = ?1"
-            ))?
-            .query_row(params![&**room], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })
-            .optional()?;
+        let found = match unsettled.head(room) {
+            Some(Some((epoch, seq))) => Some((epoch.to_string(), seq as i64)),
+            // Forgotten, and not started again.
+            Some(None) => None,
+            None => conn
+                .prepare_cached(&format!(
+                    "SELECT epoch, {ROOM_HEAD} FROM rooms AS r WHERE r.room = ?1"
+                ))?
+                .query_row(params![&**room], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()?,
+        };
         let head = match found {
             Some((epoch, seq)) => RoomHead {
                 seq: seq as u64,
@@ -1018,12 +861,9 @@ fn head_of<'a>(
             },
             None => {
                 let epoch = new_epoch();
-                let now = now_ms();
-                tx.prepare_cached(
-                    "INSERT INTO rooms (room, epoch, seq, active_ms) VALUES (?1, ?2, 0, ?3)",
-                )?
-                .execute(params![&**room, &epoch, now as i64])?;
-                journal.room(room, &epoch, now);
+                journal.room(room, &epoch, now_ms());
+                // Listed from now on, with or without events.
+                events_of(changes, room);
                 RoomHead {
                     seq: 0,
                     epoch: epoch.into(),
@@ -1033,30 +873,6 @@ fn head_of<'a>(
         heads.insert(room.clone(), head);
     }
     Ok(heads.get_mut(room).expect("just inserted"))
-}
-
-fn insert(
-    tx: &Connection,
-    room: &str,
-    seq: u64,
-    ts_ms: u64,
-    user: Option<&str>,
-    client_id: Option<&str>,
-    frame: &str,
-) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO events (room, seq, ts_ms, user, client_id, frame) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        room,
-        seq as i64,
-        ts_ms as i64,
-        user,
-        client_id,
-        frame
-    ])?;
-    Ok(())
 }
 
 /// A seq bound from a client as an SQLite integer: seqs never pass `i64::MAX`, so a larger
@@ -1072,16 +888,6 @@ fn select_events(
 ) -> Result<Vec<(u64, String)>, StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(params, |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-fn select_frames(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> Result<Vec<String>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map(params, |r| r.get::<_, String>(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -1115,47 +921,34 @@ impl LogReader {
     /// One page of a room's log, oldest first. A room with no events gives an empty page.
     pub fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
         let limit = query.limit as usize;
-        let take = (limit + 1) as i64;
-        let before = query.before.unwrap_or(u64::MAX);
-        let after = query.after.unwrap_or(0);
-        // First the unsettled view, then SQLite (see `store::unsettled`).
-        let (mut events, floor) = self.unsettled.events(room, after, before);
-        let descending = query.after.is_none();
-        let stored = self.with_conn(|conn| {
-            select_events(
-                conn,
-                if descending {
-                    "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
-                     ORDER BY seq DESC LIMIT ?4"
-                } else {
-                    "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
-                     ORDER BY seq LIMIT ?4"
-                },
-                params![room, sql_seq(after), sql_seq(before), take],
-            )
-        })?;
-        events.extend(stored);
-        events.retain(|(seq, _)| *seq >= floor);
-        events.sort_unstable_by_key(|(seq, _)| *seq);
-        events.dedup_by_key(|(seq, _)| *seq);
+        let range = (query.after.unwrap_or(0), query.before.unwrap_or(u64::MAX));
         // The events nearest the page's origin: the newest paging back, the oldest forward.
+        let newest_first = query.after.is_none();
+        let events = self.with_conn(|conn| {
+            let log = Log {
+                conn,
+                unsettled: &self.unsettled,
+                pending: &[],
+                floor: 0,
+            };
+            merged(&log, room, range, limit + 1, newest_first)
+        })?;
         let more = events.len() > limit;
-        if descending {
-            events.drain(..events.len().saturating_sub(limit));
+        let mut frames: Vec<String> = events.into_iter().map(|(_, frame)| frame).collect();
+        if newest_first {
+            frames.drain(..frames.len().saturating_sub(limit));
         } else {
-            events.truncate(limit);
+            frames.truncate(limit);
         }
-        Ok(Page {
-            frames: events.into_iter().map(|(_, frame)| frame).collect(),
-            more,
-        })
+        Ok(Page { frames, more })
     }
 
     /// Every room the log knows (it has had an event or a member), sorted by name, with its
     /// head: the `rooms` table and one index lookup per room, and the unsettled rooms.
     pub fn rooms(&self) -> Result<Vec<StoredRoom>, StoreError> {
-        let unsettled = self.unsettled.heads();
-        let mut rooms: Vec<StoredRoom> = self.with_conn(|conn| {
+        // First the unsettled view, then SQLite (see `store::unsettled`).
+        let listed = self.unsettled.listed();
+        let rooms: Vec<StoredRoom> = self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT r.room, {ROOM_HEAD} FROM rooms AS r ORDER BY r.room"
             ))?;
@@ -1167,20 +960,24 @@ impl LogReader {
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })?;
-        if !unsettled.is_empty() {
-            let mut heads: HashMap<String, u64> =
-                rooms.drain(..).map(|r| (r.room, r.seq)).collect();
-            for (room, seq) in unsettled {
-                let head = heads.entry(room).or_insert(0);
-                *head = (*head).max(seq);
-            }
-            rooms = heads
-                .into_iter()
-                .map(|(room, seq)| StoredRoom { room, seq })
-                .collect();
-            rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+        if listed.is_empty() {
+            return Ok(rooms);
         }
-        Ok(rooms)
+        let mut heads: std::collections::BTreeMap<String, u64> =
+            rooms.into_iter().map(|r| (r.room, r.seq)).collect();
+        for (room, head, forgotten) in listed {
+            if forgotten {
+                heads.remove(&room);
+            }
+            if let Some(seq) = head {
+                let at = heads.entry(room).or_insert(0);
+                *at = (*at).max(seq);
+            }
+        }
+        Ok(heads
+            .into_iter()
+            .map(|(room, seq)| StoredRoom { room, seq })
+            .collect())
     }
 
     /// Whether the database answers.
@@ -1203,6 +1000,7 @@ fn same_content(frame: &str, content: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::indexer::{expire, insert, CHECKPOINT_EVERY, NEWLY_EXPIRED};
 
     fn message(room: &str, content: &str) -> Draft {
         Draft::Message {
@@ -1237,6 +1035,22 @@ mod tests {
         }
     }
 
+    /// Waits (a bounded while) until SQLite holds every block written.
+    fn wait_settled(writer: &LogWriter) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !writer.is_settled() {
+            assert!(std::time::Instant::now() < deadline, "never settled");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A write connection of the test's own (the log's indexer idle).
+    fn write_conn(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn
+    }
+
     fn contents(reader: &LogReader, room: &str) -> Vec<String> {
         let page = reader
             .page(
@@ -1257,9 +1071,9 @@ mod tests {
     }
 
     /// What group commits acknowledged comes back from the journal when the process dies
-    /// before the open transaction settles (SQLite itself never had it): the same seqs under
-    /// the same epoch, and the next message takes the next seq. Readers see it before the
-    /// settle too.
+    /// before the indexer settles it (SQLite itself never had it): the same seqs under the
+    /// same epoch, and the next message takes the next seq. Readers see it before the settle
+    /// too.
     #[test]
     fn acknowledged_batches_outlive_a_crash_before_the_settle() {
         use crate::config::Config;
@@ -1268,9 +1082,9 @@ mod tests {
         let config = Config::default();
         let policies = Arc::new(Policies::from_config(&config).unwrap());
         let open = || {
-            let (mut writer, reader) =
+            let (writer, reader) =
                 open_log(&path, Synchronous::Full, &config.history, policies.clone()).unwrap();
-            writer.set_settle_every(Duration::from_secs(3600));
+            writer.hold_settles(true);
             (writer, reader)
         };
         let (mut writer, reader) = open();
@@ -1325,11 +1139,11 @@ mod tests {
         ));
     }
 
-    /// A batch that fails takes the open transaction down with it, but not the batches
-    /// acknowledged before it in that transaction: they are read back from the journal, and
-    /// the failed batch used no seq.
+    /// SQLite refusing the indexer's writes (here a trigger, as a full disk would) loses
+    /// nothing acknowledged: the writer goes on, readers see every event, and once SQLite takes
+    /// writes again the indexer applies the blocks again and settles them.
     #[test]
-    fn a_failed_batch_leaves_the_batches_before_it_stored() {
+    fn acknowledged_batches_wait_for_a_failing_sqlite() {
         use crate::config::Config;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.db");
@@ -1337,12 +1151,15 @@ mod tests {
         let policies = Arc::new(Policies::from_config(&config).unwrap());
         let (mut writer, reader) =
             open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
-        writer.set_settle_every(Duration::from_secs(3600));
         writer
-            .conn
+            .indexer
+            .as_ref()
+            .unwrap()
+            .conn()
             .execute_batch(
-                "CREATE TEMP TRIGGER boom BEFORE INSERT ON events \
-                 WHEN NEW.frame LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+                "CREATE TABLE fail (x); INSERT INTO fail VALUES (1); \
+                 CREATE TEMP TRIGGER boom BEFORE INSERT ON events \
+                 WHEN EXISTS (SELECT 1 FROM main.fail) BEGIN SELECT RAISE(ABORT, 'boom'); END;",
             )
             .unwrap();
         assert_eq!(
@@ -1353,16 +1170,34 @@ mod tests {
             ),
             [1, 2]
         );
-        assert!(writer
-            .commit(&[message("r", "c"), message("r", "boom")])
-            .is_err());
         assert_eq!(
-            stored_seqs(writer.commit(&[message("r", "d")]).unwrap()),
+            stored_seqs(writer.commit(&[message("r", "c")]).unwrap()),
             [3]
         );
-        assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:d"]);
-        assert!(writer.settle().unwrap());
-        assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:d"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while writer.shared.failures.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the indexer never failed"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(writer.settled(), 0, "nothing settled while SQLite refuses");
+        assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:c"]);
+        assert_eq!(
+            stored_seqs(writer.commit(&[message("r", "d")]).unwrap()),
+            [4]
+        );
+
+        write_conn(&path).execute("DELETE FROM fail", []).unwrap();
+        wait_settled(&writer);
+        let in_sqlite: i64 = write_conn(&path)
+            .query_row("SELECT COUNT(*) FROM events WHERE room = 'r'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(in_sqlite, 4);
+        assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:c", "4:d"]);
     }
 
     /// Age limits per room: each room loses what is older than its own limit, one pass after
@@ -1477,10 +1312,11 @@ mod tests {
         let head = |reader: &LogReader| reader.rooms().unwrap()[0].seq;
         assert_eq!(head(&reader), 3, "the head is the highest stored seq");
         // An hour later every event has expired.
+        wait_settled(&writer);
         let later = now_ms() + 3_600_000;
-        expire(&writer.conn, &policies, &policies.ttls(), 0, later).unwrap();
-        let left: i64 = writer
-            .conn
+        let conn = write_conn(&path);
+        expire(&conn, &policies, &policies.ttls(), 0, later).unwrap();
+        let left: i64 = conn
             .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "expiry emptied the room");
@@ -1513,10 +1349,16 @@ mod tests {
         )
         .unwrap();
         let auto: i64 = writer
-            .conn
+            .indexer
+            .as_ref()
+            .unwrap()
+            .conn()
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(auto, 0, "the writer leaves checkpoints to the checkpointer");
+        assert_eq!(
+            auto, 0,
+            "the indexer leaves checkpoints to the checkpointer"
+        );
         let before = std::fs::metadata(&path).unwrap().len();
         let room: Arc<str> = "r".into();
         let user: Arc<str> = "u".into();
@@ -1533,7 +1375,7 @@ mod tests {
             writer.commit(&drafts).unwrap();
         }
         // The checkpointer is woken by settles.
-        assert!(writer.settle().unwrap());
+        wait_settled(&writer);
         // The checkpointer works on its own thread: wait for the file to take the pages.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::fs::metadata(&path).unwrap().len() <= before {
@@ -1554,13 +1396,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::config::Config::default();
         let policies = Arc::new(Policies::from_config(&config).unwrap());
-        let (mut writer, _) = open_log(
-            &dir.path().join("w.db"),
-            Synchronous::Normal,
-            &config.history,
-            policies,
-        )
-        .unwrap();
+        let open = || {
+            open_log(
+                &dir.path().join("w.db"),
+                Synchronous::Normal,
+                &config.history,
+                policies.clone(),
+            )
+            .unwrap()
+            .0
+        };
+        let mut writer = open();
         let message = |room: &str| Draft::Message {
             room: room.into(),
             user: "u".into(),
@@ -1577,10 +1423,14 @@ mod tests {
                 .unwrap()
         };
         writer.commit(&[message("a"), message("a")]).unwrap();
+        wait_settled(&writer);
         assert_eq!(stored(&writer, "a"), 0, "not written without webhooks");
+        drop(writer);
+        let mut writer = open();
         writer.keep_heads_written().unwrap();
         assert_eq!(stored(&writer, "a"), 2, "brought up to date");
         writer.commit(&[message("a"), message("b")]).unwrap();
+        wait_settled(&writer);
         assert_eq!((stored(&writer, "a"), stored(&writer, "b")), (3, 1));
     }
 
@@ -1629,7 +1479,14 @@ mod tests {
             "a room has an age limit: the index is built"
         );
         let later = now_ms() + 3_600_000;
-        expire(&writer.conn, &writer.policies, &writer.ttls, 0, later).unwrap();
+        expire(
+            &write_conn(&path),
+            &writer.policies,
+            &writer.policies.ttls(),
+            0,
+            later,
+        )
+        .unwrap();
         assert_eq!(
             reader
                 .page(

@@ -1,87 +1,184 @@
-//! Acknowledged events that SQLite's readers cannot see yet: the log writer's open
-//! transaction holds them (and the journal keeps them durable) until the next settle. The
-//! writer adds each group commit's events here before it hands the batch on to be answered,
-//! and clears them once the settle has committed; the readers' connections (history pages,
-//! the room list) add them to what SQLite gives. A reader takes this view *before* it reads
-//! SQLite: an event missing from the view was settled before the view was taken, so SQLite's
-//! later read has it.
+//! Acknowledged changes that SQLite's readers cannot see yet: the journal has them, and the
+//! indexer (`store::indexer`) has not committed them. The log writer adds each group commit's
+//! changes here, under the block's LSN, before it hands the batch on to be answered and before
+//! the indexer gets the block; the indexer drops them once a settle has committed their LSN.
+//! Every reader of the log (the writer's own lookups, history pages, the room list) adds them
+//! to what SQLite gives, and takes this view *before* it reads SQLite: a change missing from
+//! the view was settled before the view was taken, so SQLite's later read has it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// An event that may not be settled.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Its seq.
+    pub seq: u64,
+    /// Its frame.
+    pub frame: String,
+    /// Who sent it and with which client id (de-duplication).
+    pub sender: Option<(Arc<str>, String)>,
+    /// `events.ts_ms`.
+    pub ts_ms: u64,
+}
+
 /// What one room has unsettled.
 #[derive(Debug, Default)]
 struct Room {
-    /// Its head after the latest group commit.
-    head: u64,
-    /// The lowest seq its log keeps (`history_max_len`, expiry): older ones, settled or not,
-    /// are gone in the open transaction.
+    /// Its epoch and head as the writer last left them; `None`: only touched (in use, or
+    /// forgotten).
+    head: Option<(Arc<str>, u64)>,
+    /// The lowest seq its log keeps (`history_max_len`): older ones are gone, settled or not.
     floor: u64,
-    /// `(seq, frame)`, in seq order.
-    events: Vec<(u64, String)>,
+    /// Events with the LSN of their block, in seq order.
+    events: Vec<(u64, Event)>,
+    /// The LSN of the block that forgot the room, until it is settled: SQLite's rows of the
+    /// room belong to an earlier life and must be ignored.
+    forgotten: Option<u64>,
+    /// The LSN of the newest block that touched the room: the entry goes once it is settled.
+    lsn: u64,
 }
 
-/// The readers' view of the writer's open transaction.
+/// The readers' view of what the indexer has not settled.
 #[derive(Debug, Default)]
 pub struct Unsettled {
     rooms: Mutex<HashMap<Arc<str>, Room>>,
 }
 
-/// One room's part of a group commit (or of an expiry pass), for [`Unsettled::add`]: heads
-/// and floors only ever rise.
+/// One room's part of a group commit, for [`Unsettled::add`].
 pub struct Added {
     /// The room.
     pub room: Arc<str>,
-    /// Its head after the commit.
-    pub head: u64,
+    /// Its epoch and head after the commit.
+    pub head: (Arc<str>, u64),
     /// The lowest seq it keeps.
     pub floor: u64,
-    /// Its new events, `(seq, frame)` in seq order.
+    /// Its new events, in seq order.
+    pub events: Vec<Event>,
+}
+
+/// A room's unsettled part, as a reader sees it.
+#[derive(Debug, Default)]
+pub struct View {
+    /// Events in the range asked for, `(seq, frame)`, in seq order.
     pub events: Vec<(u64, String)>,
+    /// The lowest seq the room keeps.
+    pub floor: u64,
+    /// SQLite's rows of the room are of a forgotten life: ignore them.
+    pub forgotten: bool,
 }
 
 impl Unsettled {
-    /// A group commit's rooms, after it was journaled.
-    pub fn add(&self, added: Vec<Added>) {
-        if added.is_empty() {
-            return;
-        }
-        let mut rooms = self.rooms.lock().expect("unsettled lock");
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Room>> {
+        self.rooms.lock().expect("unsettled lock")
+    }
+
+    /// A group commit's rooms, in block `lsn`.
+    pub fn add(&self, lsn: u64, added: Vec<Added>) {
+        let mut rooms = self.lock();
         for a in added {
             let room = rooms.entry(a.room).or_default();
-            room.head = room.head.max(a.head);
+            room.head = Some(a.head);
             room.floor = room.floor.max(a.floor);
-            room.events.extend(a.events);
+            room.events.extend(a.events.into_iter().map(|e| (lsn, e)));
+            room.lsn = lsn;
         }
     }
 
-    /// Everything was settled (or is read back from the journal into SQLite anew).
-    pub fn clear(&self) {
-        self.rooms.lock().expect("unsettled lock").clear();
+    /// `room` was in use in block `lsn`.
+    pub fn touch(&self, lsn: u64, room: &Arc<str>) {
+        self.lock().entry(room.clone()).or_default().lsn = lsn;
     }
 
-    /// `room`'s unsettled events with `after < seq < before`, and the lowest seq its log
-    /// keeps (0: no limit known here).
-    pub fn events(&self, room: &str, after: u64, before: u64) -> (Vec<(u64, String)>, u64) {
-        let rooms = self.rooms.lock().expect("unsettled lock");
+    /// `room` was forgotten in block `lsn`: nothing of it counts any more.
+    pub fn forget(&self, lsn: u64, room: &Arc<str>) {
+        self.lock().insert(
+            room.clone(),
+            Room {
+                forgotten: Some(lsn),
+                lsn,
+                ..Room::default()
+            },
+        );
+    }
+
+    /// Everything up to block `lsn` is in SQLite now.
+    pub fn settled(&self, lsn: u64) {
+        self.lock().retain(|_, room| {
+            room.events.retain(|(at, _)| *at > lsn);
+            if room.forgotten.is_some_and(|at| at <= lsn) {
+                room.forgotten = None;
+            }
+            room.lsn > lsn
+        });
+    }
+
+    /// Whether anything of `room` is unsettled.
+    pub fn has(&self, room: &str) -> bool {
+        self.lock().contains_key(room)
+    }
+
+    /// `room`'s epoch and head, if the writer left them here; `Some(None)`: the room was
+    /// forgotten and has not started again.
+    pub fn head(&self, room: &str) -> Option<Option<(Arc<str>, u64)>> {
+        let rooms = self.lock();
+        let r = rooms.get(room)?;
+        match (&r.head, r.forgotten) {
+            (Some(head), _) => Some(Some(head.clone())),
+            (None, Some(_)) => Some(None),
+            (None, None) => None,
+        }
+    }
+
+    /// `room`'s events with `after < seq < before`.
+    pub fn view(&self, room: &str, after: u64, before: u64) -> View {
+        let rooms = self.lock();
         let Some(r) = rooms.get(room) else {
-            return (Vec::new(), 0);
+            return View::default();
         };
-        let events = r
-            .events
-            .iter()
-            .filter(|(seq, _)| *seq > after && *seq < before)
-            .cloned()
-            .collect();
-        (events, r.floor)
+        View {
+            events: r
+                .events
+                .iter()
+                .filter(|(_, e)| e.seq > after && e.seq < before && e.seq >= r.floor)
+                .map(|(_, e)| (e.seq, e.frame.clone()))
+                .collect(),
+            floor: r.floor,
+            forgotten: r.forgotten.is_some(),
+        }
     }
 
-    /// Every room with something unsettled, with its head.
-    pub fn heads(&self) -> Vec<(String, u64)> {
-        let rooms = self.rooms.lock().expect("unsettled lock");
+    /// The unsettled message of `room` from `user` with `client_id`, not older than
+    /// `since_ms`: `(seq, frame)`.
+    pub fn original(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        since_ms: u64,
+    ) -> Option<(u64, String)> {
+        let rooms = self.lock();
+        rooms.get(room)?.events.iter().find_map(|(_, e)| {
+            let (u, id) = e.sender.as_ref()?;
+            (&**u == user && id == client_id && e.ts_ms >= since_ms)
+                .then(|| (e.seq, e.frame.clone()))
+        })
+    }
+
+    /// Every room with something here for the room list: `(room, head, forgotten)`; a
+    /// forgotten room's SQLite row is of an earlier life.
+    pub fn listed(&self) -> Vec<(String, Option<u64>, bool)> {
+        let rooms = self.lock();
         rooms
             .iter()
-            .map(|(room, r)| (room.to_string(), r.head))
+            .filter(|(_, r)| r.head.is_some() || r.forgotten.is_some())
+            .map(|(room, r)| {
+                (
+                    room.to_string(),
+                    r.head.as_ref().map(|(_, seq)| *seq),
+                    r.forgotten.is_some(),
+                )
+            })
             .collect()
     }
 }

@@ -567,20 +567,46 @@ async fn oversized_content_is_413() {
     assert_eq!((status, body["seq"].as_u64()), (200, Some(1)), "{body}");
 }
 
+/// While SQLite cannot take writes (another process holds its write lock), posts are still
+/// acknowledged from the journal, up to `store.max_unsettled` records waiting; past that a post
+/// is refused with 503 and takes no seq, and once SQLite takes writes again posts go through.
 #[tokio::test]
 async fn a_store_that_cannot_write_is_503_and_nothing_is_posted() {
-    let server = server().await;
+    let server = TestServer::builder()
+        .set("api.key", KEY)
+        .set("store.max_unsettled", 1)
+        .start()
+        .await;
     let api = Api::new(&server);
     let path = "/api/rooms/general/messages";
-    let (status, _) = api.post(path, json!({"user": "bot", "content": "1"})).await;
-    assert_eq!(status, 200);
+    // With one record allowed to wait, a request right after another may find it still
+    // waiting: it is refused, and asked again.
+    let post = |content: &'static str| {
+        let api = &api;
+        async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let (status, body) = api
+                    .post(path, json!({"user": "bot", "content": content}))
+                    .await;
+                if status == 200 {
+                    return body;
+                }
+                assert_error(status, &body, 503, "unavailable");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "SQLite never caught up"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
     let mut watcher = server.user("watcher").await;
     let head = watcher.join("general").await["seq"].as_u64().unwrap();
-
-    // Another process holds the database's write lock: the node's commit gives up after its
-    // busy timeout, and the post is refused, not acked. (The lock is taken once the node's
-    // open transaction has settled, within `store.settle_ms`.)
-    // Taken on a thread of its own: the wait must not stop the node's runtime.
+    let head = post("1").await["seq"].as_u64().unwrap().max(head);
+    assert_eq!(watcher.recv_type("message").await["content"], "1");
+    // Another process takes the database's write lock (once the node's indexer has settled,
+    // on a thread of its own: the wait must not stop the node's runtime).
     let db = server.db.clone();
     let lock = tokio::task::spawn_blocking(move || {
         let lock = rusqlite::Connection::open(db).unwrap();
@@ -591,19 +617,27 @@ async fn a_store_that_cannot_write_is_503_and_nothing_is_posted() {
     })
     .await
     .unwrap();
+    // The journal takes one post; the next finds one record waiting for SQLite and is refused.
     let (status, body) = api.post(path, json!({"user": "bot", "content": "2"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["seq"], head + 1);
+    let (status, body) = api
+        .post(path, json!({"user": "bot", "content": "refused"}))
+        .await;
     assert_error(status, &body, 503, "unavailable");
     lock.execute_batch("ROLLBACK").unwrap();
     drop(lock);
 
-    let (status, body) = api.post(path, json!({"user": "bot", "content": "3"})).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["seq"], head + 1, "the refused post took no seq");
-    let frame = watcher.recv_type("message").await;
-    assert_eq!(
-        (frame["seq"].as_u64(), &frame["content"]),
-        (Some(head + 1), &json!("3"))
-    );
+    // SQLite takes the waiting record in its next attempt; until then posts are refused.
+    let body = post("3").await;
+    assert_eq!(body["seq"], head + 2, "the refused posts took no seq");
+    for (seq, content) in [(head + 1, "2"), (head + 2, "3")] {
+        let frame = watcher.recv_type("message").await;
+        assert_eq!(
+            (frame["seq"].as_u64(), &frame["content"]),
+            (Some(seq), &json!(content))
+        );
+    }
 }
 
 #[tokio::test]

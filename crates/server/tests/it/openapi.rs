@@ -277,13 +277,26 @@ async fn a_post_the_store_cannot_take_is_the_documented_503() {
     let spec = spec();
     let (method, path) = ("POST", "/api/rooms/{room}/messages");
     assert!(documented(&spec).contains(&(method.into(), path.into(), "503".into())));
-    let server = TestServer::builder().set("api.key", KEY).start().await;
+    let server = TestServer::builder()
+        .set("api.key", KEY)
+        .set("store.max_unsettled", 1)
+        .start()
+        .await;
     // The node has opened its log (and set up WAL mode) before anyone else locks it.
     let (status, _) = common::http_get(&server.http_url("/readyz")).await;
     assert_eq!(status, 200);
-    // Another process holds the write lock: the node's commit gives up after its busy timeout.
-    let lock = rusqlite::Connection::open(&server.db).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Another process holds the write lock: one post waits in the journal for SQLite, and
+    // with `store.max_unsettled = 1` the next is refused.
+    let db = server.db.clone();
+    let lock = tokio::task::spawn_blocking(move || {
+        let lock = rusqlite::Connection::open(db).unwrap();
+        lock.busy_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        lock
+    })
+    .await
+    .unwrap();
     let call = Call {
         server: &server,
         method: Method::POST,
@@ -291,6 +304,8 @@ async fn a_post_the_store_cannot_take_is_the_documented_503() {
         auth: true,
         body: Some(json!({"user": "bot", "content": "hello"})),
     };
+    let (status, body) = call.run().await;
+    assert_eq!(status, 200, "{body}");
     let (status, body) = call.run().await;
     lock.execute_batch("ROLLBACK").unwrap();
     assert_eq!(status, 503, "{body}");

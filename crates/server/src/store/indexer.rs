@@ -1,0 +1,584 @@
+//! The indexer: the one writer of the SQLite log, on a thread of its own.
+//!
+//! The log writer (`store::sqlite::LogWriter`) acknowledges a group commit once its block is in
+//! the journal, then hands the block here. The indexer applies blocks in LSN order in one open
+//! transaction (the rooms created, the events, the rooms in use or forgotten, each touched
+//! room's trim to `history_max_len`, and expiry at most once a second) and commits it
+//! ("settles") when no block came for [`QUIET`], or when it is `store.settle_ms` old, or holds
+//! [`SETTLE_EVENTS`] events: in rooms of two every event dirties a page of its own room, and a
+//! settle writes each page once for every block that dirtied it. The settle stores the LSN it
+//! reached in the same transaction (table `settled`); then the readers' [`Unsettled`] view
+//! drops what it committed. A settle takes tens of milliseconds under load, and nothing waits
+//! for it but the next blocks' indexing: acks depend on the journal only.
+//!
+//! A transaction SQLite refuses (a locked or full database, an I/O error) is rolled back and its
+//! blocks, kept in memory until they settle, are applied again at the next attempt, a tenth of
+//! a second later: nothing acknowledged waits on SQLite meanwhile.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::journal::Record;
+use super::sqlite::{now_ms, open, StoreError, ROOM_HEAD};
+use super::unsettled::Unsettled;
+use crate::config::Synchronous;
+use crate::policy::Policies;
+
+/// Most events one open transaction gathers before it settles, however young.
+const SETTLE_EVENTS: usize = 32_768;
+
+/// How long the indexer waits for another block before it settles what it has.
+pub const QUIET: Duration = Duration::from_millis(10);
+
+/// How long after a failed attempt the indexer tries its open transaction again.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// Called after each settle with its duration.
+pub type OnSettle = Box<dyn Fn(Duration) + Send>;
+
+/// A journal block for the indexer: its LSN and records.
+pub type Block = (u64, Vec<Record>);
+
+/// What the log writer and the indexer share.
+pub struct Shared {
+    /// The LSN SQLite holds.
+    pub settled: AtomicU64,
+    /// The test-only switch `hold-settle`: no settle while set.
+    pub hold: AtomicBool,
+    /// Stop without settling (a test's crash).
+    pub crash: AtomicBool,
+    /// Transactions SQLite refused (rolled back, to be applied again).
+    pub failures: AtomicU64,
+    /// Records journaled and not settled yet.
+    pub backlog: AtomicU64,
+    /// Called after each settle with its duration (metrics, the webhook deliverer).
+    pub on_settle: Mutex<Option<OnSettle>>,
+    /// What readers see of the unsettled blocks.
+    pub unsettled: Arc<Unsettled>,
+}
+
+/// The SQLite write side.
+pub struct Indexer {
+    conn: Connection,
+    checkpointer: Checkpointer,
+    policies: Arc<Policies>,
+    /// Every age limit some room has; empty: nothing expires.
+    ttls: Vec<u64>,
+    /// When expiry last ran; 0 before the first time.
+    last_expire_ms: u64,
+    /// Commits keep `rooms.seq` equal to the head (webhooks read it).
+    write_heads: bool,
+    /// The blocks in the open transaction, to apply again if it fails.
+    open: Vec<(u64, Vec<Record>)>,
+    /// When the open transaction began; `None`: none is open.
+    opened: Option<Instant>,
+    open_events: usize,
+    /// The open transaction was rolled back: apply `open` again before anything else.
+    broken: bool,
+    /// The LSN SQLite holds.
+    settled: u64,
+    /// Events settled since the checkpointer was last woken.
+    unchecked: usize,
+    settle_every: Duration,
+    shared: Arc<Shared>,
+}
+
+impl Indexer {
+    /// The indexer on the log's write connection, which holds LSN `settled`.
+    pub fn new(
+        conn: Connection,
+        path: &Path,
+        synchronous: Synchronous,
+        policies: Arc<Policies>,
+        settled: u64,
+        shared: Arc<Shared>,
+    ) -> Result<Indexer, StoreError> {
+        Ok(Indexer {
+            conn,
+            checkpointer: Checkpointer::start(path, synchronous)?,
+            ttls: policies.ttls(),
+            policies,
+            last_expire_ms: 0,
+            write_heads: false,
+            open: Vec::new(),
+            opened: None,
+            open_events: 0,
+            broken: false,
+            settled,
+            unchecked: 0,
+            settle_every: super::sqlite::DEFAULT_SETTLE_EVERY,
+            shared,
+        })
+    }
+
+    /// See `LogWriter::set_settle_every`.
+    pub fn set_settle_every(&mut self, every: Duration) {
+        self.settle_every = every;
+    }
+
+    /// See `LogWriter::keep_heads_written`.
+    pub fn keep_heads_written(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute(&format!("UPDATE rooms AS r SET seq = {ROOM_HEAD}"), [])?;
+        self.write_heads = true;
+        Ok(())
+    }
+
+    /// The write connection, for tests that arrange a fault on it.
+    #[cfg(test)]
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if self.opened.is_none() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.opened = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Applies block `lsn` in the open transaction (kept there until it settles).
+    pub fn apply(&mut self, lsn: u64, records: Vec<Record>) -> Result<(), StoreError> {
+        self.open_events += records.len();
+        self.open.push((lsn, records));
+        if self.broken {
+            return Err(StoreError::Io(std::io::Error::other(
+                "the open transaction failed; it is applied again at the next attempt",
+            )));
+        }
+        let applied = self.begin().and_then(|()| {
+            let (_, records) = self.open.last().expect("just pushed");
+            apply_records(&self.conn, &self.policies, self.write_heads, records)
+        });
+        if let Err(e) = applied {
+            self.abandon();
+            return Err(e);
+        }
+        self.expire_if_due()
+    }
+
+    /// Drops what outlived its room's age limit, at most once a second.
+    fn expire_if_due(&mut self) -> Result<(), StoreError> {
+        let now = now_ms();
+        if self.ttls.is_empty() || now < self.last_expire_ms + 1000 {
+            return Ok(());
+        }
+        let done = self.begin().and_then(|()| {
+            expire(
+                &self.conn,
+                &self.policies,
+                &self.ttls,
+                self.last_expire_ms,
+                now,
+            )
+        });
+        match done {
+            Ok(_) => {
+                self.last_expire_ms = now;
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    /// Rolls the open transaction back; its blocks are applied again at the next attempt.
+    fn abandon(&mut self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %e, "rollback failed");
+            }
+        }
+        self.opened = None;
+        self.broken = true;
+        self.shared.failures.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Applies the open transaction's blocks again, after a failure.
+    fn reapply(&mut self) -> Result<(), StoreError> {
+        self.broken = false;
+        // The expiry the lost transaction did is found again by a full pass.
+        self.last_expire_ms = 0;
+        let open = std::mem::take(&mut self.open);
+        let done = self.begin().and_then(|()| {
+            open.iter().try_for_each(|(_, records)| {
+                apply_records(&self.conn, &self.policies, self.write_heads, records)
+            })
+        });
+        self.open = open;
+        if let Err(e) = done {
+            self.abandon();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether the open transaction is due to settle.
+    fn due(&self) -> bool {
+        self.broken
+            || self.opened.is_some_and(|at| {
+                at.elapsed() >= self.settle_every || self.open_events >= SETTLE_EVENTS
+            })
+    }
+
+    /// Commits the open transaction with the LSN of its last block. Returns whether anything
+    /// was settled.
+    pub fn settle(&mut self) -> Result<bool, StoreError> {
+        if self.broken {
+            self.reapply()?;
+        }
+        if self.opened.is_none() {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let lsn = self.open.last().map_or(self.settled, |(lsn, _)| *lsn);
+        let result = self
+            .conn
+            .execute("UPDATE settled SET lsn = ?1", params![lsn as i64])
+            .and_then(|_| self.conn.execute_batch("COMMIT"));
+        if let Err(e) = result {
+            self.abandon();
+            return Err(e.into());
+        }
+        self.opened = None;
+        let records: usize = self.open.iter().map(|(_, records)| records.len()).sum();
+        self.shared
+            .backlog
+            .fetch_sub(records as u64, Ordering::SeqCst);
+        self.open.clear();
+        self.settled = lsn;
+        self.shared.settled.store(lsn, Ordering::SeqCst);
+        self.shared.unsettled.settled(lsn);
+        self.unchecked += std::mem::take(&mut self.open_events);
+        if self.unchecked >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
+        if let Some(on_settle) = &*self.shared.on_settle.lock().expect("on_settle lock") {
+            on_settle(started.elapsed());
+        }
+        Ok(true)
+    }
+
+    /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
+    fn checkpoint(&mut self) {
+        self.unchecked = 0;
+        if self.checkpointer.frames.load(Ordering::Relaxed) > MAX_WAL_FRAMES {
+            match self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+            {
+                // The first column is 1 when the checkpoint could not finish (a reader, or
+                // the checkpointer's own PASSIVE pass, held it): the WAL is still long.
+                Ok(0) => self.checkpointer.frames.store(0, Ordering::Relaxed),
+                Ok(_) => tracing::warn!("WAL checkpoint busy; retried after the next settles"),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+            }
+        }
+        self.checkpointer.wake();
+    }
+
+    /// Starts the indexer's thread; blocks come through the returned channel, and the thread
+    /// settles and ends when it is dropped.
+    pub fn start(self) -> Result<(SyncSender<Block>, std::thread::JoinHandle<()>), StoreError> {
+        let (tx, rx) = sync_channel(4096);
+        let thread = std::thread::Builder::new()
+            .name("parley-indexer".into())
+            .spawn(move || self.run(rx))?;
+        Ok((tx, thread))
+    }
+
+    fn run(mut self, blocks: Receiver<Block>) {
+        loop {
+            let held = self.shared.hold.load(Ordering::SeqCst);
+            let wait = if self.broken {
+                Some(RETRY)
+            } else if let Some(at) = self.opened.filter(|_| !held) {
+                Some(
+                    (at + self.settle_every)
+                        .saturating_duration_since(Instant::now())
+                        .min(QUIET),
+                )
+            } else if !self.ttls.is_empty() {
+                Some(Duration::from_secs(1))
+            } else {
+                None
+            };
+            let next = match wait {
+                Some(wait) => blocks.recv_timeout(wait),
+                None => blocks.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match next {
+                Ok((lsn, records)) => {
+                    if let Err(e) = self.apply(lsn, records) {
+                        tracing::error!(error = %e, "indexing the log failed; retrying");
+                    }
+                    if self.due() && !self.shared.hold.load(Ordering::SeqCst) {
+                        self.try_settle();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.expire_if_due() {
+                        tracing::error!(error = %e, "expiry failed; retrying");
+                    }
+                    if !self.shared.hold.load(Ordering::SeqCst) {
+                        self.try_settle();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if self.shared.crash.load(Ordering::SeqCst) {
+            self.abandon();
+            return;
+        }
+        // The writer is gone: settle what is left, retrying a while if SQLite refuses.
+        for _ in 0..50 {
+            match self.settle() {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the last settle failed; retrying");
+                    std::thread::sleep(RETRY);
+                }
+            }
+        }
+        tracing::error!("the last settle failed; the journal keeps what it held");
+    }
+
+    fn try_settle(&mut self) {
+        if let Err(e) = self.settle() {
+            tracing::error!(error = %e, "settling the log failed; the journal keeps it");
+        }
+    }
+}
+
+/// Applies one block's records, with the trim (and head, for webhooks) of each room whose
+/// events it added.
+fn apply_records(
+    conn: &Connection,
+    policies: &Policies,
+    write_heads: bool,
+    records: &[Record],
+) -> Result<(), StoreError> {
+    let mut heads: HashMap<&str, u64> = HashMap::new();
+    for record in records {
+        match record {
+            Record::Room {
+                room,
+                epoch,
+                active_ms,
+            } => {
+                conn.prepare_cached(
+                    "INSERT INTO rooms (room, epoch, seq, active_ms) VALUES (?1, ?2, 0, ?3)",
+                )?
+                .execute(params![room, epoch, *active_ms as i64])?;
+            }
+            Record::Event {
+                room,
+                seq,
+                ts_ms,
+                user,
+                client_id,
+                frame,
+            } => {
+                insert(
+                    conn,
+                    room,
+                    *seq,
+                    *ts_ms,
+                    user.as_deref(),
+                    client_id.as_deref(),
+                    frame,
+                )?;
+                heads.insert(room, *seq);
+            }
+            Record::Active { room, active_ms } => {
+                conn.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
+                    .execute(params![room, *active_ms as i64])?;
+            }
+            Record::Forget { room } => {
+                conn.prepare_cached("DELETE FROM events WHERE room = ?1")?
+                    .execute(params![room])?;
+                conn.prepare_cached("DELETE FROM rooms WHERE room = ?1")?
+                    .execute(params![room])?;
+                heads.remove(room.as_str());
+            }
+        }
+    }
+    for (room, seq) in heads {
+        if write_heads {
+            conn.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
+                .execute(params![room, seq as i64])?;
+        }
+        trim(conn, policies, room, seq)?;
+    }
+    Ok(())
+}
+
+/// WAL frames past which the writer stops to checkpoint itself (a `RESTART` checkpoint, which
+/// finishes the copy and makes the next commit start the WAL over): 65,536 pages of 4 KiB,
+/// 256 MiB. A passive checkpoint that never quite catches up with a busy writer leaves the WAL
+/// growing; this bounds it.
+pub(super) const MAX_WAL_FRAMES: u64 = 65_536;
+
+/// Events written between two wake-ups of the checkpointer. A pass copies each page once, in
+/// its latest version, however often the commits since the last pass rewrote it: in rooms of
+/// two every event dirties a page of its own room, and one room's last page takes a dozen
+/// events, so passes far apart copy far fewer pages. At 1,000 the checkpointer read and wrote
+/// 1.2 pages per event; at 8,192, 0.44 (`examples/store_load.rs`, docs/BENCHMARKS.md). Passes
+/// still come every third of a second at 25,000 events a second, and the WAL stays far below
+/// [`MAX_WAL_FRAMES`].
+pub(super) const CHECKPOINT_EVERY: usize = 8_192;
+
+/// After a checkpoint, SQLite truncates a WAL file larger than this: just above the largest
+/// the WAL grows to ([`MAX_WAL_FRAMES`] frames of a 4 KiB page and its 24-byte header), so a
+/// busy log reuses its WAL's blocks instead of truncating them and writing into new ones (a
+/// write into a new block costs the kernel a block allocation and zeroing the page: 10% of the
+/// node's CPU at 25,000 messages a second).
+pub(super) const WAL_SIZE_LIMIT: i64 = 288 << 20;
+
+/// Copies the WAL back into the database file, on its own thread and connection, after every
+/// [`CHECKPOINT_EVERY`] events and after each sweep (a `PASSIVE` checkpoint: it never blocks
+/// the writer or readers). Once
+/// everything is copied back, the writer's next transaction starts the WAL over. The thread
+/// ends when the writer is dropped.
+pub(super) struct Checkpointer {
+    wake: SyncSender<()>,
+    /// Frames in the WAL, as of the last checkpoint.
+    frames: Arc<AtomicU64>,
+}
+
+impl Checkpointer {
+    pub(super) fn start(path: &Path, synchronous: Synchronous) -> Result<Checkpointer, StoreError> {
+        let conn = open(path, synchronous)?;
+        let (wake, woken) = sync_channel::<()>(1);
+        let frames = Arc::new(AtomicU64::new(0));
+        let seen = frames.clone();
+        std::thread::Builder::new()
+            .name("parley-checkpoint".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    let result = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+                    match result {
+                        Ok(log) => seen.store(log.max(0) as u64, Ordering::Relaxed),
+                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                    }
+                }
+            })?;
+        Ok(Checkpointer { wake, frames })
+    }
+
+    /// Asks for a checkpoint (one that is already asked for covers this commit too).
+    fn wake(&self) {
+        // Full: one is pending already. Disconnected: the thread is gone with the writer.
+        let _ = self.wake.try_send(());
+    }
+}
+
+/// The rooms with an event whose time lies in a range: one pass of [`expire`] over one age
+/// limit reads the range of `events_ts` that expired since the previous pass, never the
+/// events that rooms with a longer limit (or none) keep.
+pub(super) const NEWLY_EXPIRED: &str =
+    "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2";
+
+/// Drops the events that outlived their room's `history_ttl_s`, one age limit `T` at a time
+/// (rooms have their own, from their policy): the rooms with an event that turned older than
+/// `T` since the previous pass at `last_ms` (an index range over `events.ts_ms` as wide as the
+/// time between passes; everything older at the first pass) and whose limit is `T`. Per room,
+/// only the events below its first young one in seq order go: a clock that stepped back must
+/// not cut a hole (the oldest kept seq decides `recovered`), and an old event kept above a
+/// young one goes when that one expires. The walk in seq order (NOT INDEXED: the primary key)
+/// reads about what it deletes.
+///
+/// Returns how many events it dropped.
+pub(super) fn expire(
+    tx: &Connection,
+    policies: &Policies,
+    ttls: &[u64],
+    last_ms: u64,
+    now: u64,
+) -> Result<usize, StoreError> {
+    let mut dropped = 0;
+    for &ttl_s in ttls {
+        let ttl_ms = ttl_s.saturating_mul(1000);
+        let cutoff = now.saturating_sub(ttl_ms);
+        let from = last_ms.saturating_sub(ttl_ms);
+        let rooms: Vec<String> = {
+            let mut stmt = tx.prepare_cached(NEWLY_EXPIRED)?;
+            let rows = stmt.query_map(params![from as i64, cutoff as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for room in rooms
+            .iter()
+            .filter(|room| policies.for_room(room).history_ttl_s == ttl_s)
+        {
+            let young: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
+                     ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![room, cutoff as i64], |r| r.get(0))
+                .optional()?;
+            if young.is_none() {
+                // Every event goes: the head must outlive them (see [`ROOM_HEAD`]).
+                tx.prepare_cached(&format!(
+                    "UPDATE rooms AS r SET seq = {ROOM_HEAD} WHERE r.room = ?1"
+                ))?
+                .execute(params![room])?;
+            }
+            let gone = tx
+                .prepare_cached("DELETE FROM events WHERE room = ?1 AND seq < ?2")?
+                .execute(params![room, young.unwrap_or(i64::MAX)])?;
+            dropped += gone;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Drops what `room`'s `history_max_len` no longer keeps below its head `seq`.
+pub(super) fn trim(
+    conn: &Connection,
+    policies: &Policies,
+    room: &str,
+    seq: u64,
+) -> Result<(), StoreError> {
+    let max_len = policies.for_room(room).history_max_len;
+    if seq > max_len {
+        conn.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?
+            .execute(params![room, (seq - max_len) as i64])?;
+    }
+    Ok(())
+}
+
+pub(super) fn insert(
+    tx: &Connection,
+    room: &str,
+    seq: u64,
+    ts_ms: u64,
+    user: Option<&str>,
+    client_id: Option<&str>,
+    frame: &str,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO events (room, seq, ts_ms, user, client_id, frame) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        room,
+        seq as i64,
+        ts_ms as i64,
+        user,
+        client_id,
+        frame
+    ])?;
+    Ok(())
+}
