@@ -42,8 +42,8 @@ const RETRY: Duration = Duration::from_millis(100);
 /// Called after each settle with its duration.
 pub type OnSettle = Box<dyn Fn(Duration) + Send>;
 
-/// A journal block for the indexer: its LSN and records.
-pub type Block = (u64, Vec<Record>);
+/// A journal block for the indexer: its LSN and its records' bytes.
+pub type Block = (u64, Vec<u8>);
 
 /// What the log writer and the indexer share.
 pub struct Shared {
@@ -205,6 +205,26 @@ impl Indexer {
 
     /// Applies the open transaction's blocks again, after a failure.
     fn reapply(&mut self) -> Result<(), StoreError> {
+        // A COMMIT that reported an error may have committed after all: what SQLite holds is
+        // not applied again.
+        let stored: i64 = self
+            .conn
+            .query_row("SELECT lsn FROM settled", [], |r| r.get(0))?;
+        let stored = stored as u64;
+        if stored > self.settled {
+            let done: usize = self
+                .open
+                .iter()
+                .filter(|(lsn, _)| *lsn <= stored)
+                .map(|(_, records)| records.len())
+                .sum();
+            self.open.retain(|(lsn, _)| *lsn > stored);
+            self.open_events = self.open.iter().map(|(_, records)| records.len()).sum();
+            self.shared.backlog.fetch_sub(done as u64, Ordering::SeqCst);
+            self.settled = stored;
+            self.shared.settled.store(stored, Ordering::SeqCst);
+            self.shared.unsettled.settled(stored);
+        }
         self.broken = false;
         // The expiry the lost transaction did is found again by a full pass.
         self.last_expire_ms = 0;
@@ -317,7 +337,11 @@ impl Indexer {
                 None => blocks.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match next {
-                Ok((lsn, records)) => {
+                Ok((lsn, bytes)) => {
+                    let Some(records) = super::journal::decode(&bytes) else {
+                        tracing::error!(lsn, "a journal block that is not records; skipped");
+                        continue;
+                    };
                     if let Err(e) = self.apply(lsn, records) {
                         tracing::error!(error = %e, "indexing the log failed; retrying");
                     }
@@ -340,8 +364,9 @@ impl Indexer {
             self.abandon();
             return;
         }
-        // The writer is gone: settle what is left, retrying a while if SQLite refuses.
-        for _ in 0..50 {
+        // The writer is gone: settle what is left, trying a few times if SQLite refuses (each
+        // try may wait out the busy timeout; the journal keeps everything anyway).
+        for _ in 0..3 {
             match self.settle() {
                 Ok(_) => return,
                 Err(e) => {

@@ -12,8 +12,9 @@
 //! byte. In each file the blocks' LSNs rise; a torn block (the process died while writing it,
 //! before its ack), or an older block left behind the new end, ends the file.
 //!
-//! Block: `len: u32` (bytes after `crc`), `crc: u32` (CRC-32 of those bytes), `lsn: u64`, then
-//! records; little-endian, strings as `u32` length and UTF-8 bytes.
+//! Block: `len: u32` (bytes after `crc`), `crc: u32` (CRC-32 of those bytes), `lsn: u64`, `db:
+//! u64` (the database's random id, table `settled`: a journal left beside a new database is not
+//! its own), then records; little-endian, strings as `u32` length and UTF-8 bytes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -70,8 +71,8 @@ const FORGET: u8 = 4;
 /// Size past which the writer moves to the other file (when that one is settled).
 const SWITCH_BYTES: u64 = 8 << 20;
 
-/// Bytes before a block's records: `len`, `crc` and `generation`.
-const HEADER: usize = 16;
+/// Bytes before a block's records: `len`, `crc`, `lsn` and `db`.
+const HEADER: usize = 24;
 
 /// The journal's two files, written by the log writer only.
 pub struct Journal {
@@ -86,6 +87,10 @@ pub struct Journal {
     block: Vec<u8>,
     /// `fdatasync` after each block (`store.synchronous = full`).
     sync: bool,
+    /// Records in the block being built.
+    noted: usize,
+    /// The database's id.
+    db: u64,
 }
 
 /// The journal files of the log at `path`.
@@ -100,7 +105,7 @@ pub fn paths(path: &Path) -> [std::path::PathBuf; 2] {
 impl Journal {
     /// Opens (creating when needed) the journal of the log at `path`. Nothing is read until
     /// [`Journal::replay`].
-    pub fn open(path: &Path, sync: bool) -> io::Result<Journal> {
+    pub fn open(path: &Path, sync: bool, db: u64) -> io::Result<Journal> {
         let [a, b] = paths(path);
         let open = |p: &Path| {
             OpenOptions::new()
@@ -110,15 +115,32 @@ impl Journal {
                 .truncate(false)
                 .open(p)
         };
+        let created = !a.exists() || !b.exists();
+        let files = [open(&a)?, open(&b)?];
+        // One process per journal: a second node on the same database would write over the
+        // first one's blocks.
+        files[0].try_lock().map_err(|_| {
+            io::Error::other(format!(
+                "{} is in use by another process (one node per database)",
+                a.display()
+            ))
+        })?;
+        if created {
+            // A new file's name must survive a power cut too.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+        }
         let mut block = Vec::with_capacity(64 << 10);
         block.resize(HEADER, 0);
         Ok(Journal {
-            files: [open(&a)?, open(&b)?],
+            files,
             current: 0,
             end: 0,
             last: [0, 0],
             block,
             sync,
+            noted: 0,
+            db,
         })
     }
 
@@ -135,17 +157,18 @@ impl Journal {
             let mut last = 0u64;
             while let Some(body) = block_at(&bytes, at) {
                 let lsn = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-                if lsn <= last {
+                let db = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+                if lsn <= last || db != self.db {
                     break;
                 }
                 last = lsn;
                 if lsn > settled {
-                    let records = decode(&body[8..]).ok_or_else(|| {
+                    let records = decode(&body[16..]).ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "journal: a bad record")
                     })?;
                     blocks.push((lsn, records));
                 }
-                at += HEADER + body.len() - 8;
+                at += 8 + body.len();
             }
             self.last[i] = last;
             ends[i] = at as u64;
@@ -158,6 +181,7 @@ impl Journal {
 
     /// Notes a room's log starting.
     pub fn room(&mut self, room: &str, epoch: &str, active_ms: u64) {
+        self.noted += 1;
         self.block.push(ROOM);
         put_str(&mut self.block, room);
         put_str(&mut self.block, epoch);
@@ -174,6 +198,7 @@ impl Journal {
         client_id: Option<&str>,
         frame: &str,
     ) {
+        self.noted += 1;
         self.block.push(EVENT);
         put_str(&mut self.block, room);
         self.block.extend_from_slice(&seq.to_le_bytes());
@@ -185,6 +210,7 @@ impl Journal {
 
     /// Notes a room in use at `active_ms`.
     pub fn active(&mut self, room: &str, active_ms: u64) {
+        self.noted += 1;
         self.block.push(ACTIVE);
         put_str(&mut self.block, room);
         self.block.extend_from_slice(&active_ms.to_le_bytes());
@@ -192,6 +218,7 @@ impl Journal {
 
     /// Notes a room forgotten.
     pub fn forget(&mut self, room: &str) {
+        self.noted += 1;
         self.block.push(FORGET);
         put_str(&mut self.block, room);
     }
@@ -202,15 +229,16 @@ impl Journal {
     }
 
     /// Writes the records noted since the last write or discard as block `lsn`, durably when
-    /// `sync`, and returns them. `settled`: the LSN SQLite holds, which says whether the
-    /// other file may be started over.
-    pub fn write(&mut self, lsn: u64, settled: u64) -> io::Result<Vec<Record>> {
+    /// `sync`, and returns their bytes (for [`decode`]). `settled`: the LSN SQLite holds, which
+    /// says whether the other file may be started over.
+    pub fn write(&mut self, lsn: u64, settled: u64) -> io::Result<Vec<u8>> {
         let other = 1 - self.current;
         if self.end >= SWITCH_BYTES && self.last[other] <= settled {
             self.current = other;
             self.end = 0;
         }
         self.block[8..16].copy_from_slice(&lsn.to_le_bytes());
+        self.block[16..24].copy_from_slice(&self.db.to_le_bytes());
         let body = &self.block[8..];
         let len = u32::try_from(body.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal: block too big"))?;
@@ -225,16 +253,11 @@ impl Journal {
                 Ok(())
             }
         });
-        let records = match written {
-            Ok(()) => {
-                self.end += self.block.len() as u64;
-                self.last[self.current] = lsn;
-                decode(&self.block[HEADER..]).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "journal: a bad record")
-                })
-            }
-            Err(e) => Err(e),
-        };
+        let records = written.map(|()| {
+            self.end += self.block.len() as u64;
+            self.last[self.current] = lsn;
+            self.block[HEADER..].to_vec()
+        });
         self.discard();
         records
     }
@@ -242,16 +265,22 @@ impl Journal {
     /// Forgets the records noted since the last write (their batch failed).
     pub fn discard(&mut self) {
         self.block.truncate(HEADER);
+        self.noted = 0;
+    }
+
+    /// How many records were noted since the last write or discard.
+    pub fn noted(&self) -> usize {
+        self.noted
     }
 }
 
-/// The body (LSN and records) of an intact block at `at`, if there is one.
+/// The body (LSN, database id and records) of an intact block at `at`, if there is one.
 fn block_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
     let header = bytes.get(at..at + 8)?;
     let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
     let body = bytes.get(at + 8..at + 8 + len)?;
-    (len >= 8 && crc32fast::hash(body) == crc).then_some(body)
+    (len >= HEADER - 8 && crc32fast::hash(body) == crc).then_some(body)
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -304,7 +333,8 @@ impl Reader<'_> {
     }
 }
 
-fn decode(bytes: &[u8]) -> Option<Vec<Record>> {
+/// The records of a block's bytes (as [`Journal::write`] returns them); `None`: not records.
+pub fn decode(bytes: &[u8]) -> Option<Vec<Record>> {
     let mut out = Vec::new();
     let mut r = Reader(bytes);
     while !r.0.is_empty() {
@@ -380,7 +410,8 @@ mod tests {
         for r in records {
             note(journal, r);
         }
-        assert_eq!(journal.write(lsn, settled).unwrap(), records);
+        let bytes = journal.write(lsn, settled).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), records);
     }
 
     /// The blocks above the settled LSN come back in order, from both files; a discarded
@@ -389,7 +420,7 @@ mod tests {
     fn replay_gives_back_the_unsettled_blocks_up_to_a_torn_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.db");
-        let mut journal = Journal::open(&path, true).unwrap();
+        let mut journal = Journal::open(&path, true, 7).unwrap();
         assert!(journal.replay(0).unwrap().is_empty());
         let first = vec![
             Record::Room {
@@ -412,7 +443,12 @@ mod tests {
             Record::Forget { room: "q".into() },
         ];
         write(&mut journal, 2, 0, &second);
-        let mut again = Journal::open(&path, true).unwrap();
+        assert!(
+            Journal::open(&path, true, 7).is_err(),
+            "one process per journal"
+        );
+        drop(journal);
+        let mut again = Journal::open(&path, true, 7).unwrap();
         assert_eq!(
             again.replay(0).unwrap(),
             vec![(1, first.clone()), (2, second.clone())]
@@ -421,7 +457,8 @@ mod tests {
         assert!(again.replay(2).unwrap().is_empty(), "all settled");
 
         // A third block torn half way: the two before it still count.
-        write(&mut journal, 3, 0, &[event("r", 4)]);
+        write(&mut again, 3, 0, &[event("r", 4)]);
+        drop(again);
         let [a, _] = paths(&path);
         let len = std::fs::metadata(&a).unwrap().len();
         OpenOptions::new()
@@ -430,7 +467,7 @@ mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        let mut again = Journal::open(&path, true).unwrap();
+        let mut again = Journal::open(&path, true, 7).unwrap();
         assert_eq!(again.replay(0).unwrap().len(), 2);
 
         // Past the switch size, with the other file settled, the writer moves there; once
@@ -439,15 +476,21 @@ mod tests {
         again.end = SWITCH_BYTES;
         write(&mut again, 3, 2, &[event("s", 1)]);
         write(&mut again, 4, 2, &[event("s", 2)]);
-        let mut after = Journal::open(&path, true).unwrap();
+        drop(again);
+        let mut after = Journal::open(&path, true, 7).unwrap();
         assert_eq!(
             after.replay(2).unwrap(),
             vec![(3, vec![event("s", 1)]), (4, vec![event("s", 2)])]
         );
         after.end = SWITCH_BYTES;
         write(&mut after, 5, 4, &[event("s", 3)]);
-        let mut last = Journal::open(&path, true).unwrap();
+        drop(after);
+        let mut last = Journal::open(&path, true, 7).unwrap();
         assert_eq!(last.replay(4).unwrap(), vec![(5, vec![event("s", 3)])]);
         assert_eq!(last.current, 0, "back in the first file");
+        drop(last);
+        // Beside another database (the first one lost), none of it is read.
+        let mut other = Journal::open(&path, true, 8).unwrap();
+        assert!(other.replay(0).unwrap().is_empty());
     }
 }

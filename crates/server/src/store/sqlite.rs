@@ -155,8 +155,8 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS settled (lsn INTEGER NOT NULL);
-INSERT INTO settled SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM settled);
+CREATE TABLE IF NOT EXISTS settled (lsn INTEGER NOT NULL, db INTEGER NOT NULL);
+INSERT INTO settled SELECT 0, random() WHERE NOT EXISTS (SELECT 1 FROM settled);
 ";
 
 /// The index [`expire`] reads, kept only while some room has an age limit: without one it
@@ -235,9 +235,11 @@ pub fn open_log(
     // the cache is read back from the OS with a system call. 128 MiB, used only as the log grows.
     conn.pragma_update(None, "cache_size", -131_072)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
-    let settled: i64 = conn.query_row("SELECT lsn FROM settled", [], |r| r.get(0))?;
+    let (settled, db): (i64, i64) = conn.query_row("SELECT lsn, db FROM settled", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
     let settled = settled as u64;
-    let mut journal = Journal::open(path, matches!(synchronous, Synchronous::Full))?;
+    let mut journal = Journal::open(path, matches!(synchronous, Synchronous::Full), db as u64)?;
     let blocks = journal.replay(settled)?;
     let unsettled = Arc::new(Unsettled::default());
     let shared = Arc::new(Shared {
@@ -258,6 +260,22 @@ pub fn open_log(
         shared.clone(),
     )?;
     let lsn = blocks.last().map_or(settled, |(lsn, _)| *lsn);
+    // The journal continues exactly where SQLite stops, or this database and journal do not
+    // belong together (a backup of one without the other, a lost file).
+    if let Some(gap) = blocks
+        .iter()
+        .zip(settled + 1..)
+        .find(|((lsn, _), want)| lsn != want)
+    {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the journal does not continue the database: it holds LSN {} where {} was due \
+                 (SQLite holds up to {settled})",
+                gap.0 .0, gap.1
+            ),
+        )));
+    }
     if !blocks.is_empty() {
         let events: usize = blocks.iter().map(|(_, records)| records.len()).sum();
         shared.backlog.fetch_add(events as u64, Ordering::SeqCst);
@@ -413,6 +431,8 @@ impl LogWriter {
         if backlog >= self.max_unsettled {
             return Err(StoreError::Backlog(backlog));
         }
+        // Nothing noted by an earlier failure may ride along.
+        self.journal.discard();
         let mut changes = Changes::default();
         let result = self
             .plan(drafts, &mut changes)
@@ -425,6 +445,22 @@ impl LogWriter {
         result
     }
 
+    /// Starts the indexer's thread, if it has not started yet (settings such as
+    /// [`LogWriter::keep_heads_written`] are made before).
+    fn start_indexer(&mut self) -> Result<(), StoreError> {
+        if self.blocks.is_none() {
+            let Some(indexer) = self.indexer.take() else {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "the indexer could not start",
+                )));
+            };
+            let (blocks, thread) = indexer.start()?;
+            self.blocks = Some(blocks);
+            self.thread = Some(thread);
+        }
+        Ok(())
+    }
+
     /// Writes the noted records as the next block, then tells the unsettled view and the
     /// indexer.
     fn write(&mut self, changes: Changes) -> Result<(), StoreError> {
@@ -432,11 +468,12 @@ impl LogWriter {
             return Ok(());
         }
         let lsn = self.lsn + 1;
+        let noted = self.journal.noted();
         let records = self.journal.write(lsn, self.settled())?;
         self.lsn = lsn;
         self.shared
             .backlog
-            .fetch_add(records.len() as u64, Ordering::SeqCst);
+            .fetch_add(noted as u64, Ordering::SeqCst);
         let added = changes
             .rooms
             .into_iter()
@@ -458,12 +495,7 @@ impl LogWriter {
         for room in &changes.forgotten {
             self.unsettled.forget(lsn, room);
         }
-        if self.blocks.is_none() {
-            let indexer = self.indexer.take().expect("the indexer, before it starts");
-            let (blocks, thread) = indexer.start()?;
-            self.blocks = Some(blocks);
-            self.thread = Some(thread);
-        }
+        self.start_indexer()?;
         let sent = self.blocks.as_ref().map(|b| b.send((lsn, records)));
         if !matches!(sent, Some(Ok(()))) {
             return Err(StoreError::Io(std::io::Error::other(
@@ -597,8 +629,30 @@ impl LogWriter {
     /// in use from now. A room with unsettled changes was in use just now. Returns how many
     /// rooms were forgotten. (Expiry by age is the indexer's, once a second.)
     pub fn sweep(&mut self, occupied: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
+        // The indexer runs expiry, also while nothing is written.
+        self.start_indexer()?;
+        let mut changes = Changes::default();
+        let result = self.sweep_plan(occupied, &mut changes).and_then(|()| {
+            let forgotten = changes.forgotten.len();
+            self.write(changes).map(|()| forgotten)
+        });
+        if result.is_err() {
+            self.journal.discard();
+            self.heads.clear();
+        }
+        result
+    }
+
+    fn sweep_plan(
+        &mut self,
+        occupied: impl Fn(&str) -> bool,
+        changes: &mut Changes,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let cutoff = now.saturating_sub(self.empty_room_ttl.as_millis() as u64);
+        // First the unsettled view, then SQLite (see `store::unsettled`): a room whose last
+        // change settles in between is still seen as in use.
+        let unsettled = self.unsettled.rooms();
         let candidates: Vec<String> = {
             let mut stmt = self
                 .conn
@@ -606,9 +660,8 @@ impl LogWriter {
             let rows = stmt.query_map(params![cutoff as i64], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
-        let mut changes = Changes::default();
         for room in candidates {
-            if self.unsettled.has(&room) {
+            if unsettled.contains(room.as_str()) {
                 continue;
             }
             let in_use = occupied(&room)
@@ -628,25 +681,14 @@ impl LogWriter {
                 changes.forgotten.push(room);
             }
         }
-        let forgotten = changes.forgotten.len();
-        let result = self.write(changes);
-        if result.is_err() {
-            self.journal.discard();
-            self.heads.clear();
-        }
-        result.map(|()| forgotten)
+        Ok(())
     }
 
     /// Ends the writer as SIGKILL would: the indexer stops without settling, and nothing is
     /// settled on the way out.
     #[cfg(test)]
-    fn crash(mut self) {
+    fn crash(self) {
         self.shared.crash.store(true, Ordering::SeqCst);
-        self.blocks = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        std::mem::forget(self);
     }
 }
 
@@ -681,12 +723,9 @@ fn original(
         return Ok(Some((e.seq, e.frame.clone())));
     }
     // A message retention dropped (below the floor, settled or not) no longer counts.
-    let view = unsettled.view(room, 0, 0);
+    let view = unsettled.original(room, user, client_id, since_ms);
     let kept = |found: &(u64, String)| found.0 >= view.floor;
-    if let Some(found) = unsettled
-        .original(room, user, client_id, since_ms)
-        .filter(kept)
-    {
+    if let Some(found) = view.found.filter(kept) {
         return Ok(Some(found));
     }
     if view.forgotten {
@@ -725,6 +764,10 @@ pub(super) fn merged(
 ) -> Result<Vec<(u64, String)>, StoreError> {
     // First the unsettled view, then SQLite (see `store::unsettled`).
     let view = log.unsettled.view(room, after, before);
+    let floor = view.floor.max(log.floor);
+    // SQLite may still hold rows below the floor (their trim is not settled): the query starts
+    // at the floor, or a page would fill up with rows that are then dropped.
+    let after = after.max(floor.saturating_sub(1));
     let mut events = view.events;
     events.extend(
         log.pending
@@ -745,7 +788,6 @@ pub(super) fn merged(
             params![room, sql_seq(after), sql_seq(before), take as i64],
         )?);
     }
-    let floor = view.floor.max(log.floor);
     events.retain(|(seq, _)| *seq >= floor);
     events.sort_unstable_by_key(|(seq, _)| *seq);
     events.dedup_by_key(|(seq, _)| *seq);
@@ -1198,6 +1240,62 @@ mod tests {
             .unwrap();
         assert_eq!(in_sqlite, 4);
         assert_eq!(contents(&reader, "r"), ["1:a", "2:b", "3:c", "4:d"]);
+        assert_eq!(
+            writer.shared.backlog.load(Ordering::SeqCst),
+            0,
+            "nothing waits for SQLite"
+        );
+    }
+
+    /// A page starts at the lowest seq the room keeps even while SQLite still holds rows below
+    /// it (their trim is not settled): it must not fill up with rows that are then dropped and
+    /// skip the kept ones.
+    #[test]
+    fn pages_start_at_the_kept_events_while_a_trim_is_unsettled() {
+        use crate::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut config = Config::default();
+        config.history.max_len = 5;
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let (mut writer, reader) =
+            open_log(&path, Synchronous::Normal, &config.history, policies).unwrap();
+        let names: Vec<String> = (1..=11).map(|n| format!("m{n}")).collect();
+        let batch = |from: usize, to: usize| -> Vec<Draft> {
+            names[from - 1..to]
+                .iter()
+                .map(|c| message("r", c))
+                .collect()
+        };
+        writer.commit(&batch(1, 8)).unwrap();
+        wait_settled(&writer);
+        // SQLite holds 4..=8; the next three move the floor to 7, unsettled.
+        writer.hold_settles(true);
+        writer.commit(&batch(9, 11)).unwrap();
+        let page = reader
+            .page(
+                "r",
+                PageQuery {
+                    before: None,
+                    after: Some(0),
+                    limit: 2,
+                },
+            )
+            .unwrap();
+        let seqs: Vec<u64> = page
+            .frames
+            .iter()
+            .map(|f| {
+                serde_json::from_str::<serde_json::Value>(f).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!((seqs, page.more), (vec![7, 8], true));
+        assert_eq!(
+            contents(&reader, "r"),
+            ["7:m7", "8:m8", "9:m9", "10:m10", "11:m11"]
+        );
     }
 
     /// Age limits per room: each room loses what is older than its own limit, one pass after

@@ -57,6 +57,17 @@ pub struct Added {
     pub events: Vec<Event>,
 }
 
+/// What [`Unsettled::original`] found.
+#[derive(Debug, Default)]
+pub struct Original {
+    /// The message, `(seq, frame)`.
+    pub found: Option<(u64, String)>,
+    /// The lowest seq the room keeps.
+    pub floor: u64,
+    /// SQLite's rows of the room are of a forgotten life.
+    pub forgotten: bool,
+}
+
 /// A room's unsettled part, as a reader sees it.
 #[derive(Debug, Default)]
 pub struct View {
@@ -113,11 +124,6 @@ impl Unsettled {
         });
     }
 
-    /// Whether anything of `room` is unsettled.
-    pub fn has(&self, room: &str) -> bool {
-        self.lock().contains_key(room)
-    }
-
     /// `room`'s epoch and head, if the writer left them here; `Some(None)`: the room was
     /// forgotten and has not started again.
     pub fn head(&self, room: &str) -> Option<Option<(Arc<str>, u64)>> {
@@ -149,20 +155,26 @@ impl Unsettled {
     }
 
     /// The unsettled message of `room` from `user` with `client_id`, not older than
-    /// `since_ms`: `(seq, frame)`.
-    pub fn original(
-        &self,
-        room: &str,
-        user: &str,
-        client_id: &str,
-        since_ms: u64,
-    ) -> Option<(u64, String)> {
+    /// `since_ms`, with the room's floor and whether it was forgotten, in one look.
+    pub fn original(&self, room: &str, user: &str, client_id: &str, since_ms: u64) -> Original {
         let rooms = self.lock();
-        rooms.get(room)?.events.iter().find_map(|(_, e)| {
-            let (u, id) = e.sender.as_ref()?;
-            (&**u == user && id == client_id && e.ts_ms >= since_ms)
-                .then(|| (e.seq, e.frame.clone()))
-        })
+        let Some(r) = rooms.get(room) else {
+            return Original::default();
+        };
+        Original {
+            found: r.events.iter().find_map(|(_, e)| {
+                let (u, id) = e.sender.as_ref()?;
+                (&**u == user && id == client_id && e.ts_ms >= since_ms)
+                    .then(|| (e.seq, e.frame.clone()))
+            }),
+            floor: r.floor,
+            forgotten: r.forgotten.is_some(),
+        }
+    }
+
+    /// The rooms with something unsettled.
+    pub fn rooms(&self) -> std::collections::HashSet<Arc<str>> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Every room with something here for the room list: `(room, head, forgotten)`; a
