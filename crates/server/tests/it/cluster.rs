@@ -449,59 +449,17 @@ fn cli(redis: &RedisServer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A parley node in its own process, so it can be killed with SIGKILL.
-struct ChildNode {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl ChildNode {
-    async fn start(redis: &RedisServer, ttl_ms: u64) -> ChildNode {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
-            .args([
-                "--bind",
-                &format!("127.0.0.1:{port}"),
-                "--redis",
-                &redis.url(),
-            ])
-            .args(["--set", &format!("presence.ttl_ms={ttl_ms}")])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start parley");
-        let node = ChildNode { port, child };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .map(|r| r.status().as_u16())
-            .ok()
-            != Some(200)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "child node ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        node
-    }
-
-    async fn user(&self, user: &str) -> Client {
-        let mut c = Client::connect(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port))
-            .await
-            .unwrap();
-        c.recv_type("authenticated").await;
-        c
-    }
-}
-
-impl Drop for ChildNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A parley node of the cluster in its own process, so it can be killed with SIGKILL.
+async fn child_node(redis: &RedisServer, ttl_ms: u64) -> common::ChildNode {
+    let url = redis.url();
+    let ttl = format!("presence.ttl_ms={ttl_ms}");
+    let args: [&std::ffi::OsStr; 4] = [
+        "--redis".as_ref(),
+        url.as_ref(),
+        "--set".as_ref(),
+        ttl.as_ref(),
+    ];
+    common::ChildNode::start(&args).await
 }
 
 #[tokio::test]
@@ -519,7 +477,7 @@ async fn a_killed_node_users_leave_once() {
         }
     };
     let (a, b) = (survivor(&redis).await, survivor(&redis).await);
-    let doomed = ChildNode::start(&redis, ttl).await;
+    let doomed = child_node(&redis, ttl).await;
     let mut alice = a.user("alice").await;
     alice.join("r").await;
     let mut carol = b.user("carol").await;

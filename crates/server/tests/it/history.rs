@@ -620,55 +620,14 @@ async fn age_retention_removes_only_a_prefix_when_the_clock_stepped_back() {
 }
 
 /// A node in a process of its own on `db`, so it can die by SIGKILL.
-struct KillableNode {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl KillableNode {
-    async fn start(db: &std::path::Path) -> KillableNode {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
-            .args(["--bind", &format!("127.0.0.1:{port}")])
-            .arg("--db")
-            .arg(db)
-            .args(["--set", "api.key=journal-test-key"])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start parley");
-        let node = KillableNode { port, child };
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .map(|r| r.status().as_u16())
-            .ok()
-            != Some(200)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "node ready");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        node
-    }
-
-    async fn user(&self, user: &str) -> Client {
-        let mut c = Client::connect(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port))
-            .await
-            .unwrap();
-        c.recv_type("authenticated").await;
-        c
-    }
-}
-
-impl Drop for KillableNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn killable_node(db: &std::path::Path) -> common::ChildNode {
+    let args: [&std::ffi::OsStr; 4] = [
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--set".as_ref(),
+        "api.key=journal-test-key".as_ref(),
+    ];
+    common::ChildNode::start(&args).await
 }
 
 /// Acknowledged messages outlive a SIGKILL that comes before SQLite ever committed them (the
@@ -680,17 +639,8 @@ impl Drop for KillableNode {
 async fn acked_messages_outlive_a_sigkill_before_the_log_settles() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("journal.db");
-    let mut node = KillableNode::start(&db).await;
-    let status = reqwest::Client::new()
-        .post(format!(
-            "http://127.0.0.1:{}/_faults/hold-settle?on=true",
-            node.port
-        ))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status.as_u16(), 204, "the hold-settle switch");
+    let mut node = killable_node(&db).await;
+    node.fault("hold-settle", true).await;
     let mut alice = node.user("alice").await;
     let joined = alice.join("kept").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
@@ -718,7 +668,7 @@ async fn acked_messages_outlive_a_sigkill_before_the_log_settles() {
     assert_eq!(in_sqlite, 0, "SQLite never had them: only the journal did");
     drop(node);
 
-    let node = KillableNode::start(&db).await;
+    let node = killable_node(&db).await;
     let mut bob = node.user("bob").await;
     let joined = join_since(&mut bob, "kept", since, &epoch).await;
     assert_eq!(joined["recovered"], true, "{joined}");

@@ -511,3 +511,70 @@ pub fn resolve<'a>(spec: &'a Value, mut value: &'a Value) -> &'a Value {
     }
     value
 }
+
+/// A parley node in a process of its own (the binary cargo built), so a test can SIGKILL it;
+/// `args` come after `--bind`. Killed when dropped.
+pub struct ChildNode {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The process.
+    pub child: std::process::Child,
+}
+
+impl ChildNode {
+    /// Starts the node and waits for `/readyz`.
+    pub async fn start(args: &[&std::ffi::OsStr]) -> ChildNode {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start parley");
+        let node = ChildNode { port, child };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "child node ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    /// An anonymous user's connection, authenticated.
+    pub async fn user(&self, user: &str) -> Client {
+        let mut c = Client::connect(&format!("ws://127.0.0.1:{}/ws?user={user}", self.port))
+            .await
+            .unwrap();
+        c.recv_type("authenticated").await;
+        c
+    }
+
+    /// Flips a test-only fault switch (`POST /_faults/{name}`).
+    pub async fn fault(&self, name: &str, on: bool) {
+        let url = format!("http://127.0.0.1:{}/_faults/{name}?on={on}", self.port);
+        let status = reqwest::Client::new()
+            .post(url)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16(), 204, "fault switch {name}");
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
