@@ -605,18 +605,8 @@ async fn a_store_that_cannot_write_is_503_and_nothing_is_posted() {
     let head = watcher.join("general").await["seq"].as_u64().unwrap();
     let head = post("1").await["seq"].as_u64().unwrap().max(head);
     assert_eq!(watcher.recv_type("message").await["content"], "1");
-    // Another process takes the database's write lock (once the node's indexer has settled,
-    // on a thread of its own: the wait must not stop the node's runtime).
-    let db = server.db.clone();
-    let lock = tokio::task::spawn_blocking(move || {
-        let lock = rusqlite::Connection::open(db).unwrap();
-        lock.busy_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-        lock
-    })
-    .await
-    .unwrap();
+    // Another process takes the database's write lock (once the node's indexer has settled).
+    let lock = common::hold_write_lock(&server.db).await;
     // The journal takes one post; the next finds one record waiting for SQLite and is refused.
     let (status, body) = api.post(path, json!({"user": "bot", "content": "2"})).await;
     assert_eq!(status, 200, "{body}");

@@ -287,16 +287,7 @@ async fn a_post_the_store_cannot_take_is_the_documented_503() {
     assert_eq!(status, 200);
     // Another process holds the write lock: one post waits in the journal for SQLite, and
     // with `store.max_unsettled = 1` the next is refused.
-    let db = server.db.clone();
-    let lock = tokio::task::spawn_blocking(move || {
-        let lock = rusqlite::Connection::open(db).unwrap();
-        lock.busy_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-        lock
-    })
-    .await
-    .unwrap();
+    let lock = common::hold_write_lock(&server.db).await;
     let call = Call {
         server: &server,
         method: Method::POST,

@@ -181,14 +181,7 @@ impl TestServer {
 
     /// Flips a test-only fault switch (feature `fault-hooks`, `POST /_faults/{name}`).
     pub async fn fault(&self, name: &str, on: bool) {
-        let url = self.http_url(&format!("/_faults/{name}?on={on}"));
-        let status = reqwest::Client::new()
-            .post(url)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status.as_u16(), 204, "fault switch {name}");
+        flip_fault(&self.http_url(""), name, on).await;
     }
 
     /// Reads a test-only fault switch (`GET /_faults/{name}`).
@@ -561,14 +554,7 @@ impl ChildNode {
 
     /// Flips a test-only fault switch (`POST /_faults/{name}`).
     pub async fn fault(&self, name: &str, on: bool) {
-        let url = format!("http://127.0.0.1:{}/_faults/{name}?on={on}", self.port);
-        let status = reqwest::Client::new()
-            .post(url)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status.as_u16(), 204, "fault switch {name}");
+        flip_fault(&format!("http://127.0.0.1:{}", self.port), name, on).await;
     }
 }
 
@@ -577,4 +563,31 @@ impl Drop for ChildNode {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `POST {base}/_faults/{name}?on={on}`: a test-only fault switch of a node.
+async fn flip_fault(base: &str, name: &str, on: bool) {
+    let url = format!("{base}/_faults/{name}?on={on}");
+    let status = reqwest::Client::new()
+        .post(url)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 204, "fault switch {name}");
+}
+
+/// Takes the database's write lock from a connection of the test's own, as another process
+/// would: on a blocking thread (the wait must not stop a node running on the test's runtime),
+/// once the node's indexer has settled. `ROLLBACK` releases it.
+pub async fn hold_write_lock(db: &Path) -> rusqlite::Connection {
+    let db = db.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let lock = rusqlite::Connection::open(db).unwrap();
+        lock.busy_timeout(Duration::from_secs(10)).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        lock
+    })
+    .await
+    .unwrap()
 }
