@@ -261,9 +261,22 @@ impl Indexer {
         }
         let started = Instant::now();
         let lsn = self.open.last().map_or(self.settled, |(lsn, _)| *lsn);
+        let newest = self
+            .open
+            .iter()
+            .flat_map(|(_, records)| records)
+            .filter_map(|record| match record {
+                Record::Event { ts_ms, .. } => Some(*ts_ms),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
         let result = self
             .conn
-            .execute("UPDATE settled SET lsn = ?1", params![lsn as i64])
+            .execute(
+                "UPDATE settled SET lsn = ?1, newest_ms = MAX(newest_ms, ?2)",
+                params![lsn as i64, newest as i64],
+            )
             .and_then(|_| self.conn.execute_batch("COMMIT"));
         if let Err(e) = result {
             self.abandon();

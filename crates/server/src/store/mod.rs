@@ -2,5 +2,6 @@
 
 pub mod indexer;
 pub mod journal;
+pub mod recent_ids;
 pub mod sqlite;
 pub mod unsettled;

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parley_protocol::server::ServerFrame;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -33,6 +33,7 @@ use crate::config::{HistoryConfig, Synchronous};
 use crate::policy::Policies;
 use crate::store::indexer::{Block, Indexer, Shared, WAL_SIZE_LIMIT};
 use crate::store::journal::Journal;
+use crate::store::recent_ids::RecentIds;
 use crate::store::unsettled::{Added, Event, Unsettled};
 
 /// A failed store operation.
@@ -155,9 +156,18 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS settled (lsn INTEGER NOT NULL, db INTEGER NOT NULL);
-INSERT INTO settled SELECT 0, random() WHERE NOT EXISTS (SELECT 1 FROM settled);
+CREATE TABLE IF NOT EXISTS settled (
+    lsn INTEGER NOT NULL,
+    db INTEGER NOT NULL,
+    newest_ms INTEGER NOT NULL DEFAULT 0
+);
 ";
+
+/// The row of `settled` of a new log (after [`migrate`]; a log written before the journal has
+/// events and no row).
+const SETTLED_ROW: &str = "INSERT INTO settled (lsn, db, newest_ms)
+    SELECT 0, random(), COALESCE((SELECT MAX(ts_ms) FROM events), 0)
+    WHERE NOT EXISTS (SELECT 1 FROM settled)";
 
 /// The index [`expire`] reads, kept only while some room has an age limit: without one it
 /// would be one more b-tree insert per event that nothing reads.
@@ -175,8 +185,8 @@ pub const ROOM_HEAD: &str =
 /// none and that has no member is empty. Frames are encoded with `type` first.
 const IS_MESSAGE: &str = "frame LIKE '{\"type\":\"message\"%'";
 
-/// Adds `rooms.active_ms` to a log created before it existed; such rooms count as in use
-/// from now.
+/// Brings a log written by an older version up to date: `rooms.active_ms` (such rooms count as
+/// in use from now) and `settled.newest_ms`.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let has_active: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('rooms') WHERE name = 'active_ms'")?
@@ -186,6 +196,17 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         conn.execute("UPDATE rooms SET active_ms = ?1", params![now_ms() as i64])?;
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS rooms_active ON rooms (active_ms)")?;
+    // `settled.newest_ms` (the newest event time SQLite holds, for `RecentIds`): an older log
+    // is read once for it.
+    let has_newest: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('settled') WHERE name = 'newest_ms'")?
+        .exists([])?;
+    if !has_newest {
+        conn.execute_batch(
+            "ALTER TABLE settled ADD COLUMN newest_ms INTEGER NOT NULL DEFAULT 0;
+             UPDATE settled SET newest_ms = COALESCE((SELECT MAX(ts_ms) FROM events), 0);",
+        )?;
+    }
     Ok(())
 }
 
@@ -222,6 +243,7 @@ pub fn open_log(
     let conn = open(path, synchronous)?;
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
+    conn.execute_batch(SETTLED_ROW)?;
     // Built once when an age limit is set on an existing log; dropped when none is left.
     conn.execute_batch(if policies.ttls().is_empty() {
         "DROP INDEX IF EXISTS events_ts"
@@ -285,11 +307,14 @@ pub fn open_log(
         indexer.settle()?;
         tracing::info!(records = events, "read back from the journal");
     }
+    let conn = open(path, synchronous)?;
+    let newest_ms: i64 = conn.query_row("SELECT newest_ms FROM settled", [], |r| r.get(0))?;
     let writer = LogWriter {
-        conn: open(path, synchronous)?,
+        conn,
         journal,
         lsn,
         heads: HashMap::new(),
+        recent: RecentIds::new(DEDUP_WINDOW, newest_ms.max(0) as u64, Instant::now()),
         unsettled: unsettled.clone(),
         shared,
         indexer: Some(indexer),
@@ -328,6 +353,8 @@ pub struct LogWriter {
     /// The last block written.
     lsn: u64,
     heads: HashMap<Arc<str>, RoomHead>,
+    /// The client ids written lately, to skip the de-duplication lookup of a new one.
+    recent: RecentIds,
     unsettled: Arc<Unsettled>,
     shared: Arc<Shared>,
     /// The indexer, until its thread starts (with the first block).
@@ -517,6 +544,8 @@ impl LogWriter {
         let conn = &self.conn;
         let journal = &mut self.journal;
         let unsettled = &*self.unsettled;
+        let recent = &mut self.recent;
+        let clock = Instant::now();
         let mut out = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let written = match draft {
@@ -529,8 +558,12 @@ impl LogWriter {
                 } => {
                     if let Some(id) = client_id {
                         let since = now.saturating_sub(DEDUP_WINDOW.as_millis() as u64);
-                        let pending = changes.rooms.get(room).map_or(&[][..], Vec::as_slice);
-                        let found = original(conn, unsettled, pending, room, user, id, since)?;
+                        let found = if recent.may_hold(room, user, id, since, clock) {
+                            let pending = changes.rooms.get(room).map_or(&[][..], Vec::as_slice);
+                            original(conn, unsettled, pending, room, user, id, since)?
+                        } else {
+                            None
+                        };
                         if let Some((seq, frame)) = found {
                             out.push(if same_content(&frame, content) {
                                 Written::Duplicate { seq }
@@ -554,6 +587,9 @@ impl LogWriter {
                     }
                     .encode();
                     journal.event(room, seq, now, Some(user), client_id.as_deref(), &frame);
+                    if let Some(id) = client_id {
+                        recent.insert(room, user, id, clock);
+                    }
                     events_of(changes, room).push(Event {
                         seq,
                         frame: frame.clone(),
@@ -1179,6 +1215,53 @@ mod tests {
             writer.commit(&[message("r", "b")]).unwrap()[0],
             Written::Duplicate { seq: 2 }
         ));
+    }
+
+    /// A message with a new client id skips the lookup (`RecentIds`), but a resend of one
+    /// stored before the log was opened is still found: in a log written by this version, by
+    /// a version before `settled.newest_ms`, and by one before the journal (no `settled`).
+    #[test]
+    fn resends_of_messages_stored_before_the_opening_are_duplicates() {
+        use crate::config::Config;
+        let config = Config::default();
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        for older in [
+            "",
+            "ALTER TABLE settled DROP COLUMN newest_ms",
+            "DROP TABLE settled",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("d.db");
+            let open = || open_log(&path, Synchronous::Full, &config.history, policies.clone());
+            let (mut writer, _reader) = open().unwrap();
+            assert_eq!(
+                stored_seqs(
+                    writer
+                        .commit(&[message("r", "a"), message("r", "b")])
+                        .unwrap()
+                ),
+                [1, 2]
+            );
+            wait_settled(&writer);
+            drop(writer);
+            write_conn(&path).execute_batch(older).unwrap();
+
+            let (mut writer, _reader) = open().unwrap();
+            let again = writer
+                .commit(&[message("r", "b"), message("r", "c"), message("r", "c")])
+                .unwrap();
+            assert!(
+                matches!(
+                    again[..],
+                    [
+                        Written::Duplicate { seq: 2 },
+                        Written::Event { seq: 3, .. },
+                        Written::Duplicate { seq: 3 }
+                    ]
+                ),
+                "{older:?}: {again:?}"
+            );
+        }
     }
 
     /// SQLite refusing the indexer's writes (here a trigger, as a full disk would) loses
