@@ -176,14 +176,19 @@ pub struct StoreConfig {
     pub max_unsettled: u64,
 }
 
+/// `store.settle_ms` by default.
+pub const DEFAULT_SETTLE_MS: u64 = 1000;
+/// `store.max_unsettled` by default.
+pub const DEFAULT_MAX_UNSETTLED: u64 = 500_000;
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             db: PathBuf::from("./parley.db"),
             synchronous: Synchronous::Full,
             max_batch: 1024,
-            settle_ms: 200,
-            max_unsettled: 500_000,
+            settle_ms: DEFAULT_SETTLE_MS,
+            max_unsettled: DEFAULT_MAX_UNSETTLED,
         }
     }
 }
@@ -548,7 +553,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     (
         "store.settle_ms",
-        "200",
+        "1000",
         "how long SQLite gathers journaled group commits before committing them",
     ),
     (

@@ -4,12 +4,13 @@
 //! the journal, then hands the block here. The indexer applies blocks in LSN order in one open
 //! transaction (the rooms created, the events, the rooms in use or forgotten, each touched
 //! room's trim to `history_max_len`, and expiry at most once a second) and commits it
-//! ("settles") when no block came for [`QUIET`], or when it is `store.settle_ms` old, or holds
-//! [`SETTLE_EVENTS`] events: in rooms of two every event dirties a page of its own room, and a
-//! settle writes each page once for every block that dirtied it. The settle stores the LSN it
-//! reached in the same transaction (table `settled`); then the readers' [`Unsettled`] view
-//! drops what it committed. A settle takes tens of milliseconds under load, and nothing waits
-//! for it but the next blocks' indexing: acks depend on the journal only.
+//! ("settles") when it is `store.settle_ms` old, or holds [`SETTLE_EVENTS`] events, or (while
+//! it is small, [`QUIET_EVENTS`]) when no block came for [`QUIET`]: in rooms of two every event
+//! dirties a page of its own room, and a settle writes each page once for every block that
+//! dirtied it. The settle stores the LSN it reached in the same transaction (table `settled`,
+//! with the newest event time, `newest_ms`); then the readers' [`Unsettled`] view drops what it
+//! committed. A settle takes hundreds of milliseconds under load, and nothing waits for it but
+//! the next blocks' indexing: acks depend on the journal only.
 //!
 //! A transaction SQLite refuses (a locked or full database, an I/O error) is rolled back and its
 //! blocks, kept in memory until they settle, are applied again at the next attempt, a tenth of
@@ -31,10 +32,16 @@ use crate::config::Synchronous;
 use crate::policy::Policies;
 
 /// Most events one open transaction gathers before it settles, however young.
-const SETTLE_EVENTS: usize = 32_768;
+const SETTLE_EVENTS: usize = 131_072;
 
-/// How long the indexer waits for another block before it settles what it has.
+/// How long the indexer waits for another block before it settles a small transaction.
 pub const QUIET: Duration = Duration::from_millis(10);
+
+/// A transaction with at least this many events waits for `store.settle_ms` (or
+/// [`SETTLE_EVENTS`]) even in a pause: under load a settle writes each dirty page once however
+/// many events dirtied it, and a busy machine pauses the writer often enough that settling on
+/// every pause wrote about one page per event (dm25k in docs/BENCHMARKS.md).
+const QUIET_EVENTS: usize = 1024;
 
 /// How long after a failed attempt the indexer tries its open transaction again.
 const RETRY: Duration = Duration::from_millis(100);
@@ -335,11 +342,12 @@ impl Indexer {
             let wait = if self.broken {
                 Some(RETRY)
             } else if let Some(at) = self.opened.filter(|_| !held) {
-                Some(
-                    (at + self.settle_every)
-                        .saturating_duration_since(Instant::now())
-                        .min(QUIET),
-                )
+                let due = (at + self.settle_every).saturating_duration_since(Instant::now());
+                Some(if self.open_events < QUIET_EVENTS {
+                    due.min(QUIET)
+                } else {
+                    due
+                })
             } else if !self.ttls.is_empty() {
                 Some(Duration::from_secs(1))
             } else {

@@ -325,7 +325,7 @@ pub fn open_log(
         max_replay: history.max_replay,
         max_replay_bytes: history.max_replay_bytes,
         empty_room_ttl: Duration::from_secs(history.empty_room_ttl_s),
-        max_unsettled: DEFAULT_MAX_UNSETTLED,
+        max_unsettled: crate::config::DEFAULT_MAX_UNSETTLED,
     };
     let reader = LogReader {
         path: path.to_owned(),
@@ -337,7 +337,7 @@ pub fn open_log(
 }
 
 /// How long the indexer's transaction stays open by default (`store.settle_ms`).
-pub const DEFAULT_SETTLE_EVERY: Duration = Duration::from_millis(200);
+pub const DEFAULT_SETTLE_EVERY: Duration = Duration::from_millis(crate::config::DEFAULT_SETTLE_MS);
 
 /// The write side of the log. Not shared: the broker's log-writer thread owns it for the
 /// node's life.
@@ -370,9 +370,6 @@ pub struct LogWriter {
     /// `store.max_unsettled`.
     max_unsettled: u64,
 }
-
-/// `store.max_unsettled` by default.
-pub const DEFAULT_MAX_UNSETTLED: u64 = 500_000;
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
