@@ -10,7 +10,8 @@
 //!
 //! Ids age out by generation: the current one takes inserts; once it is a window old it becomes
 //! the previous one and the one before goes, so the two always cover at least the last window
-//! (by the monotonic clock). A generation is a chain of filters: when the newest fills up, a
+//! by the monotonic clock. (SQLite's window is in wall time: after the wall clock stepped back,
+//! a resend of a message older than the window by the monotonic clock counts as new.) A generation is a chain of filters: when the newest fills up, a
 //! bigger one follows it, so the false-positive rate stays near [`FALSE_POSITIVE`] whatever the
 //! rate of messages.
 
