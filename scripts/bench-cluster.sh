@@ -5,13 +5,14 @@
 #   cargo build --release -p parley -p parley-bench
 #
 # Usage: scripts/bench-cluster.sh [RUN...]
-#   RUN is one of dm6k dm13k dm18k dm20k dm25k dm33k (default: dm13k dm25k).
+#   RUN is one of dm6k dm10k dm13k dm18k dm20k dm25k dm33k (default: dm13k dm25k).
 # Environment: DURATION (seconds of sending; default 30), BIN (default target/release),
 #   OUT (where the raw JSON, Redis's CPU and the logs are kept; default a fresh temporary
 #   directory). On a shared machine wrap it: flock /tmp/bench.lock scripts/bench-cluster.sh
 #
 # dmN: 10,000 JWT clients in 5,000 rooms of 2, no churn, spread over both nodes (`--url`
 # twice), each client sending every send-min-s..send-max-s seconds: dm6k 1..2 (6,700 msg/s),
+# dm10k 0.7..1.3 (10,000 msg/s),
 # dm13k 0.5..1.0 (13,300
 # msg/s), dm18k 0.4..0.7, dm20k 0.3..0.7, dm25k 0.2..0.6 (the 25,000), dm33k 0.1..0.5.
 #
@@ -43,6 +44,7 @@ run_one() {
   local name=$1 args=()
   case $name in
     dm6k) args=(--send-min-s 1 --send-max-s 2) ;;
+    dm10k) args=(--send-min-s 0.7 --send-max-s 1.3) ;;
     dm13k) args=(--send-min-s 0.5 --send-max-s 1.0) ;;
     dm18k) args=(--send-min-s 0.4 --send-max-s 0.7) ;;
     dm20k) args=(--send-min-s 0.3 --send-max-s 0.7) ;;

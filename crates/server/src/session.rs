@@ -94,10 +94,7 @@ pub fn run(
         sends: Bucket::new(limits.send_rate, limits.send_burst),
         joins: Bucket::new(limits.join_rate, limits.join_burst),
         typing: Bucket::new(limits.typing_rate, limits.typing_burst),
-        abuse: AbuseCounter::new(
-            limits.abuse_refusals,
-            Duration::from_millis(limits.abuse_window_ms),
-        ),
+        abuse: AbuseCounter::default(),
         identity: None,
         rooms: Vec::new(),
         deadline: Some(Instant::now() + Duration::from_millis(app.config.auth.timeout_ms)),
@@ -156,7 +153,7 @@ pub fn run(
         let leaving = Box::pin(session.leave_all());
         leaving.await;
         info!(
-            conn,
+            conn = session.conn,
             %peer,
             user = session.identity.as_ref().map(|i| &*i.user),
             reason,
@@ -168,20 +165,27 @@ pub fn run(
 
 impl Session {
     async fn serve(&mut self, ws: &mut Socket, auto_join: &mut Option<Box<AutoJoin>>) -> End {
-        let heartbeat = &self.app.config.heartbeat;
-        let interval = Duration::from_millis(heartbeat.interval_ms);
-        let timeout = Duration::from_millis(heartbeat.timeout_ms);
+        // The heartbeat's interval and timeout are read from the settings where they are used:
+        // locals would be kept in this future, for the connection's whole life.
         let shutdown = self.app.shutdown.clone();
         let mut last_heard = Instant::now();
-        let mut next_ping = last_heard + interval;
+        let mut next_ping = last_heard + self.heartbeat().0;
         // One timer for the heartbeat and the deadline (auth timeout, token expiry): it fires
         // at the earlier of the two, and the branch sorts out which it was.
-        let due = |next_ping: Instant, last_heard: Instant, deadline: Option<Instant>| {
+        let due = |timeout: Duration,
+                   next_ping: Instant,
+                   last_heard: Instant,
+                   deadline: Option<Instant>| {
             let beat = next_ping.min(last_heard + timeout);
             deadline.map_or(beat, |d| d.min(beat))
         };
         let mut armed_deadline = self.deadline;
-        let timer = tokio::time::sleep_until(due(next_ping, last_heard, armed_deadline));
+        let timer = tokio::time::sleep_until(due(
+            self.heartbeat().1,
+            next_ping,
+            last_heard,
+            armed_deadline,
+        ));
         tokio::pin!(timer);
         let outbound = self.outbound.clone();
         // Both waits are made once and polled in place: re-creating them on every turn would
@@ -210,19 +214,11 @@ impl Session {
                     };
                     match frame {
                         Message::Text(text) => {
-                            // Boxed: request handling is the biggest state of this future,
-                            // and an idle connection should not carry it.
-                            let handling = Box::pin(self.handle(&text));
+                            // Boxed, frame and all: request handling is the biggest state of
+                            // this future, and an idle connection should not carry it.
+                            let handling = Box::pin(self.on_text(text, auto_join));
                             if let Some(end) = handling.await {
                                 return end;
-                            }
-                            if self.identity.is_some() {
-                                if let Some((room, since)) = auto_join.take().map(|b| *b) {
-                                    let joining = Box::pin(self.join(room, since, None));
-                                    if let Some(end) = joining.await {
-                                        return end;
-                                    }
-                                }
                             }
                         }
                         Message::Binary(_) => {
@@ -242,7 +238,7 @@ impl Session {
                             let code = frame.map_or(CloseCode::Normal.code(), |f| u16::from(f.code));
                             let code = if code == 1005 { CloseCode::Normal.code() } else { code };
                             outbound.close_with(code, "", true);
-                            let flushing = Box::pin(tokio::time::timeout(timeout, outbound.flush()));
+                            let flushing = Box::pin(tokio::time::timeout(self.heartbeat().1, outbound.flush()));
                             let _ = flushing.await;
                             return End::Gone("client closed");
                         }
@@ -250,10 +246,11 @@ impl Session {
                     // Authenticated or refreshed: the deadline moved.
                     if self.deadline != armed_deadline {
                         armed_deadline = self.deadline;
-                        timer.as_mut().reset(due(next_ping, last_heard, self.deadline));
+                        timer.as_mut().reset(due(self.heartbeat().1, next_ping, last_heard, self.deadline));
                     }
                 }
                 _ = &mut timer => {
+                    let (interval, timeout) = self.heartbeat();
                     let now = Instant::now();
                     if self.deadline.is_some_and(|d| now >= d) {
                         if self.identity.is_none() {
@@ -271,10 +268,36 @@ impl Session {
                         outbound.push_frame(Opcode::Ping, Bytes::new());
                         next_ping = now + interval;
                     }
-                    timer.as_mut().reset(due(next_ping, last_heard, self.deadline));
+                    timer.as_mut().reset(due(timeout, next_ping, last_heard, self.deadline));
                 }
             }
         }
+    }
+
+    /// Handles a text frame, then the auto-join once the frame authenticated the connection.
+    async fn on_text(
+        &mut self,
+        text: tungstenite::Utf8Bytes,
+        auto_join: &mut Option<Box<AutoJoin>>,
+    ) -> Option<End> {
+        if let Some(end) = self.handle(&text).await {
+            return Some(end);
+        }
+        if self.identity.is_some() {
+            if let Some((room, since)) = auto_join.take().map(|b| *b) {
+                return self.join(room, since, None).await;
+            }
+        }
+        None
+    }
+
+    /// `heartbeat.interval_ms` and `heartbeat.timeout_ms`.
+    fn heartbeat(&self) -> (Duration, Duration) {
+        let heartbeat = &self.app.config.heartbeat;
+        (
+            Duration::from_millis(heartbeat.interval_ms),
+            Duration::from_millis(heartbeat.timeout_ms),
+        )
     }
 
     /// Writes what the kernel did not take when it was queued, waiting for the socket as
@@ -354,8 +377,10 @@ impl Session {
             }
             .encode(),
         );
+        let limits = &self.app.config.limits;
+        let window = Duration::from_millis(limits.abuse_window_ms);
         self.abuse
-            .refuse()
+            .refuse(limits.abuse_refusals, window)
             .then_some(End::Close(CloseCode::RateLimitAbuse))
     }
 
