@@ -8,7 +8,7 @@
 //! cargo run --release -p parley --example store_load -- [ROOMS] [BATCH] [MESSAGES] [ids]
 //! ```
 //! Defaults: 5,000 rooms, batches of 250, 200,000 messages, no client ids (`ids`: every
-//! message has one, as from the JS client). The indexer settles every 200 ms (the default
+//! message has one, as from the JS client). The indexer settles every 1,000 ms (the default
 //! `store.settle_ms`; `SETTLE_MS` sets it); the time each settle took is printed too. The
 //! figures run until everything is settled.
 

@@ -15,12 +15,14 @@ use tracing_subscriber::EnvFilter;
 /// cut the node's CPU per message by about 7% and its p99 latency about fourfold; idle
 /// connections cost about 10% more memory (docs/BENCHMARKS.md, round 4). SQLite's own
 /// allocations still go to glibc's (see `limit_malloc_arenas`).
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (`MALLOC_CONF` syntax; the environment's
 /// `_RJEM_MALLOC_CONF` is read after it). One arena: with one per core, an idle connection's
 /// memory, allocated on whichever thread accepted or woke it, cost about 200 bytes more.
+#[cfg(not(target_env = "msvc"))]
 #[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_CONF: &[u8; 10] = b"narenas:1\0";

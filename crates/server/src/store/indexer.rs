@@ -8,9 +8,9 @@
 //! it is small, [`QUIET_EVENTS`]) when no block came for [`QUIET`]: in rooms of two every event
 //! dirties a page of its own room, and a settle writes each page once for every block that
 //! dirtied it. The settle stores the LSN it reached in the same transaction (table `settled`,
-//! with the newest event time, `newest_ms`); then the readers' [`Unsettled`] view drops what it
-//! committed. A settle takes hundreds of milliseconds under load, and nothing waits for it but
-//! the next blocks' indexing: acks depend on the journal only.
+//! and with the newest event time in table `newest`); then the readers' [`Unsettled`] view drops
+//! what it committed. A settle takes hundreds of milliseconds under load, and nothing waits for
+//! it but the next blocks' indexing: acks depend on the journal only.
 //!
 //! A transaction SQLite refuses (a locked or full database, an I/O error) is rolled back and its
 //! blocks, kept in memory until they settle, are applied again at the next attempt, a tenth of
@@ -64,6 +64,9 @@ pub struct Shared {
     pub failures: AtomicU64,
     /// Records journaled and not settled yet.
     pub backlog: AtomicU64,
+    /// `store.max_unsettled`: the writer refuses batches past it, so the indexer settles once
+    /// the backlog reaches half of it, however young its transaction.
+    pub max_unsettled: AtomicU64,
     /// Called after each settle with its duration (metrics, the webhook deliverer).
     pub on_settle: Mutex<Option<OnSettle>>,
     /// What readers see of the unsettled blocks.
@@ -253,7 +256,10 @@ impl Indexer {
     fn due(&self) -> bool {
         self.broken
             || self.opened.is_some_and(|at| {
-                at.elapsed() >= self.settle_every || self.open_events >= SETTLE_EVENTS
+                at.elapsed() >= self.settle_every
+                    || self.open_events >= SETTLE_EVENTS
+                    || self.shared.backlog.load(Ordering::SeqCst) * 2
+                        >= self.shared.max_unsettled.load(Ordering::SeqCst)
             })
     }
 
@@ -280,10 +286,13 @@ impl Indexer {
             .unwrap_or(0);
         let result = self
             .conn
-            .execute(
-                "UPDATE settled SET lsn = ?1, newest_ms = MAX(newest_ms, ?2)",
-                params![lsn as i64, newest as i64],
-            )
+            .execute("UPDATE settled SET lsn = ?1", params![lsn as i64])
+            .and_then(|_| {
+                self.conn.execute(
+                    "UPDATE newest SET ms = MAX(ms, ?2), lsn = ?1",
+                    params![lsn as i64, newest as i64],
+                )
+            })
             .and_then(|_| self.conn.execute_batch("COMMIT"));
         if let Err(e) = result {
             self.abandon();

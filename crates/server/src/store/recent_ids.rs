@@ -5,16 +5,17 @@
 //! lookup, as every message did before.
 //!
 //! The filter knows only this process's writes. Older events (before a restart) count from
-//! `covers_from`, the newest event time the log held when it was opened: while a message's
-//! window reaches back before it, the answer is "maybe".
+//! `covers_from`, the newest event time the log held when it was opened (table `newest`): while
+//! a message's window reaches back to it, the answer is "maybe".
 //!
-//! Ids age out by generation: the current one takes inserts; once it is a window old it becomes
-//! the previous one and the one before goes, so the two always cover at least the last window
-//! by the monotonic clock. (SQLite's window is in wall time: after the wall clock stepped back,
-//! a resend of a message older than the window by the monotonic clock counts as new.) A generation is a chain of filters: when the newest fills up, a
-//! bigger one follows it, so the false-positive rate stays near [`FALSE_POSITIVE`] whatever the
-//! rate of messages.
+//! Ids are kept in generations: a new one starts once the current one is a window old (by the
+//! monotonic clock), and a generation goes once the newest event time it holds is older than a
+//! message's window (by the wall clock, as SQLite's lookup reads `ts_ms`), so a wall clock that
+//! steps back keeps them longer rather than losing any. A generation is a chain of filters: when
+//! the newest fills up, a bigger one follows it, so the false-positive rate stays near
+//! [`FALSE_POSITIVE`] whatever the rate of messages.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use fastbloom::BloomFilter;
@@ -44,15 +45,31 @@ impl Filter {
     }
 }
 
+/// The ids inserted from `started` on.
+struct Generation {
+    started: Instant,
+    /// The newest event time inserted (wall clock, ms).
+    newest_ms: u64,
+    filters: Vec<Filter>,
+}
+
+impl Generation {
+    fn new(started: Instant, seed: u128) -> Generation {
+        Generation {
+            started,
+            newest_ms: 0,
+            filters: vec![Filter::new(FIRST_CAPACITY, seed)],
+        }
+    }
+}
+
 /// The ids this process stored in the last window (see the module docs).
 pub struct RecentIds {
     window: Duration,
     covers_from_ms: u64,
     seed: u128,
-    /// When the current generation started.
-    started: Instant,
-    current: Vec<Filter>,
-    previous: Vec<Filter>,
+    /// Oldest first; the last takes inserts.
+    generations: VecDeque<Generation>,
 }
 
 impl RecentIds {
@@ -67,53 +84,53 @@ impl RecentIds {
             window,
             covers_from_ms,
             seed,
-            started: now,
-            current: vec![Filter::new(FIRST_CAPACITY, seed)],
-            previous: Vec::new(),
+            generations: VecDeque::from([Generation::new(now, seed)]),
         }
     }
 
-    fn age(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.started) >= self.window {
-            self.previous = std::mem::replace(
-                &mut self.current,
-                vec![Filter::new(FIRST_CAPACITY, self.seed)],
-            );
-            self.started = now;
+    /// Notes that a message of `user` in `room` with `client_id` was stored at wall time
+    /// `ts_ms`.
+    pub fn insert(&mut self, room: &str, user: &str, client_id: &str, ts_ms: u64, now: Instant) {
+        let current = self.generations.back().expect("a generation");
+        if now.saturating_duration_since(current.started) >= self.window {
+            self.generations.push_back(Generation::new(now, self.seed));
         }
-    }
-
-    /// Notes that a message of `user` in `room` with `client_id` was stored.
-    pub fn insert(&mut self, room: &str, user: &str, client_id: &str, now: Instant) {
-        self.age(now);
-        let last = self.current.last_mut().expect("a generation has a filter");
+        let current = self.generations.back_mut().expect("a generation");
+        current.newest_ms = current.newest_ms.max(ts_ms);
+        let last = current.filters.last().expect("a generation has a filter");
         if last.held >= last.capacity {
             let capacity = last.capacity * 4;
-            self.current.push(Filter::new(capacity, self.seed));
+            current.filters.push(Filter::new(capacity, self.seed));
         }
-        let last = self.current.last_mut().expect("a generation has a filter");
+        let last = current
+            .filters
+            .last_mut()
+            .expect("a generation has a filter");
         last.bloom.insert(&(room, user, client_id));
         last.held += 1;
     }
 
     /// Whether a message of `user` in `room` with `client_id` stored at or after wall time
     /// `since_ms` may exist; `false` means it does not.
-    pub fn may_hold(
-        &mut self,
-        room: &str,
-        user: &str,
-        client_id: &str,
-        since_ms: u64,
-        now: Instant,
-    ) -> bool {
+    pub fn may_hold(&mut self, room: &str, user: &str, client_id: &str, since_ms: u64) -> bool {
         if since_ms <= self.covers_from_ms {
             return true;
         }
-        self.age(now);
+        // Generations that hold nothing as young as `since_ms` are of no more use (windows only
+        // move forward, unless the clock steps back, and then they are kept).
+        while self.generations.len() > 1
+            && self
+                .generations
+                .front()
+                .is_some_and(|g| g.newest_ms < since_ms)
+        {
+            self.generations.pop_front();
+        }
         let key = (room, user, client_id);
-        self.current
+        self.generations
             .iter()
-            .chain(&self.previous)
+            .filter(|g| g.newest_ms >= since_ms)
+            .flat_map(|g| &g.filters)
             .any(|filter| filter.bloom.contains(&key))
     }
 }
@@ -123,43 +140,64 @@ mod tests {
     use super::*;
 
     const WINDOW: Duration = Duration::from_secs(600);
+    const W_MS: u64 = 600_000;
 
-    fn absent_and_maybe(recent: &mut RecentIds, since_ms: u64, now: Instant) -> usize {
+    fn absent_and_maybe(recent: &mut RecentIds, since_ms: u64) -> usize {
         (0..1000)
-            .filter(|i| recent.may_hold("r", "u", &format!("never-{i}"), since_ms, now))
+            .filter(|i| recent.may_hold("r", "u", &format!("never-{i}"), since_ms))
             .count()
     }
 
-    /// Every stored id is "maybe" for a window; ids never stored are mostly "no", also past
-    /// the first filter's capacity.
+    /// Every stored id is "maybe" while its time is inside the window; ids never stored are
+    /// mostly "no", also past the first filter's capacity; generations go once their newest
+    /// time left the window.
     #[test]
     fn stored_ids_are_held_for_a_window_and_new_ones_are_not() {
         let t0 = Instant::now();
+        let ms0 = 10 * W_MS;
         let mut recent = RecentIds::seeded(WINDOW, 0, t0, 7);
         let n = FIRST_CAPACITY * 3;
         for i in 0..n {
-            recent.insert("r", "u", &format!("id-{i}"), t0);
+            recent.insert("r", "u", &format!("id-{i}"), ms0, t0);
         }
         assert_eq!(
-            recent.current.len(),
+            recent.generations[0].filters.len(),
             2,
-            "a second, bigger filter followed the first"
+            "a bigger filter followed"
         );
-        let later = t0 + WINDOW - Duration::from_millis(1);
-        assert!((0..n).all(|i| recent.may_hold("r", "u", &format!("id-{i}"), 1, later)));
-        let false_positives = absent_and_maybe(&mut recent, 1, later);
+        let held = |recent: &mut RecentIds, since: u64| {
+            (0..n).all(|i| recent.may_hold("r", "u", &format!("id-{i}"), since))
+        };
+        assert!(held(&mut recent, ms0));
+        let false_positives = absent_and_maybe(&mut recent, ms0);
         assert!(
             false_positives < 50,
             "{false_positives} of 1000 absent ids were maybe"
         );
-        // One generation later they are still held (the previous generation)...
-        let next = t0 + WINDOW;
-        assert!((0..n).all(|i| recent.may_hold("r", "u", &format!("id-{i}"), 1, next)));
-        assert_eq!(recent.previous.len(), 2);
-        // ...and after two windows they are gone.
-        let gone = next + WINDOW;
-        assert!(!recent.may_hold("r", "u", "id-1", 1, gone));
-        assert!(recent.previous.iter().all(|f| f.held == 0));
+        // A window later a new generation starts; the first is kept while its ids count.
+        recent.insert("r", "u", "late", ms0 + W_MS, t0 + WINDOW);
+        assert_eq!(recent.generations.len(), 2);
+        assert!(held(&mut recent, ms0));
+        // Once the window starts after its newest id, the first generation goes.
+        assert!(!recent.may_hold("r", "u", "id-1", ms0 + 1));
+        assert_eq!(recent.generations.len(), 1);
+        assert!(recent.may_hold("r", "u", "late", ms0 + 1));
+    }
+
+    /// A wall clock stepped back keeps ids that SQLite's window (wall time) still covers, however
+    /// long ago they were stored by the monotonic clock.
+    #[test]
+    fn a_clock_stepped_back_keeps_the_ids_its_window_covers() {
+        let t0 = Instant::now();
+        let ms0 = 10 * W_MS;
+        let mut recent = RecentIds::seeded(WINDOW, 0, t0, 7);
+        recent.insert("r", "u", "a", ms0, t0);
+        // Three windows later (monotonic), the wall clock reads an hour earlier than at "a".
+        let later = t0 + 3 * WINDOW;
+        recent.insert("r", "u", "b", ms0 - 6 * W_MS, later);
+        let since = ms0 - 7 * W_MS;
+        assert!(recent.may_hold("r", "u", "a", since));
+        assert!(recent.may_hold("r", "u", "b", since));
     }
 
     /// Before `covers_from`, the filter knows nothing: the answer is always "maybe".
@@ -167,7 +205,8 @@ mod tests {
     fn windows_that_reach_before_the_opening_are_maybe() {
         let t0 = Instant::now();
         let mut recent = RecentIds::seeded(WINDOW, 5_000, t0, 7);
-        assert_eq!(absent_and_maybe(&mut recent, 5_000, t0), 1000);
-        assert!(absent_and_maybe(&mut recent, 5_001, t0) < 50);
+        recent.insert("r", "u", "x", 6_000, t0);
+        assert_eq!(absent_and_maybe(&mut recent, 5_000), 1000);
+        assert!(absent_and_maybe(&mut recent, 5_001) < 50);
     }
 }

@@ -156,18 +156,25 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS settled (
-    lsn INTEGER NOT NULL,
-    db INTEGER NOT NULL,
-    newest_ms INTEGER NOT NULL DEFAULT 0
-);
+CREATE TABLE IF NOT EXISTS settled (lsn INTEGER NOT NULL, db INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS newest (ms INTEGER NOT NULL, lsn INTEGER NOT NULL);
+INSERT INTO newest SELECT 0, -1 WHERE NOT EXISTS (SELECT 1 FROM newest);
 ";
 
 /// The row of `settled` of a new log (after [`migrate`]; a log written before the journal has
 /// events and no row).
-const SETTLED_ROW: &str = "INSERT INTO settled (lsn, db, newest_ms)
-    SELECT 0, random(), COALESCE((SELECT MAX(ts_ms) FROM events), 0)
-    WHERE NOT EXISTS (SELECT 1 FROM settled)";
+const SETTLED_ROW: &str = "INSERT INTO settled (lsn, db)
+    SELECT 0, random() WHERE NOT EXISTS (SELECT 1 FROM settled)";
+
+/// `newest.ms` is the newest event time SQLite holds as of LSN `newest.lsn` (the indexer writes
+/// both with every settle; `RecentIds` knows every write after it). When `settled.lsn` differs
+/// (a log from before the table, or written meanwhile by an older version, which keeps only
+/// `settled`), it is read from the events once. A table of its own: an older version still opens
+/// the log.
+const NEWEST_CHECKED: &str = "UPDATE newest SET
+    ms = MAX(ms, COALESCE((SELECT MAX(ts_ms) FROM events), 0)),
+    lsn = (SELECT lsn FROM settled)
+    WHERE lsn != (SELECT lsn FROM settled)";
 
 /// The index [`expire`] reads, kept only while some room has an age limit: without one it
 /// would be one more b-tree insert per event that nothing reads.
@@ -185,8 +192,8 @@ pub const ROOM_HEAD: &str =
 /// none and that has no member is empty. Frames are encoded with `type` first.
 const IS_MESSAGE: &str = "frame LIKE '{\"type\":\"message\"%'";
 
-/// Brings a log written by an older version up to date: `rooms.active_ms` (such rooms count as
-/// in use from now) and `settled.newest_ms`.
+/// Adds `rooms.active_ms` to a log created before it existed; such rooms count as in use
+/// from now.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let has_active: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('rooms') WHERE name = 'active_ms'")?
@@ -196,17 +203,6 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         conn.execute("UPDATE rooms SET active_ms = ?1", params![now_ms() as i64])?;
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS rooms_active ON rooms (active_ms)")?;
-    // `settled.newest_ms` (the newest event time SQLite holds, for `RecentIds`): an older log
-    // is read once for it.
-    let has_newest: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('settled') WHERE name = 'newest_ms'")?
-        .exists([])?;
-    if !has_newest {
-        conn.execute_batch(
-            "ALTER TABLE settled ADD COLUMN newest_ms INTEGER NOT NULL DEFAULT 0;
-             UPDATE settled SET newest_ms = COALESCE((SELECT MAX(ts_ms) FROM events), 0);",
-        )?;
-    }
     Ok(())
 }
 
@@ -244,6 +240,7 @@ pub fn open_log(
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
     conn.execute_batch(SETTLED_ROW)?;
+    conn.execute_batch(NEWEST_CHECKED)?;
     // Built once when an age limit is set on an existing log; dropped when none is left.
     conn.execute_batch(if policies.ttls().is_empty() {
         "DROP INDEX IF EXISTS events_ts"
@@ -270,6 +267,7 @@ pub fn open_log(
         crash: AtomicBool::new(false),
         failures: AtomicU64::new(0),
         backlog: AtomicU64::new(0),
+        max_unsettled: AtomicU64::new(crate::config::DEFAULT_MAX_UNSETTLED),
         on_settle: Mutex::new(None),
         unsettled: unsettled.clone(),
     });
@@ -308,7 +306,7 @@ pub fn open_log(
         tracing::info!(records = events, "read back from the journal");
     }
     let conn = open(path, synchronous)?;
-    let newest_ms: i64 = conn.query_row("SELECT newest_ms FROM settled", [], |r| r.get(0))?;
+    let newest_ms: i64 = conn.query_row("SELECT ms FROM newest", [], |r| r.get(0))?;
     let writer = LogWriter {
         conn,
         journal,
@@ -429,6 +427,7 @@ impl LogWriter {
     /// batches fail.
     pub fn set_max_unsettled(&mut self, max: u64) {
         self.max_unsettled = max;
+        self.shared.max_unsettled.store(max, Ordering::SeqCst);
     }
 
     /// The test-only switch `hold-settle`: while on, the indexer settles nothing.
@@ -555,7 +554,7 @@ impl LogWriter {
                 } => {
                     if let Some(id) = client_id {
                         let since = now.saturating_sub(DEDUP_WINDOW.as_millis() as u64);
-                        let found = if recent.may_hold(room, user, id, since, clock) {
+                        let found = if recent.may_hold(room, user, id, since) {
                             let pending = changes.rooms.get(room).map_or(&[][..], Vec::as_slice);
                             original(conn, unsettled, pending, room, user, id, since)?
                         } else {
@@ -585,7 +584,7 @@ impl LogWriter {
                     .encode();
                     journal.event(room, seq, now, Some(user), client_id.as_deref(), &frame);
                     if let Some(id) = client_id {
-                        recent.insert(room, user, id, clock);
+                        recent.insert(room, user, id, now, clock);
                     }
                     events_of(changes, room).push(Event {
                         seq,
@@ -1216,16 +1215,39 @@ mod tests {
 
     /// A message with a new client id skips the lookup (`RecentIds`), but a resend of one
     /// stored before the log was opened is still found: in a log written by this version, by
-    /// a version before `settled.newest_ms`, and by one before the journal (no `settled`).
+    /// one before table `newest`, by one before the journal (no `settled`), and in a log that
+    /// an older version wrote to after this one (it moves `settled.lsn`, not `newest`).
     #[test]
     fn resends_of_messages_stored_before_the_opening_are_duplicates() {
         use crate::config::Config;
         let config = Config::default();
         let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let long_ago = now_ms() - 3 * DEDUP_WINDOW.as_millis() as u64;
+        let frame = |seq: u64, content: &str| {
+            ServerFrame::Message {
+                room: "r",
+                seq,
+                user: "u",
+                name: "u",
+                content,
+                ts: "t",
+                id: Some(&format!("id-{content}")),
+            }
+            .encode()
+        };
+        let older_version_wrote = format!(
+            "UPDATE newest SET ms = {long_ago};
+             INSERT INTO events (room, seq, ts_ms, user, client_id, frame)
+                 VALUES ('r', 3, {}, 'u', 'id-x', '{}');
+             UPDATE settled SET lsn = lsn + 1;",
+            now_ms(),
+            frame(3, "x")
+        );
         for older in [
             "",
-            "ALTER TABLE settled DROP COLUMN newest_ms",
-            "DROP TABLE settled",
+            "DROP TABLE newest",
+            "DROP TABLE settled; DROP TABLE newest",
+            &older_version_wrote,
         ] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("d.db");
@@ -1244,21 +1266,39 @@ mod tests {
             write_conn(&path).execute_batch(older).unwrap();
 
             let (mut writer, _reader) = open().unwrap();
+            let resent = if older.contains("id-x") {
+                ("x", 3)
+            } else {
+                ("b", 2)
+            };
             let again = writer
-                .commit(&[message("r", "b"), message("r", "c"), message("r", "c")])
+                .commit(&[message("r", resent.0), message("r", "c"), message("r", "c")])
                 .unwrap();
+            let next = if older.contains("id-x") { 4 } else { 3 };
             assert!(
-                matches!(
-                    again[..],
-                    [
-                        Written::Duplicate { seq: 2 },
-                        Written::Event { seq: 3, .. },
-                        Written::Duplicate { seq: 3 }
-                    ]
-                ),
+                matches!(again[..], [Written::Duplicate { seq }, Written::Event { seq: n, .. }, Written::Duplicate { seq: d }] if seq == resent.1 && n == next && d == next),
                 "{older:?}: {again:?}"
             );
         }
+    }
+
+    /// The indexer settles once half of `store.max_unsettled` waits, however young its
+    /// transaction: the writer refuses batches past the bound, and SQLite is healthy.
+    #[test]
+    fn the_backlog_settles_before_it_reaches_its_bound() {
+        use crate::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let config = Config::default();
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let (mut writer, _reader) =
+            open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
+        writer.set_settle_every(Duration::from_secs(600));
+        writer.set_max_unsettled(4_000);
+        let batch: Vec<Draft> = (0..2_000).map(|i| message("r", &format!("m{i}"))).collect();
+        writer.commit(&batch).unwrap();
+        wait_settled(&writer);
+        writer.commit(&batch[..1_000]).unwrap();
     }
 
     /// SQLite refusing the indexer's writes (here a trigger, as a full disk would) loses
