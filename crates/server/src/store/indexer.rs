@@ -37,7 +37,7 @@ const SETTLE_EVENTS: usize = 131_072;
 /// How long the indexer waits for another block before it settles a small transaction.
 pub const QUIET: Duration = Duration::from_millis(10);
 
-/// A transaction with at least this many events waits for `store.settle_ms` (or
+/// A transaction with at least this many records waits for `store.settle_ms` (or
 /// [`SETTLE_EVENTS`]) even in a pause: under load a settle writes each dirty page once however
 /// many events dirtied it, and a busy machine pauses the writer often enough that settling on
 /// every pause wrote about one page per event (dm25k in docs/BENCHMARKS.md).

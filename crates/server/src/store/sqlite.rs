@@ -323,7 +323,6 @@ pub fn open_log(
         max_replay: history.max_replay,
         max_replay_bytes: history.max_replay_bytes,
         empty_room_ttl: Duration::from_secs(history.empty_room_ttl_s),
-        max_unsettled: crate::config::DEFAULT_MAX_UNSETTLED,
     };
     let reader = LogReader {
         path: path.to_owned(),
@@ -365,8 +364,6 @@ pub struct LogWriter {
     max_replay: usize,
     max_replay_bytes: usize,
     empty_room_ttl: Duration,
-    /// `store.max_unsettled`.
-    max_unsettled: u64,
 }
 
 pub(super) fn now_ms() -> u64 {
@@ -426,7 +423,6 @@ impl LogWriter {
     /// At most this many journaled records wait for SQLite (`store.max_unsettled`); past it,
     /// batches fail.
     pub fn set_max_unsettled(&mut self, max: u64) {
-        self.max_unsettled = max;
         self.shared.max_unsettled.store(max, Ordering::SeqCst);
     }
 
@@ -451,7 +447,7 @@ impl LogWriter {
     /// is consumed.
     pub fn commit(&mut self, drafts: &[Draft]) -> Result<Vec<Written>, StoreError> {
         let backlog = self.shared.backlog.load(Ordering::SeqCst);
-        if backlog >= self.max_unsettled {
+        if backlog >= self.shared.max_unsettled.load(Ordering::SeqCst) {
             return Err(StoreError::Backlog(backlog));
         }
         // Nothing noted by an earlier failure may ride along.
@@ -1118,6 +1114,13 @@ mod tests {
         }
     }
 
+    /// The log at `path` with the default settings.
+    fn open_default(path: &Path) -> (LogWriter, LogReader) {
+        let config = crate::config::Config::default();
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        open_log(path, Synchronous::Full, &config.history, policies).unwrap()
+    }
+
     /// A write connection of the test's own (the log's indexer idle).
     fn write_conn(path: &Path) -> Connection {
         let conn = Connection::open(path).unwrap();
@@ -1150,14 +1153,10 @@ mod tests {
     /// too.
     #[test]
     fn acknowledged_batches_outlive_a_crash_before_the_settle() {
-        use crate::config::Config;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.db");
-        let config = Config::default();
-        let policies = Arc::new(Policies::from_config(&config).unwrap());
         let open = || {
-            let (writer, reader) =
-                open_log(&path, Synchronous::Full, &config.history, policies.clone()).unwrap();
+            let (writer, reader) = open_default(&path);
             writer.hold_settles(true);
             (writer, reader)
         };
@@ -1219,9 +1218,6 @@ mod tests {
     /// an older version wrote to after this one (it moves `settled.lsn`, not `newest`).
     #[test]
     fn resends_of_messages_stored_before_the_opening_are_duplicates() {
-        use crate::config::Config;
-        let config = Config::default();
-        let policies = Arc::new(Policies::from_config(&config).unwrap());
         let long_ago = now_ms() - 3 * DEDUP_WINDOW.as_millis() as u64;
         let frame = |seq: u64, content: &str| {
             ServerFrame::Message {
@@ -1251,8 +1247,7 @@ mod tests {
         ] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("d.db");
-            let open = || open_log(&path, Synchronous::Full, &config.history, policies.clone());
-            let (mut writer, _reader) = open().unwrap();
+            let (mut writer, _reader) = open_default(&path);
             assert_eq!(
                 stored_seqs(
                     writer
@@ -1265,7 +1260,7 @@ mod tests {
             drop(writer);
             write_conn(&path).execute_batch(older).unwrap();
 
-            let (mut writer, _reader) = open().unwrap();
+            let (mut writer, _reader) = open_default(&path);
             let resent = if older.contains("id-x") {
                 ("x", 3)
             } else {
@@ -1286,13 +1281,8 @@ mod tests {
     /// transaction: the writer refuses batches past the bound, and SQLite is healthy.
     #[test]
     fn the_backlog_settles_before_it_reaches_its_bound() {
-        use crate::config::Config;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.db");
-        let config = Config::default();
-        let policies = Arc::new(Policies::from_config(&config).unwrap());
-        let (mut writer, _reader) =
-            open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
+        let (mut writer, _reader) = open_default(&dir.path().join("b.db"));
         writer.set_settle_every(Duration::from_secs(600));
         writer.set_max_unsettled(4_000);
         let batch: Vec<Draft> = (0..2_000).map(|i| message("r", &format!("m{i}"))).collect();
@@ -1306,13 +1296,9 @@ mod tests {
     /// writes again the indexer applies the blocks again and settles them.
     #[test]
     fn acknowledged_batches_wait_for_a_failing_sqlite() {
-        use crate::config::Config;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.db");
-        let config = Config::default();
-        let policies = Arc::new(Policies::from_config(&config).unwrap());
-        let (mut writer, reader) =
-            open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
+        let (mut writer, reader) = open_default(&path);
         writer
             .indexer
             .as_ref()

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::{watch, Notify};
 
-use crate::common::{Client, TestServer};
+use crate::common::{self, Client, TestServer};
 use crate::redis_server::RedisServer;
 
 const SECRET: &str = "whsec-test-please-ignore";
@@ -702,16 +702,7 @@ impl Node {
             child,
             base: format!("http://{addr}"),
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while reqwest::get(format!("{}/readyz", node.base))
-            .await
-            .map(|r| r.status().as_u16())
-            .ok()
-            != Some(200)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "node ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_ready(&node.base, Duration::from_secs(30)).await;
         node
     }
 

@@ -459,6 +459,24 @@ pub async fn api_json(url: &str, key: &str) -> Value {
         .expect("a JSON body")
 }
 
+/// Waits (at most `within`) until the node at `base` (`http://host:port`) answers `/readyz`
+/// with 200: a node in a process of its own, just started.
+pub async fn wait_ready(base: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while reqwest::get(format!("{base}/readyz"))
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{base} not ready within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Plain HTTP GET returning status and body.
 pub async fn http_get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.expect("http get");
@@ -530,16 +548,7 @@ impl ChildNode {
             .spawn()
             .expect("start parley");
         let node = ChildNode { port, child };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .map(|r| r.status().as_u16())
-            .ok()
-            != Some(200)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "child node ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&format!("http://127.0.0.1:{port}"), Duration::from_secs(10)).await;
         node
     }
 
