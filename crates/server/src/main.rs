@@ -22,10 +22,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read when it starts (`MALLOC_CONF` syntax; the environment's
 /// `_RJEM_MALLOC_CONF` is read after it). One arena: with one per core, an idle connection's
 /// memory, allocated on whichever thread accepted or woke it, cost about 200 bytes more.
+/// Freed pages go back to the system at once (no decay): by default jemalloc keeps them for
+/// about 10 s and gives them back only while it allocates, so a node that went idle after a
+/// storm of connections kept what the handshakes had used, about 300 bytes per connection.
+/// The chat and fan-out runs cost the same CPU either way (docs/BENCHMARKS.md, round 5).
 #[cfg(not(target_env = "msvc"))]
 #[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
-static JEMALLOC_CONF: &[u8; 10] = b"narenas:1\0";
+static JEMALLOC_CONF: &[u8; 44] = b"narenas:1,dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 /// parley: a real-time chat server over WebSockets.
 #[derive(Parser, Debug)]
