@@ -113,20 +113,6 @@ async fn an_idle_connection_costs_at_most_4_kib() {
     drop((warm, clients));
 }
 
-/// `parley_connections` from the server's `/metrics`.
-async fn open_connections(server: &Server) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("parley_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("parley_connections in /metrics")
-}
-
 /// Memory the closed connections used goes back to the system, not only to the allocator: a
 /// node that went idle after a storm of connections does not keep its peak. jemalloc's default
 /// (freed pages kept about 10 s, and given back only while it allocates) kept nearly all of it.
@@ -152,7 +138,9 @@ async fn the_memory_of_closed_connections_goes_back_to_the_system() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut now_rss = peak;
     loop {
-        if open_connections(&server).await == warm.len() as f64 {
+        if common::metric(&format!("http://{}", server.addr), "parley_connections ").await
+            == warm.len() as f64
+        {
             now_rss = rss_bytes(pid);
             if now_rss <= peak - grown / 3 {
                 break;

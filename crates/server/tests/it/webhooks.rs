@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::{watch, Notify};
 
-use crate::common::{self, Client, TestServer};
+use crate::common::{self, metric, Client, TestServer};
 use crate::redis_server::RedisServer;
 
 const SECRET: &str = "whsec-test-please-ignore";
@@ -387,19 +387,6 @@ async fn api_log(base: &str, room: &str) -> Vec<(u64, String, String)> {
             return out;
         }
     }
-}
-
-/// One value of the node's `/metrics`, 0 when absent.
-async fn metric(base: &str, line_start: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Waits until the node at `base` no longer lists `room` (forgotten as empty).

@@ -600,3 +600,16 @@ pub async fn hold_write_lock(db: &Path) -> rusqlite::Connection {
     .await
     .unwrap()
 }
+
+/// One value of the node's `/metrics`, 0 when absent.
+pub async fn metric(base: &str, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
