@@ -29,6 +29,7 @@ pub mod member;
 pub mod net;
 pub mod procfs;
 pub mod procs;
+pub mod recorder;
 pub mod soak;
 pub mod track;
 

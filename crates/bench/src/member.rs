@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use parley_protocol::ClientFrame;
 
 use crate::net::{encode, unix_nanos, Dialer, Incoming, JoinRequest, Joined, Ws};
+use crate::recorder::Recorder;
 use crate::track::{Acks, RoomTrack};
 
 /// Highest latency the histograms hold, µs (values above are clamped).
@@ -248,7 +249,7 @@ struct Member {
     ctx: Arc<Ctx>,
     spec: MemberSpec,
     track: RoomTrack,
-    latency: Option<Histogram<u64>>,
+    latency: Option<Recorder>,
     send_lag: Option<Histogram<u64>>,
     unsent: u64,
     counts: Counts,
@@ -309,9 +310,8 @@ impl Member {
                         self.ctx.deliveries.fetch_add(1, Ordering::Relaxed);
                         self.ctx.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
                         if live {
-                            if let Some(h) = &mut self.latency {
-                                let us = now.saturating_sub(sent) / 1000;
-                                let _ = h.record(us.clamp(1, MAX_LATENCY_US));
+                            if let Some(recorder) = &mut self.latency {
+                                recorder.record(now.saturating_sub(sent) / 1000);
                             }
                         }
                     }
@@ -674,7 +674,7 @@ impl Member {
             spec: self.spec,
             connected,
             track: self.track,
-            latency: self.latency,
+            latency: self.latency.map(Recorder::finish),
             send_lag: self.send_lag,
             unsent: self.unsent,
             counts: self.counts,
@@ -693,7 +693,7 @@ pub async fn run_member(ctx: Arc<Ctx>, spec: MemberSpec, record_latency: bool) -
         ctx,
         spec,
         track: RoomTrack::default(),
-        latency: record_latency.then(new_histogram),
+        latency: record_latency.then(Recorder::default),
         send_lag: scheduled.then(new_histogram),
         unsent: 0,
         counts: Counts::default(),
