@@ -65,7 +65,7 @@ def call_args(rooms):
         prefix = '{"type":"message","room":"%s","seq":' % room
         suffix = (',"user":"%s","name":"%s","content":"%s","ts":"2026-12-07T13:00:00.000Z","id":"%s"}'
                   % (user, user, content, cid))
-        args += [room, cid, content, prefix, suffix, "1000", "0", "ep%08d" % random.randrange(10**8),
+        args += [room, cid, content, prefix, suffix, "10000", "0", "ep%08d" % random.randrange(10**8),
                  "600"]
     return keys, args + ["0"]
 
@@ -92,6 +92,10 @@ def main():
             pass
     for _ in range(2):
         threading.Thread(target=subscriber, daemon=True).start()
+    # Both subscribers hold every channel (each connection's SUBSCRIBEs run in order).
+    last = "parley:{room%d}" % (ROOMS - 1)
+    while r.pubsub_numsub(last)[0][1] < 2:
+        time.sleep(0.05)
     sha = r.script_load(script())
     for i in range(0, ROOMS, 50):
         keys, args = call_args(["room%d" % j for j in range(i, min(i + 50, ROOMS))])

@@ -22,7 +22,7 @@ impl Default for Recorder {
     fn default() -> Recorder {
         Recorder {
             histogram: new_histogram(),
-            pending: Vec::new(),
+            pending: Vec::with_capacity(BATCH),
         }
     }
 }
