@@ -89,9 +89,10 @@ impl Incoming<'_> {
     /// characters, no whitespace, each field once, no other frame's fields. Anything else
     /// (`None`) goes to serde, so a frame serde would refuse is never taken here.
     fn message(text: &str) -> Option<Incoming<'_>> {
-        const PREFIX: &str = r#"{"type":"message","#;
-        let b = text.strip_prefix(PREFIX)?.as_bytes();
-        let at = PREFIX.len();
+        // Fields of the other frames: serde checks their types.
+        const OTHER: [&str; 6] = ["type", "code", "epoch", "recovered", "truncated", "history"];
+        let body = text.strip_prefix(r#"{"type":"message","#)?;
+        let b = body.as_bytes();
         // The string that starts at `b[i]` (a quote): its end, at the closing quote.
         let string_end = |i: usize| -> Option<usize> {
             if b.get(i) != Some(&b'"') {
@@ -115,36 +116,32 @@ impl Incoming<'_> {
         let mut i = 0;
         loop {
             let key_end = string_end(i)?;
-            let key = &text[at + i + 1..at + key_end];
-            if b.get(key_end + 1) != Some(&b':') {
+            let key = &body[i + 1..key_end];
+            if b.get(key_end + 1) != Some(&b':') || OTHER.contains(&key) {
                 return None;
             }
             let v = key_end + 2;
             let next = if b.get(v) == Some(&b'"') {
                 let end = string_end(v)?;
-                let value = Some(Cow::Borrowed(&text[at + v + 1..at + end]));
                 let field = match key {
                     "room" => &mut frame.room,
                     "content" => &mut frame.content,
                     "id" => &mut frame.id,
-                    "type" | "seq" | "code" | "epoch" | "recovered" | "truncated" | "history" => {
-                        return None
-                    }
+                    "seq" => return None,
                     _ => &mut None,
                 };
-                if field.replace(value?).is_some() {
+                if field.replace(Cow::Borrowed(&body[v + 1..end])).is_some() {
                     return None;
                 }
                 end + 1
             } else {
                 let end = v + memchr::memchr2(b',', b'}', &b[v..])?;
-                let scalar = &text[at + v..at + end];
+                let scalar = &body[v..end];
                 match key {
                     "seq" if frame.seq.is_none() && is_json_uint(scalar) => {
                         frame.seq = Some(scalar.parse().ok()?)
                     }
-                    "room" | "content" | "id" | "type" | "seq" | "code" | "epoch" | "recovered"
-                    | "truncated" | "history" => return None,
+                    "room" | "content" | "id" | "seq" => return None,
                     _ if is_json_scalar(scalar) => {}
                     _ => return None,
                 }
@@ -175,19 +172,15 @@ fn is_json_scalar(s: &str) -> bool {
     if matches!(s, "true" | "false" | "null") {
         return true;
     }
-    let s = s.strip_prefix('-').unwrap_or(s);
-    let (int, rest) = s.split_at(s.find(['.', 'e', 'E']).unwrap_or(s.len()));
     let digits = |d: &str| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit());
-    let (frac, exp) = match rest.strip_prefix('.') {
-        Some(r) => r.split_at(r.find(['e', 'E']).unwrap_or(r.len())),
-        None => ("", rest),
-    };
+    let s = s.strip_prefix('-').unwrap_or(s);
+    let (mantissa, exp) = s.split_at(s.find(['e', 'E']).unwrap_or(s.len()));
+    let (int, frac) = mantissa
+        .split_once('.')
+        .map_or((mantissa, None), |(i, f)| (i, Some(f)));
     is_json_uint(int)
-        && (rest.is_empty() || !rest.starts_with('.') || digits(frac))
-        && (exp.is_empty() || {
-            let e = &exp[1..];
-            digits(e.strip_prefix(['+', '-']).unwrap_or(e))
-        })
+        && frac.is_none_or(digits)
+        && (exp.is_empty() || digits(exp[1..].strip_prefix(['+', '-']).unwrap_or(&exp[1..])))
 }
 
 /// One sequenced event of a `joined` frame's history, owned.
