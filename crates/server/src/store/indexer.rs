@@ -1,22 +1,22 @@
 //! The indexer: the one writer of the SQLite log, on a thread of its own.
 //!
 //! The log writer (`store::sqlite::LogWriter`) acknowledges a group commit once its block is in
-//! the journal, then hands the block here. The indexer applies blocks in LSN order in one open
-//! transaction (the rooms created, the events, the rooms in use or forgotten, each touched
-//! room's trim to `history_max_len`, and expiry at most once a second) and commits it
-//! ("settles") when it is `store.settle_ms` old, or holds [`SETTLE_EVENTS`] events, or (while
-//! it is small, [`QUIET_EVENTS`]) when no block came for [`QUIET`]: in rooms of two every event
-//! dirties a page of its own room, and a settle writes each page once for every block that
-//! dirtied it. The settle stores the LSN it reached in the same transaction (table `settled`,
-//! and with the newest event time in table `newest`); then the readers' [`Unsettled`] view drops
-//! what it committed. A settle takes hundreds of milliseconds under load, and nothing waits for
-//! it but the next blocks' indexing: acks depend on the journal only.
+//! the journal, then hands the block here. The indexer keeps the blocks it gets and writes them
+//! into SQLite in one transaction (it "settles" them) when the first is `store.settle_ms` old,
+//! or they hold [`SETTLE_EVENTS`] events, or (while they are few, [`QUIET_EVENTS`]) when no
+//! block came for [`QUIET`]: in rooms of two every event dirties a page of its own room, and a
+//! settle writes each page once however many events dirtied it. A settle writes the records
+//! room by room (each room's in LSN order: the rooms created, the events, the rooms in use or
+//! forgotten), then each touched room's trim to `history_max_len`, expiry at most once a
+//! second, and the LSN it reached (table `settled`, and with the newest event time in table
+//! `newest`); then the readers' [`Unsettled`] view drops what it committed. A settle takes
+//! hundreds of milliseconds under load, and nothing waits for it: acks depend on the journal
+//! only.
 //!
 //! A transaction SQLite refuses (a locked or full database, an I/O error) is rolled back and its
-//! blocks, kept in memory until they settle, are applied again at the next attempt, a tenth of
+//! blocks, kept in memory until they settle, are written again at the next attempt, a tenth of
 //! a second later: nothing acknowledged waits on SQLite meanwhile.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
@@ -31,19 +31,19 @@ use super::unsettled::Unsettled;
 use crate::config::Synchronous;
 use crate::policy::Policies;
 
-/// Most events one open transaction gathers before it settles, however young.
+/// Most events the indexer keeps before it settles them, however young.
 const SETTLE_EVENTS: usize = 131_072;
 
 /// How long the indexer waits for another block before it settles a small transaction.
 pub const QUIET: Duration = Duration::from_millis(10);
 
-/// A transaction with at least this many records waits for `store.settle_ms` (or
+/// Blocks holding at least this many records wait for `store.settle_ms` (or
 /// [`SETTLE_EVENTS`]) even in a pause: under load a settle writes each dirty page once however
 /// many events dirtied it, and a busy machine pauses the writer often enough that settling on
 /// every pause wrote about one page per event (dm25k in docs/BENCHMARKS.md).
 const QUIET_EVENTS: usize = 1024;
 
-/// How long after a failed attempt the indexer tries its open transaction again.
+/// How long after a failed settle the indexer tries again.
 const RETRY: Duration = Duration::from_millis(100);
 
 /// Called after each settle with its duration.
@@ -60,7 +60,7 @@ pub struct Shared {
     pub hold: AtomicBool,
     /// Stop without settling (a test's crash).
     pub crash: AtomicBool,
-    /// Transactions SQLite refused (rolled back, to be applied again).
+    /// Settles SQLite refused (rolled back, to be written again).
     pub failures: AtomicU64,
     /// Records journaled and not settled yet.
     pub backlog: AtomicU64,
@@ -84,12 +84,12 @@ pub struct Indexer {
     last_expire_ms: u64,
     /// Commits keep `rooms.seq` equal to the head (webhooks read it).
     write_heads: bool,
-    /// The blocks in the open transaction, to apply again if it fails.
+    /// The blocks SQLite does not hold yet (kept until a settle commits them).
     open: Vec<(u64, Vec<Record>)>,
-    /// When the open transaction began; `None`: none is open.
+    /// When the first of `open` came; `None`: `open` is empty.
     opened: Option<Instant>,
     open_events: usize,
-    /// The open transaction was rolled back: apply `open` again before anything else.
+    /// The last settle failed: retry after [`RETRY`].
     broken: bool,
     /// The LSN SQLite holds.
     settled: u64,
@@ -146,77 +146,22 @@ impl Indexer {
         &self.conn
     }
 
-    fn begin(&mut self) -> Result<(), StoreError> {
-        if self.opened.is_none() {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.opened = Some(Instant::now());
-        }
-        Ok(())
-    }
-
-    /// Applies block `lsn` in the open transaction (kept there until it settles).
-    pub fn apply(&mut self, lsn: u64, records: Vec<Record>) -> Result<(), StoreError> {
+    /// Takes block `lsn`: SQLite gets it at the next settle.
+    pub fn add(&mut self, lsn: u64, records: Vec<Record>) {
         self.open_events += records.len();
         self.open.push((lsn, records));
-        if self.broken {
-            return Err(StoreError::Io(std::io::Error::other(
-                "the open transaction failed; it is applied again at the next attempt",
-            )));
-        }
-        let applied = self.begin().and_then(|()| {
-            let (_, records) = self.open.last().expect("just pushed");
-            apply_records(&self.conn, &self.policies, self.write_heads, records)
-        });
-        if let Err(e) = applied {
-            self.abandon();
-            return Err(e);
-        }
-        self.expire_if_due()
+        self.opened.get_or_insert_with(Instant::now);
     }
 
-    /// Drops what outlived its room's age limit, at most once a second.
-    fn expire_if_due(&mut self) -> Result<(), StoreError> {
-        let now = now_ms();
-        if self.ttls.is_empty() || now < self.last_expire_ms + 1000 {
-            return Ok(());
-        }
-        let done = self.begin().and_then(|()| {
-            expire(
-                &self.conn,
-                &self.policies,
-                &self.ttls,
-                self.last_expire_ms,
-                now,
-            )
-        });
-        match done {
-            Ok(_) => {
-                self.last_expire_ms = now;
-                Ok(())
-            }
-            Err(e) => {
-                self.abandon();
-                Err(e)
-            }
-        }
+    /// Whether expiry is due (at most once a second, and only while some room has an age
+    /// limit).
+    fn expiry_due(&self, now: u64) -> bool {
+        !self.ttls.is_empty() && now >= self.last_expire_ms + 1000
     }
 
-    /// Rolls the open transaction back; its blocks are applied again at the next attempt.
-    fn abandon(&mut self) {
-        if !self.conn.is_autocommit() {
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                tracing::warn!(error = %e, "rollback failed");
-            }
-        }
-        self.opened = None;
-        self.broken = true;
-        self.shared.failures.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Applies the open transaction's blocks again, after a failure.
-    fn reapply(&mut self) -> Result<(), StoreError> {
-        // A COMMIT that reported an error may have committed after all: what SQLite holds is
-        // not applied again.
+    /// After a failed settle: a COMMIT that reported an error may have committed after all, so
+    /// what SQLite holds is dropped from the open blocks.
+    fn drop_settled(&mut self) -> Result<(), StoreError> {
         let stored: i64 = self
             .conn
             .query_row("SELECT lsn FROM settled", [], |r| r.get(0))?;
@@ -230,29 +175,23 @@ impl Indexer {
                 .sum();
             self.open.retain(|(lsn, _)| *lsn > stored);
             self.open_events = self.open.iter().map(|(_, records)| records.len()).sum();
+            if self.open.is_empty() {
+                self.opened = None;
+            }
             self.shared.backlog.fetch_sub(done as u64, Ordering::SeqCst);
-            self.settled = stored;
-            self.shared.settled.store(stored, Ordering::SeqCst);
-            self.shared.unsettled.settled(stored);
-        }
-        self.broken = false;
-        // The expiry the lost transaction did is found again by a full pass.
-        self.last_expire_ms = 0;
-        let open = std::mem::take(&mut self.open);
-        let done = self.begin().and_then(|()| {
-            open.iter().try_for_each(|(_, records)| {
-                apply_records(&self.conn, &self.policies, self.write_heads, records)
-            })
-        });
-        self.open = open;
-        if let Err(e) = done {
-            self.abandon();
-            return Err(e);
+            self.advance(stored);
         }
         Ok(())
     }
 
-    /// Whether the open transaction is due to settle.
+    /// SQLite holds everything up to `lsn`.
+    fn advance(&mut self, lsn: u64) {
+        self.settled = lsn;
+        self.shared.settled.store(lsn, Ordering::SeqCst);
+        self.shared.unsettled.settled(lsn);
+    }
+
+    /// Whether the open blocks are due to settle.
     fn due(&self) -> bool {
         self.broken
             || self.opened.is_some_and(|at| {
@@ -263,13 +202,17 @@ impl Indexer {
             })
     }
 
-    /// Commits the open transaction with the LSN of its last block. Returns whether anything
-    /// was settled.
+    /// Writes the open blocks into SQLite in one transaction, with expiry when it is due, and
+    /// the LSN of the last block. Returns whether any block was settled. A transaction SQLite
+    /// refuses is rolled back; its blocks stay open for the next attempt.
     pub fn settle(&mut self) -> Result<bool, StoreError> {
         if self.broken {
-            self.reapply()?;
+            self.drop_settled()?;
         }
-        if self.opened.is_none() {
+        let now = now_ms();
+        let expire_now = self.expiry_due(now);
+        if self.open.is_empty() && !expire_now {
+            self.broken = false;
             return Ok(false);
         }
         let started = Instant::now();
@@ -284,19 +227,45 @@ impl Indexer {
             })
             .max()
             .unwrap_or(0);
-        let result = self
-            .conn
-            .execute("UPDATE settled SET lsn = ?1", params![lsn as i64])
-            .and_then(|_| {
+        let result = (|| -> Result<(), StoreError> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            write_blocks(&self.conn, &self.policies, self.write_heads, &self.open)?;
+            if expire_now {
+                expire(
+                    &self.conn,
+                    &self.policies,
+                    &self.ttls,
+                    self.last_expire_ms,
+                    now,
+                )?;
+            }
+            if !self.open.is_empty() {
+                self.conn
+                    .execute("UPDATE settled SET lsn = ?1", params![lsn as i64])?;
                 self.conn.execute(
                     "UPDATE newest SET ms = MAX(ms, ?2), lsn = ?1",
                     params![lsn as i64, newest as i64],
-                )
-            })
-            .and_then(|_| self.conn.execute_batch("COMMIT"));
+                )?;
+            }
+            self.conn.execute_batch("COMMIT")?;
+            Ok(())
+        })();
         if let Err(e) = result {
-            self.abandon();
-            return Err(e.into());
+            if !self.conn.is_autocommit() {
+                if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                    tracing::warn!(error = %e, "rollback failed");
+                }
+            }
+            self.broken = true;
+            self.shared.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(e);
+        }
+        self.broken = false;
+        if expire_now {
+            self.last_expire_ms = now;
+        }
+        if self.open.is_empty() {
+            return Ok(false);
         }
         self.opened = None;
         let records: usize = self.open.iter().map(|(_, records)| records.len()).sum();
@@ -304,9 +273,7 @@ impl Indexer {
             .backlog
             .fetch_sub(records as u64, Ordering::SeqCst);
         self.open.clear();
-        self.settled = lsn;
-        self.shared.settled.store(lsn, Ordering::SeqCst);
-        self.shared.unsettled.settled(lsn);
+        self.advance(lsn);
         self.unchecked += std::mem::take(&mut self.open_events);
         if self.unchecked >= CHECKPOINT_EVERY {
             self.checkpoint();
@@ -372,17 +339,12 @@ impl Indexer {
                         tracing::error!(lsn, "a journal block that is not records; skipped");
                         continue;
                     };
-                    if let Err(e) = self.apply(lsn, records) {
-                        tracing::error!(error = %e, "indexing the log failed; retrying");
-                    }
+                    self.add(lsn, records);
                     if self.due() && !self.shared.hold.load(Ordering::SeqCst) {
                         self.try_settle();
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = self.expire_if_due() {
-                        tracing::error!(error = %e, "expiry failed; retrying");
-                    }
                     if !self.shared.hold.load(Ordering::SeqCst) {
                         self.try_settle();
                     }
@@ -391,7 +353,6 @@ impl Indexer {
             }
         }
         if self.shared.crash.load(Ordering::SeqCst) {
-            self.abandon();
             return;
         }
         // The writer is gone: settle what is left, trying a few times if SQLite refuses (each
@@ -415,16 +376,28 @@ impl Indexer {
     }
 }
 
-/// Applies one block's records, with the trim (and head, for webhooks) of each room whose
-/// events it added.
-fn apply_records(
+/// Writes the open blocks' records room by room, each room's in LSN order, then the trim (and
+/// head, for webhooks) of each room they added events to. Room by room, each room's last pages
+/// are fetched once per settle instead of once per event: in rooms of two the events of a
+/// settle touch thousands of rooms, whose pages were out of the processor's caches by the next
+/// event of the same room (the page lookups and B-tree descents were about half the indexer's
+/// time at 25,000 messages a second, docs/BENCHMARKS.md round 6).
+fn write_blocks(
     conn: &Connection,
     policies: &Policies,
     write_heads: bool,
-    records: &[Record],
+    blocks: &[(u64, Vec<Record>)],
 ) -> Result<(), StoreError> {
-    let mut heads: HashMap<&str, u64> = HashMap::new();
+    let mut records: Vec<&Record> = blocks.iter().flat_map(|(_, records)| records).collect();
+    // Stable: a room's records keep their order.
+    records.sort_by(|a, b| a.room().cmp(b.room()));
+    // The room whose events are being written, and its highest seq so far.
+    let mut head: Option<(&str, u64)> = None;
     for record in records {
+        if let Some((room, seq)) = head.filter(|(room, _)| *room != record.room()) {
+            finish_room(conn, policies, write_heads, room, seq)?;
+            head = None;
+        }
         match record {
             Record::Room {
                 room,
@@ -453,7 +426,7 @@ fn apply_records(
                     client_id.as_deref(),
                     frame,
                 )?;
-                heads.insert(room, *seq);
+                head = Some((room, *seq));
             }
             Record::Active { room, active_ms } => {
                 conn.prepare_cached("UPDATE rooms SET active_ms = ?2 WHERE room = ?1")?
@@ -464,18 +437,29 @@ fn apply_records(
                     .execute(params![room])?;
                 conn.prepare_cached("DELETE FROM rooms WHERE room = ?1")?
                     .execute(params![room])?;
-                heads.remove(room.as_str());
+                head = None;
             }
         }
     }
-    for (room, seq) in heads {
-        if write_heads {
-            conn.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
-                .execute(params![room, seq as i64])?;
-        }
-        trim(conn, policies, room, seq)?;
+    if let Some((room, seq)) = head {
+        finish_room(conn, policies, write_heads, room, seq)?;
     }
     Ok(())
+}
+
+/// After a room's events: its head for webhooks, and its trim.
+fn finish_room(
+    conn: &Connection,
+    policies: &Policies,
+    write_heads: bool,
+    room: &str,
+    seq: u64,
+) -> Result<(), StoreError> {
+    if write_heads {
+        conn.prepare_cached("UPDATE rooms SET seq = ?2 WHERE room = ?1")?
+            .execute(params![room, seq as i64])?;
+    }
+    trim(conn, policies, room, seq)
 }
 
 /// WAL frames past which the writer stops to checkpoint itself (a `RESTART` checkpoint, which
@@ -636,4 +620,86 @@ pub(super) fn insert(
         frame
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn room(room: &str, epoch: &str) -> Record {
+        Record::Room {
+            room: room.into(),
+            epoch: epoch.into(),
+            active_ms: 1,
+        }
+    }
+
+    fn event(room: &str, seq: u64, content: &str) -> Record {
+        Record::Event {
+            room: room.into(),
+            seq,
+            ts_ms: 1,
+            user: Some("u".into()),
+            client_id: Some(format!("{room}-{content}")),
+            frame: content.into(),
+        }
+    }
+
+    fn rows(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    /// A settle writes room by room, not in LSN order; what SQLite ends with must be what
+    /// writing every record in LSN order leaves: a room forgotten and started again within
+    /// the settle keeps only its new life, and the trim keeps the last `history.max_len`
+    /// events of the whole settle. Sorting by room and seq, or not keeping each room's order,
+    /// puts the new life's first event before the forget that deletes it.
+    #[test]
+    fn a_settle_leaves_what_writing_in_lsn_order_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.db");
+        let mut config = Config::default();
+        config.history.max_len = 2;
+        let policies = Policies::from_config(&config).unwrap();
+        drop(crate::store::sqlite::open_log(
+            &path,
+            Synchronous::Full,
+            &config.history,
+            Arc::new(policies.clone()),
+        ));
+        let conn = open(&path, Synchronous::Full).unwrap();
+        let blocks = vec![
+            (
+                1,
+                vec![room("a", "a1"), event("a", 1, "old-1"), room("b", "b1")],
+            ),
+            (2, vec![event("b", 1, "b-1"), event("a", 2, "old-2")]),
+            (
+                3,
+                vec![
+                    Record::Forget { room: "a".into() },
+                    room("a", "a2"),
+                    event("a", 1, "new-1"),
+                    event("b", 2, "b-2"),
+                ],
+            ),
+            (4, vec![event("b", 3, "b-3"), event("a", 2, "new-2")]),
+            (5, vec![event("a", 3, "new-3")]),
+        ];
+        conn.execute_batch("BEGIN").unwrap();
+        write_blocks(&conn, &policies, false, &blocks).unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+        assert_eq!(rows(&conn, "SELECT epoch FROM rooms WHERE room = 'a'"), ["a2"]);
+        assert_eq!(
+            rows(&conn, "SELECT frame FROM events WHERE room = 'a' ORDER BY seq"),
+            ["new-2", "new-3"]
+        );
+        assert_eq!(
+            rows(&conn, "SELECT frame FROM events WHERE room = 'b' ORDER BY seq"),
+            ["b-2", "b-3"]
+        );
+    }
 }

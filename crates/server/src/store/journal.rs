@@ -63,6 +63,18 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// The room it concerns.
+    pub fn room(&self) -> &str {
+        match self {
+            Record::Room { room, .. }
+            | Record::Event { room, .. }
+            | Record::Active { room, .. }
+            | Record::Forget { room } => room,
+        }
+    }
+}
+
 const ROOM: u8 = 1;
 const EVENT: u8 = 2;
 const ACTIVE: u8 = 3;

@@ -300,7 +300,7 @@ pub fn open_log(
         let events: usize = blocks.iter().map(|(_, records)| records.len()).sum();
         shared.backlog.fetch_add(events as u64, Ordering::SeqCst);
         for (lsn, records) in blocks {
-            indexer.apply(lsn, records)?;
+            indexer.add(lsn, records);
         }
         indexer.settle()?;
         tracing::info!(records = events, "read back from the journal");
@@ -966,7 +966,7 @@ pub struct LogReader {
     path: PathBuf,
     synchronous: Synchronous,
     pool: Mutex<Vec<Connection>>,
-    /// The writer's open transaction, which these connections cannot see.
+    /// What the indexer has not settled yet, which these connections cannot see.
     unsettled: Arc<Unsettled>,
 }
 
@@ -1178,7 +1178,7 @@ mod tests {
         assert_eq!(
             contents(&reader, "r"),
             want,
-            "readers see the open transaction"
+            "readers see what is not settled"
         );
         assert_eq!(reader.rooms().unwrap()[0].seq, 3);
         let in_sqlite = |path: &Path| -> i64 {
@@ -1191,7 +1191,7 @@ mod tests {
 
         writer.crash();
         drop(reader);
-        assert_eq!(in_sqlite(&path), 0, "the crash took the open transaction");
+        assert_eq!(in_sqlite(&path), 0, "the crash settled nothing");
         let (mut writer, reader) = open();
         assert_eq!(
             in_sqlite(&path),
