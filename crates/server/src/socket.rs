@@ -13,6 +13,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::WebSocket;
@@ -165,7 +167,25 @@ impl io::Read for ReadOnly {
             }
             return Ok(n);
         }
-        self.out.stream().try_read(buf)
+        // A short read leaves the socket empty (tokio's own `poll_read` reasons the same way),
+        // so it clears the socket's readiness as of before the read: the next read then waits
+        // for the next arrival, instead of asking the kernel once more for nothing (a second
+        // `recvfrom` for every message a client sends). Data that arrives after the read
+        // raises the readiness again.
+        let stream = self.out.stream();
+        let mut got = 0;
+        let read = stream.try_io(Interest::READABLE, || {
+            got = (&*SockRef::from(stream)).read(buf)?;
+            if got > 0 && got < buf.len() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
+        });
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            read => read,
+        }
     }
 }
 
