@@ -692,13 +692,22 @@ mod tests {
         conn.execute_batch("BEGIN").unwrap();
         write_blocks(&conn, &policies, false, &blocks).unwrap();
         conn.execute_batch("COMMIT").unwrap();
-        assert_eq!(rows(&conn, "SELECT epoch FROM rooms WHERE room = 'a'"), ["a2"]);
         assert_eq!(
-            rows(&conn, "SELECT frame FROM events WHERE room = 'a' ORDER BY seq"),
+            rows(&conn, "SELECT epoch FROM rooms WHERE room = 'a'"),
+            ["a2"]
+        );
+        assert_eq!(
+            rows(
+                &conn,
+                "SELECT frame FROM events WHERE room = 'a' ORDER BY seq"
+            ),
             ["new-2", "new-3"]
         );
         assert_eq!(
-            rows(&conn, "SELECT frame FROM events WHERE room = 'b' ORDER BY seq"),
+            rows(
+                &conn,
+                "SELECT frame FROM events WHERE room = 'b' ORDER BY seq"
+            ),
             ["b-2", "b-3"]
         );
     }
