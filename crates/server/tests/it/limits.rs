@@ -434,3 +434,90 @@ async fn every_request_with_a_bad_room_name_is_bad_request() {
         expect_bad_request(&mut alice, &frame.to_string(), frame["id"].as_str()).await;
     }
 }
+
+/// A masked client text frame (mask key 1, 2, 3, 4) holding `text`.
+fn masked_text_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    assert!(payload.len() < 126, "a short frame");
+    let key = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+/// The next text frame the server writes on `stream` (unmasked, as servers send), parsed.
+async fn read_text_frame(stream: &mut TcpStream) -> Value {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x81, "a final text frame");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            stream.read_exact(&mut ext).await.unwrap();
+            u16::from_be_bytes(ext) as usize
+        }
+        127 => panic!("no frame here is that long"),
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    serde_json::from_slice(&payload).unwrap()
+}
+
+/// Reads after a short read: the server stops reading once a read returns fewer bytes than it
+/// asked for (the socket is empty), and must wake for what arrives later. Every write here
+/// holds the end of one frame and the start of the next; the answer to the first is the event
+/// that says the server read that write (a short read) before the next one is sent. A wake-up
+/// lost after a short read leaves a frame unanswered, and the test times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_split_across_writes_are_each_read_and_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let request = "GET /ws?user=alice HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The response head, byte by byte: nothing after it may be taken from the frames.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let first = read_text_frame(&mut stream).await;
+    assert_eq!(first["type"], "authenticated", "{first}");
+
+    let frames: Vec<Vec<u8>> = (0..20)
+        .map(|i| masked_text_frame(&format!(r#"{{"type":"ping","id":"p{i}"}}"#)))
+        .collect();
+    // The first write is the first frame's first 5 bytes; each next write ends the frame
+    // before it and starts the next one, cut at a different place each time.
+    let mut pending = frames[0][..5].to_vec();
+    let mut rest = frames[0][5..].to_vec();
+    for (i, next) in frames.iter().enumerate().skip(1) {
+        stream.write_all(&pending).await.unwrap();
+        if i > 1 {
+            let pong = tokio::time::timeout(FRAME_TIMEOUT, read_text_frame(&mut stream))
+                .await
+                .unwrap_or_else(|_| panic!("no answer to ping p{}", i - 2));
+            assert_eq!(pong["type"], "pong", "{pong}");
+            assert_eq!(pong["id"], format!("p{}", i - 2), "{pong}");
+        }
+        let cut = 1 + i % (next.len() - 1);
+        pending = [&rest[..], &next[..cut]].concat();
+        rest = next[cut..].to_vec();
+    }
+    stream.write_all(&pending).await.unwrap();
+    stream.write_all(&rest).await.unwrap();
+    for i in frames.len() - 2..frames.len() {
+        let pong = tokio::time::timeout(FRAME_TIMEOUT, read_text_frame(&mut stream))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to ping p{i}"));
+        assert_eq!(pong["id"], format!("p{i}"), "{pong}");
+    }
+    drop(stream);
+    server.shutdown().await.unwrap();
+}
