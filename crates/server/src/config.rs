@@ -168,8 +168,8 @@ pub struct StoreConfig {
     pub synchronous: Synchronous,
     /// Most events one group commit writes.
     pub max_batch: usize,
-    /// How long the log writer's SQLite transaction gathers group commits before it commits
-    /// (settles) them; each group commit is durable in the journal before its ack.
+    /// How long the SQLite indexer gathers journaled group commits before it commits (settles)
+    /// them in one transaction; each group commit is durable in the journal before its ack.
     pub settle_ms: u64,
     /// Most journaled records that may wait for SQLite; past it, writes are refused until
     /// SQLite takes them (a locked or failing database).
@@ -554,7 +554,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "store.settle_ms",
         "1000",
-        "how long SQLite gathers journaled group commits before committing them",
+        "how long the SQLite indexer gathers journaled group commits before committing them",
     ),
     (
         "store.max_unsettled",

@@ -80,7 +80,7 @@ pub struct Faults {
     /// Set while the log writer holds a sweep (read it with `GET /_faults/sweep-held`).
     pub sweep_held: AtomicBool,
     /// The single-node log writer does not settle while set: what it acknowledges stays in
-    /// its journal and open transaction only, as in the moment before a settle.
+    /// its journal and the indexer's memory only, as in the moment before a settle.
     pub hold_settle: AtomicBool,
 }
 

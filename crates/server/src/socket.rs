@@ -148,6 +148,20 @@ impl Drop for Socket {
     }
 }
 
+/// Whether a short read means the socket is empty: mio's epoll and kqueue back ends (tokio's
+/// `poll_read` uses the same test).
+const SHORT_READ_EMPTIES: bool = cfg!(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "illumos",
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+));
+
 /// The read side, as the stream tungstenite parses: first the bytes the HTTP server read past
 /// the handshake, then the socket. tungstenite also wants to write (its automatic pong and
 /// close replies, into its own buffer): those bytes are accepted and dropped here, because the
@@ -167,16 +181,17 @@ impl io::Read for ReadOnly {
             }
             return Ok(n);
         }
-        // A short read leaves the socket empty (tokio's own `poll_read` reasons the same way),
-        // so it clears the socket's readiness as of before the read: the next read then waits
-        // for the next arrival, instead of asking the kernel once more for nothing (a second
-        // `recvfrom` for every message a client sends). Data that arrives after the read
-        // raises the readiness again.
+        // With epoll or kqueue a short read leaves the socket empty (tokio's own `poll_read`
+        // reasons the same way, on the same platforms), so it clears the socket's readiness as
+        // of before the read: the next read then waits for the next arrival, instead of asking
+        // the kernel once more for nothing (a second `recvfrom` for every message a client
+        // sends). Data that arrives after the read raises the readiness again. Elsewhere (mio's
+        // emulated readiness) only `WouldBlock` may clear it.
         let stream = self.out.stream();
         let mut got = 0;
         let read = stream.try_io(Interest::READABLE, || {
             got = (&*SockRef::from(stream)).read(buf)?;
-            if got > 0 && got < buf.len() {
+            if SHORT_READ_EMPTIES && got > 0 && got < buf.len() {
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
                 Ok(got)

@@ -34,7 +34,7 @@ use crate::policy::Policies;
 /// Most events the indexer keeps before it settles them, however young.
 const SETTLE_EVENTS: usize = 131_072;
 
-/// How long the indexer waits for another block before it settles a small transaction.
+/// How long the indexer waits for another block before it settles a few.
 pub const QUIET: Duration = Duration::from_millis(10);
 
 /// Blocks holding at least this many records wait for `store.settle_ms` (or
@@ -65,7 +65,7 @@ pub struct Shared {
     /// Records journaled and not settled yet.
     pub backlog: AtomicU64,
     /// `store.max_unsettled`: the writer refuses batches past it, so the indexer settles once
-    /// the backlog reaches half of it, however young its transaction.
+    /// the backlog reaches half of it, however young its blocks.
     pub max_unsettled: AtomicU64,
     /// Called after each settle with its duration (metrics, the webhook deliverer).
     pub on_settle: Mutex<Option<OnSettle>>,
@@ -89,8 +89,8 @@ pub struct Indexer {
     /// When the first of `open` came; `None`: `open` is empty.
     opened: Option<Instant>,
     open_events: usize,
-    /// The last settle failed: retry after [`RETRY`].
-    broken: bool,
+    /// The last settle failed: the next attempt is due then ([`RETRY`] later).
+    retry_at: Option<Instant>,
     /// The LSN SQLite holds.
     settled: u64,
     /// Events settled since the checkpointer was last woken.
@@ -119,7 +119,7 @@ impl Indexer {
             open: Vec::new(),
             opened: None,
             open_events: 0,
-            broken: false,
+            retry_at: None,
             settled,
             unchecked: 0,
             settle_every: super::sqlite::DEFAULT_SETTLE_EVERY,
@@ -160,8 +160,12 @@ impl Indexer {
     }
 
     /// After a failed settle: a COMMIT that reported an error may have committed after all, so
-    /// what SQLite holds is dropped from the open blocks.
+    /// what SQLite holds is dropped from the open blocks. A transaction a failed ROLLBACK left
+    /// open is rolled back first: its uncommitted LSN must not count as settled.
     fn drop_settled(&mut self) -> Result<(), StoreError> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
         let stored: i64 = self
             .conn
             .query_row("SELECT lsn FROM settled", [], |r| r.get(0))?;
@@ -191,28 +195,33 @@ impl Indexer {
         self.shared.unsettled.settled(lsn);
     }
 
-    /// Whether the open blocks are due to settle.
+    /// Whether the open blocks are due to settle (after a failure: whether the retry is).
     fn due(&self) -> bool {
-        self.broken
-            || self.opened.is_some_and(|at| {
-                at.elapsed() >= self.settle_every
-                    || self.open_events >= SETTLE_EVENTS
-                    || self.shared.backlog.load(Ordering::SeqCst) * 2
-                        >= self.shared.max_unsettled.load(Ordering::SeqCst)
-            })
+        if let Some(at) = self.retry_at {
+            return Instant::now() >= at;
+        }
+        self.opened.is_some_and(|at| {
+            at.elapsed() >= self.settle_every
+                || self.open_events >= SETTLE_EVENTS
+                || self.shared.backlog.load(Ordering::SeqCst) * 2
+                    >= self.shared.max_unsettled.load(Ordering::SeqCst)
+        })
     }
 
     /// Writes the open blocks into SQLite in one transaction, with expiry when it is due, and
     /// the LSN of the last block. Returns whether any block was settled. A transaction SQLite
     /// refuses is rolled back; its blocks stay open for the next attempt.
     pub fn settle(&mut self) -> Result<bool, StoreError> {
-        if self.broken {
-            self.drop_settled()?;
+        if self.retry_at.is_some() {
+            if let Err(e) = self.drop_settled() {
+                self.retry_at = Some(Instant::now() + RETRY);
+                return Err(e);
+            }
         }
         let now = now_ms();
         let expire_now = self.expiry_due(now);
         if self.open.is_empty() && !expire_now {
-            self.broken = false;
+            self.retry_at = None;
             return Ok(false);
         }
         let started = Instant::now();
@@ -256,32 +265,32 @@ impl Indexer {
                     tracing::warn!(error = %e, "rollback failed");
                 }
             }
-            self.broken = true;
+            self.retry_at = Some(Instant::now() + RETRY);
             self.shared.failures.fetch_add(1, Ordering::SeqCst);
             return Err(e);
         }
-        self.broken = false;
+        self.retry_at = None;
         if expire_now {
             self.last_expire_ms = now;
         }
-        if self.open.is_empty() {
-            return Ok(false);
-        }
-        self.opened = None;
-        let records: usize = self.open.iter().map(|(_, records)| records.len()).sum();
-        self.shared
-            .backlog
-            .fetch_sub(records as u64, Ordering::SeqCst);
-        self.open.clear();
-        self.advance(lsn);
-        self.unchecked += std::mem::take(&mut self.open_events);
-        if self.unchecked >= CHECKPOINT_EVERY {
-            self.checkpoint();
+        let settled_blocks = !self.open.is_empty();
+        if settled_blocks {
+            self.opened = None;
+            let records: usize = self.open.iter().map(|(_, records)| records.len()).sum();
+            self.shared
+                .backlog
+                .fetch_sub(records as u64, Ordering::SeqCst);
+            self.open.clear();
+            self.advance(lsn);
+            self.unchecked += std::mem::take(&mut self.open_events);
+            if self.unchecked >= CHECKPOINT_EVERY {
+                self.checkpoint();
+            }
         }
         if let Some(on_settle) = &*self.shared.on_settle.lock().expect("on_settle lock") {
             on_settle(started.elapsed());
         }
-        Ok(true)
+        Ok(settled_blocks)
     }
 
     /// Hands the WAL to the checkpointer; past [`MAX_WAL_FRAMES`] checkpoints here and waits.
@@ -315,8 +324,8 @@ impl Indexer {
     fn run(mut self, blocks: Receiver<Block>) {
         loop {
             let held = self.shared.hold.load(Ordering::SeqCst);
-            let wait = if self.broken {
-                Some(RETRY)
+            let wait = if let Some(at) = self.retry_at {
+                Some(at.saturating_duration_since(Instant::now()))
             } else if let Some(at) = self.opened.filter(|_| !held) {
                 let due = (at + self.settle_every).saturating_duration_since(Instant::now());
                 Some(if self.open_events < QUIET_EVENTS {
@@ -380,8 +389,8 @@ impl Indexer {
 /// head, for webhooks) of each room they added events to. Room by room, each room's last pages
 /// are fetched once per settle instead of once per event: in rooms of two the events of a
 /// settle touch thousands of rooms, whose pages were out of the processor's caches by the next
-/// event of the same room (the page lookups and B-tree descents were about half the indexer's
-/// time at 25,000 messages a second, docs/BENCHMARKS.md round 6).
+/// event of the same room (the page lookups and B-tree descents were about a quarter of the
+/// indexer's samples at 25,000 messages a second, 2-3% afterwards: docs/BENCHMARKS.md round 6).
 fn write_blocks(
     conn: &Connection,
     policies: &Policies,

@@ -333,7 +333,8 @@ pub fn open_log(
     Ok((writer, reader))
 }
 
-/// How long the indexer's transaction stays open by default (`store.settle_ms`).
+/// How long the indexer gathers journal blocks before it settles them, by default
+/// (`store.settle_ms`).
 pub const DEFAULT_SETTLE_EVERY: Duration = Duration::from_millis(crate::config::DEFAULT_SETTLE_MS);
 
 /// The write side of the log. Not shared: the broker's log-writer thread owns it for the
@@ -406,7 +407,7 @@ impl LogWriter {
             .keep_heads_written()
     }
 
-    /// How long the indexer's transaction stays open before it settles (`store.settle_ms`).
+    /// How long the indexer gathers journal blocks before it settles them (`store.settle_ms`).
     /// Before the first commit only.
     pub fn set_settle_every(&mut self, every: Duration) {
         self.indexer
@@ -1293,7 +1294,7 @@ mod tests {
 
     /// SQLite refusing the indexer's writes (here a trigger, as a full disk would) loses
     /// nothing acknowledged: the writer goes on, readers see every event, and once SQLite takes
-    /// writes again the indexer applies the blocks again and settles them.
+    /// writes again the indexer writes the blocks again and settles them.
     #[test]
     fn acknowledged_batches_wait_for_a_failing_sqlite() {
         let dir = tempfile::tempdir().unwrap();
@@ -1466,6 +1467,43 @@ mod tests {
         expire(&conn, &policies, &ttls, 1_140_000, 1_151_000).unwrap();
         assert_eq!(kept("slow-1"), Vec::<u64>::new());
         assert_eq!(kept("other"), [1, 2]);
+    }
+
+    /// An idle node whose rooms have an age limit still expires (once a second, in a settle of
+    /// its own when no block is waiting), and that settle is reported like any other: the webhook deliverer and the
+    /// settle metric hear of it.
+    #[test]
+    fn an_idle_log_with_age_limits_settles_its_expiry() {
+        use crate::config::{Config, RoomSection};
+        let config = Config {
+            rooms: vec![RoomSection {
+                pattern: "fast-*".into(),
+                history_ttl_s: Some(10),
+                ..RoomSection::default()
+            }],
+            ..Config::default()
+        };
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.db");
+        let (mut writer, _reader) =
+            open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
+        let settles = Arc::new(AtomicU64::new(0));
+        let seen = settles.clone();
+        writer.on_settle(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        // The room's creation is the one block, settled first; every settle after it is
+        // expiry's alone.
+        head(&mut writer, "fast-1");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while settles.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no settle reported on an idle log with age limits"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Commits do not write `rooms.seq` (the head is [`ROOM_HEAD`]): a room whose every event
