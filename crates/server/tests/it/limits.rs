@@ -469,7 +469,8 @@ async fn read_text_frame(stream: &mut TcpStream) -> Value {
 /// Reads after a short read: the server stops reading once a read returns fewer bytes than it
 /// asked for (the socket is empty), and must wake for what arrives later. Every write here
 /// holds the end of one frame and the start of the next; the answer to the first is the event
-/// that says the server read that write (a short read) before the next one is sent. A wake-up
+/// that says the server read that write (a short read) before the next one is sent. The first
+/// frame starts in the same write as the upgrade request. A wake-up
 /// lost after a short read leaves a frame unanswered, and the test times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_split_across_writes_are_each_read_and_answered() {
@@ -480,7 +481,15 @@ async fn frames_split_across_writes_are_each_read_and_answered() {
     let request = "GET /ws?user=alice HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
         Sec-WebSocket-Version: 13\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let frames: Vec<Vec<u8>> = (0..20)
+        .map(|i| masked_text_frame(&format!(r#"{{"type":"ping","id":"p{i}"}}"#)))
+        .collect();
+    // The first frame's first 5 bytes go with the request: the HTTP server may read them
+    // with it, and the socket must go on from them.
+    stream
+        .write_all(&[request.as_bytes(), &frames[0][..5]].concat())
+        .await
+        .unwrap();
     // The response head, byte by byte: nothing after it may be taken from the frames.
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -490,12 +499,9 @@ async fn frames_split_across_writes_are_each_read_and_answered() {
     let first = read_text_frame(&mut stream).await;
     assert_eq!(first["type"], "authenticated", "{first}");
 
-    let frames: Vec<Vec<u8>> = (0..20)
-        .map(|i| masked_text_frame(&format!(r#"{{"type":"ping","id":"p{i}"}}"#)))
-        .collect();
-    // The first write is the first frame's first 5 bytes; each next write ends the frame
-    // before it and starts the next one, cut at a different place each time.
-    let mut pending = frames[0][..5].to_vec();
+    // Each next write ends the frame before it and starts the next one, cut at a different
+    // place each time.
+    let mut pending = Vec::new();
     let mut rest = frames[0][5..].to_vec();
     for (i, next) in frames.iter().enumerate().skip(1) {
         stream.write_all(&pending).await.unwrap();
