@@ -171,28 +171,30 @@ impl Indexer {
             .query_row("SELECT lsn FROM settled", [], |r| r.get(0))?;
         let stored = stored as u64;
         if stored > self.settled {
-            let done: usize = self
-                .open
-                .iter()
-                .filter(|(lsn, _)| *lsn <= stored)
-                .map(|(_, records)| records.len())
-                .sum();
-            self.open.retain(|(lsn, _)| *lsn > stored);
-            self.open_events = self.open.iter().map(|(_, records)| records.len()).sum();
-            if self.open.is_empty() {
-                self.opened = None;
-            }
-            self.shared.backlog.fetch_sub(done as u64, Ordering::SeqCst);
             self.advance(stored);
         }
         Ok(())
     }
 
-    /// SQLite holds everything up to `lsn`.
-    fn advance(&mut self, lsn: u64) {
+    /// SQLite holds everything up to `lsn`: its blocks are dropped. Returns how many records
+    /// they held.
+    fn advance(&mut self, lsn: u64) -> usize {
+        let done: usize = self
+            .open
+            .iter()
+            .filter(|(block, _)| *block <= lsn)
+            .map(|(_, records)| records.len())
+            .sum();
+        self.open.retain(|(block, _)| *block > lsn);
+        self.open_events -= done;
+        if self.open.is_empty() {
+            self.opened = None;
+        }
+        self.shared.backlog.fetch_sub(done as u64, Ordering::SeqCst);
         self.settled = lsn;
         self.shared.settled.store(lsn, Ordering::SeqCst);
         self.shared.unsettled.settled(lsn);
+        done
     }
 
     /// Whether the open blocks are due to settle (after a failure: whether the retry is).
@@ -275,14 +277,7 @@ impl Indexer {
         }
         let settled_blocks = !self.open.is_empty();
         if settled_blocks {
-            self.opened = None;
-            let records: usize = self.open.iter().map(|(_, records)| records.len()).sum();
-            self.shared
-                .backlog
-                .fetch_sub(records as u64, Ordering::SeqCst);
-            self.open.clear();
-            self.advance(lsn);
-            self.unchecked += std::mem::take(&mut self.open_events);
+            self.unchecked += self.advance(lsn);
             if self.unchecked >= CHECKPOINT_EVERY {
                 self.checkpoint();
             }
