@@ -1115,6 +1115,18 @@ mod tests {
         }
     }
 
+    /// The default settings with one age limit: `ttl_s` for the rooms matching `pattern`.
+    fn ttl_config(pattern: &str, ttl_s: u64) -> crate::config::Config {
+        crate::config::Config {
+            rooms: vec![crate::config::RoomSection {
+                pattern: pattern.into(),
+                history_ttl_s: Some(ttl_s),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
     /// The log at `path` with the default settings.
     fn open_default(path: &Path) -> (LogWriter, LogReader) {
         let config = crate::config::Config::default();
@@ -1470,19 +1482,11 @@ mod tests {
     }
 
     /// An idle node whose rooms have an age limit still expires (once a second, in a settle of
-    /// its own when no block is waiting), and that settle is reported like any other: the webhook deliverer and the
-    /// settle metric hear of it.
+    /// its own when no block is waiting), and that settle is reported like any other: the
+    /// webhook deliverer and the settle metric hear of it.
     #[test]
     fn an_idle_log_with_age_limits_settles_its_expiry() {
-        use crate::config::{Config, RoomSection};
-        let config = Config {
-            rooms: vec![RoomSection {
-                pattern: "fast-*".into(),
-                history_ttl_s: Some(10),
-                ..RoomSection::default()
-            }],
-            ..Config::default()
-        };
+        let config = ttl_config("fast-*", 10);
         let policies = Arc::new(Policies::from_config(&config).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.db");
@@ -1680,7 +1684,7 @@ mod tests {
     /// written at every event; setting one later builds it, and expiry works on the old events.
     #[test]
     fn the_expiry_index_follows_the_age_limits() {
-        use crate::config::{Config, RoomSection};
+        use crate::config::Config;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.db");
         let has_index = |writer: &LogWriter| -> bool {
@@ -1707,14 +1711,7 @@ mod tests {
         };
         writer.commit(&[draft]).unwrap();
         drop(writer);
-        let limited = Config {
-            rooms: vec![RoomSection {
-                pattern: "old-*".into(),
-                history_ttl_s: Some(60),
-                ..RoomSection::default()
-            }],
-            ..Config::default()
-        };
+        let limited = ttl_config("old-*", 60);
         let (writer, reader) = open(&limited);
         assert!(
             has_index(&writer),
