@@ -744,11 +744,22 @@ mod tests {
         for (source, rust) in cases {
             assert_eq!(lua_names(source, "local a = args"), rust);
         }
-        // A batch names each message's arguments as msg.lua does.
+        // A batch passes each message's arguments to lib.lua's `message` in the order msg.lua
+        // names them.
         assert_eq!(
-            lua_names(include_str!("lua/msgs.lua"), "local a = args_of(i)"),
+            lua_names(include_str!("lua/msgs.lua"), "local names = "),
             names(msg.args())
         );
+        let lib = include_str!("lua/lib.lua");
+        let start = lib
+            .find("local function message(")
+            .expect("lib.lua's message")
+            + 23;
+        let params: Vec<String> = lib[start..start + lib[start..].find(')').expect("(...)")]
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect();
+        assert_eq!(params, names(msg.args()));
     }
 
     #[test]

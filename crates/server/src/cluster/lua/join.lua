@@ -5,7 +5,7 @@
 local a = args{'room', 'user', 'node', 'since', 'since_epoch', 'on_join', 'max_replay',
   'announce_max', 'users_max', 'prefix', 'suffix', 'max_len', 'ttl_s', 'epoch_candidate',
   'presence_ttl_ms'}
-local e = epoch_of(a.epoch_candidate)
+local e = epoch_of(a.epoch_candidate, a.room)
 local c, people = add(a.room, a.user, a.node, 1)
 -- The node is alive as of now, even if its heartbeat has not run since Redis came back.
 redis.call('SET', K.alive, 1, 'PX', a.presence_ttl_ms)

@@ -85,24 +85,32 @@ local function room_epoch()
   end
   return e, gen
 end
-local function epoch_of(candidate)
+-- The room's epoch, made from `candidate` when it has none: then its seq starts at 0 and the
+-- room joins the shard's room set (a room with an epoch is always in the set, and the sweep
+-- takes both away together, so a room's later messages need not add it again).
+local function epoch_of(candidate, room)
   local e, gen = room_epoch()
   if not e then
     e = candidate
     redis.call('SET', K.epoch, e)
     redis.call('SET', K.seq, 0)
     redis.call('SET', K.room_gen, gen)
+    redis.call('SADD', K.rooms, room)
   end
   return e
 end
--- Redis's clock, read once per script call.
-local clock = nil
+-- Redis's clock, read once per script call (and formatted once, for the events' `t`).
+local clock, clock_s = nil, nil
 local function now_ms()
   if not clock then
     local t = redis.call('TIME')
     clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   return clock
+end
+local function now_s()
+  if not clock_s then clock_s = fmt(now_ms()) end
+  return clock_s
 end
 local function entry_seq(id) return tonumber(string.match(id, '^(%d+)')) end
 -- The announce rule, as `broker::log::announce` defines it (a table-driven test runs both on
@@ -155,19 +163,19 @@ end
 -- the stream is cut to it in the same XADD (as `XTRIM MAXLEN` after it would).
 local function add_event(e, prefix, suffix, ttl, max_len)
   local seq = redis.call('INCR', K.seq)
-  local frame = prefix .. fmt(seq) .. suffix
+  local s = fmt(seq)
+  local frame = prefix .. s .. suffix
   if max_len then
-    redis.call('XADD', K.log, 'MAXLEN', max_len, fmt(seq) .. '-0', 'f', frame, 'e', e, 't',
-      fmt(now_ms()))
+    redis.call('XADD', K.log, 'MAXLEN', max_len, s .. '-0', 'f', frame, 'e', e, 't', now_s())
   else
-    redis.call('XADD', K.log, fmt(seq) .. '-0', 'f', frame, 'e', e, 't', fmt(now_ms()))
+    redis.call('XADD', K.log, s .. '-0', 'f', frame, 'e', e, 't', now_s())
   end
   added = added + 1
   if tonumber(ttl) > 0 then
     -- Every event is older than ttl once the room has been idle that long.
     redis.call('EXPIRE', K.log, ttl)
   end
-  redis.call('PUBLISH', K.channel, fmt(seq) .. ' ' .. e .. ' ' .. frame)
+  redis.call('PUBLISH', K.channel, s .. ' ' .. e .. ' ' .. frame)
   return seq
 end
 local function append(e, prefix, suffix, max_len, ttl)
@@ -215,9 +223,12 @@ local function remove(room, user, count)
 end
 -- A chat message (msg.lua, and each message of msgs.lua) -> {seq, epoch, outcome}: outcome 0
 -- stored now, 1 a resend of the same content under this client id (seq is the original's,
--- nothing stored), 2 the id holds other content (seq 0, nothing stored).
-local function message(a)
-  if a.client_id ~= '' then
+-- nothing stored), 2 the id holds other content (seq 0, nothing stored). The parameters are
+-- the message's ARGV in order (the Rust `Msg`'s): a batch passes them straight from ARGV,
+-- without a table per message.
+local function message(room, client_id, content, prefix, suffix, max_len, ttl_s,
+    epoch_candidate, dedup_window_s)
+  if client_id ~= '' then
     local orig = redis.call('GET', K.dedup)
     if orig then
       -- Like one node: a message dropped by retention no longer de-duplicates.
@@ -225,14 +236,13 @@ local function message(a)
       if #got > 0 then
         local e = room_epoch() or ''
         local stored = cjson.decode(frames(got)[1])
-        if stored.content == a.content then return {tonumber(orig), e, 1} end
+        if stored.content == content then return {tonumber(orig), e, 1} end
         return {0, e, 2}
       end
     end
   end
-  local e = epoch_of(a.epoch_candidate)
-  local seq = append(e, a.prefix, a.suffix, a.max_len, a.ttl_s)
-  if a.client_id ~= '' then redis.call('SET', K.dedup, seq, 'EX', a.dedup_window_s) end
-  redis.call('SADD', K.rooms, a.room)
+  local e = epoch_of(epoch_candidate, room)
+  local seq = append(e, prefix, suffix, max_len, ttl_s)
+  if client_id ~= '' then redis.call('SET', K.dedup, seq, 'EX', dedup_window_s) end
   return {seq, e, 0}
 end

@@ -5,18 +5,15 @@
 -- run-id check (`generation`), Redis's clock and the event count are paid once per call.
 -- KEYS: the first message's keys as lib.lua names them, then for each further message its
 -- room keys in the order of `room_keys` (`cluster::keys::BATCH_ROOM_KEYS`); ARGV: each
--- message's arguments in turn, named as in msg.lua.
+-- message's arguments in turn, as msg.lua names them.
 local room_keys = {'seq', 'epoch', 'log', 'channel', 'dedup', 'room_gen'}
-local per = 9
+-- Each message's ARGV, in the order of `message`'s parameters (lib.lua).
+local names = {'room', 'client_id', 'content', 'prefix', 'suffix', 'max_len', 'ttl_s',
+  'epoch_candidate', 'dedup_window_s'}
+local per = #names
 local n = #ARGV / per
 if n < 1 or n ~= math.floor(n) or #KEYS ~= 17 + (n - 1) * #room_keys then
   error('msgs: ' .. #KEYS .. ' KEYS and ' .. #ARGV .. ' ARGV do not make a batch')
-end
-local function args_of(i)
-  return function(names)
-    if #names ~= per then error('msgs: ' .. #names .. ' names for ' .. per .. ' ARGV') end
-    return named(ARGV, names, (i - 1) * per)
-  end
 end
 local out = {}
 for i = 1, n do
@@ -26,9 +23,8 @@ for i = 1, n do
     -- Not a message's keys: using one of the first message's would be a bug.
     K.users, K.presence, K.active = nil, nil, nil
   end
-  local a = args_of(i){'room', 'client_id', 'content', 'prefix', 'suffix', 'max_len', 'ttl_s',
-    'epoch_candidate', 'dedup_window_s'}
-  local ok, reply = pcall(message, a)
+  local b = (i - 1) * per
+  local ok, reply = pcall(message, unpack(ARGV, b + 1, b + per))
   if ok then
     out[i] = reply
   else
