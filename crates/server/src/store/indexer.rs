@@ -533,14 +533,19 @@ impl Checkpointer {
 pub(super) const NEWLY_EXPIRED: &str =
     "SELECT DISTINCT room FROM events WHERE ts_ms >= ?1 AND ts_ms < ?2";
 
+/// A room's first event in seq order whose time is not before a cutoff (see [`expire`]).
+pub(super) const FIRST_YOUNG: &str =
+    "SELECT seq FROM events WHERE room = ?1 AND +ts_ms >= ?2 ORDER BY seq LIMIT 1";
+
 /// Drops the events that outlived their room's `history_ttl_s`, one age limit `T` at a time
 /// (rooms have their own, from their policy): the rooms with an event that turned older than
 /// `T` since the previous pass at `last_ms` (an index range over `events.ts_ms` as wide as the
 /// time between passes; everything older at the first pass) and whose limit is `T`. Per room,
 /// only the events below its first young one in seq order go: a clock that stepped back must
 /// not cut a hole (the oldest kept seq decides `recovered`), and an old event kept above a
-/// young one goes when that one expires. The walk in seq order (NOT INDEXED: the primary key)
-/// reads about what it deletes.
+/// young one goes when that one expires. The walk in seq order (`+ts_ms`: not through
+/// `events_ts`, but the room's `(room, seq)` index, or the primary key of a log of the old
+/// layout) reads about what it deletes.
 ///
 /// Returns how many events it dropped.
 pub(super) fn expire(
@@ -565,10 +570,7 @@ pub(super) fn expire(
             .filter(|room| policies.for_room(room).history_ttl_s == ttl_s)
         {
             let young: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT seq FROM events NOT INDEXED WHERE room = ?1 AND ts_ms >= ?2 \
-                     ORDER BY seq LIMIT 1",
-                )?
+                .prepare_cached(FIRST_YOUNG)?
                 .query_row(params![room, cutoff as i64], |r| r.get(0))
                 .optional()?;
             if young.is_none() {

@@ -151,15 +151,45 @@ CREATE TABLE IF NOT EXISTS events (
     ts_ms INTEGER NOT NULL,
     user TEXT,
     client_id TEXT,
-    frame TEXT NOT NULL,
-    PRIMARY KEY (room, seq)
-) WITHOUT ROWID;
+    frame TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS events_client_id ON events (room, user, client_id)
     WHERE client_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS settled (lsn INTEGER NOT NULL, db INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS newest (ms INTEGER NOT NULL, lsn INTEGER NOT NULL);
 INSERT INTO newest SELECT 0, -1 WHERE NOT EXISTS (SELECT 1 FROM newest);
 ";
+
+/// `(room, seq)` is unique, and every read of a room's events walks it in seq order. A log made
+/// before this index has `events` `WITHOUT ROWID` with that primary key, which serves the same
+/// queries and keeps its layout; a new log appends its events in settle order (a rowid table)
+/// and indexes them here. In thousands of small rooms the old layout wrote each busy room's last
+/// page at every settle and split it every other one; appended rows fill their pages and only
+/// the small index entries land in the rooms' pages (docs/BENCHMARKS.md, round 7).
+const ROOM_SEQ_INDEX: &str =
+    "CREATE UNIQUE INDEX IF NOT EXISTS events_room_seq ON events (room, seq)";
+
+/// Whether `events` is a table of the old layout, keyed by `(room, seq)` itself.
+fn events_keyed_by_room(conn: &Connection) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare("SELECT 1 FROM pragma_index_list('events') WHERE origin = 'pk'")?
+        .exists([])?)
+}
+
+/// The tables of a new log, or what an existing log lacks of them.
+fn create_schema(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    if !events_keyed_by_room(conn)? {
+        conn.execute_batch(ROOM_SEQ_INDEX)?;
+    }
+    Ok(())
+}
+
+/// A page of a room's events between two seqs, oldest first or newest first.
+const EVENTS_PAGE: &str = "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 \
+     AND seq < ?3 ORDER BY seq LIMIT ?4";
+const EVENTS_PAGE_NEWEST: &str = "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 \
+     AND seq < ?3 ORDER BY seq DESC LIMIT ?4";
 
 /// The row of `settled` of a new log (after [`migrate`]; a log written before the journal has
 /// events and no row).
@@ -237,7 +267,7 @@ pub fn open_log(
     policies: Arc<Policies>,
 ) -> Result<(LogWriter, LogReader), StoreError> {
     let conn = open(path, synchronous)?;
-    conn.execute_batch(SCHEMA)?;
+    create_schema(&conn)?;
     migrate(&conn)?;
     conn.execute_batch(SETTLED_ROW)?;
     conn.execute_batch(NEWEST_CHECKED)?;
@@ -808,11 +838,9 @@ pub(super) fn merged(
         events.extend(select_events(
             log.conn,
             if newest_first {
-                "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
-                 ORDER BY seq DESC LIMIT ?4"
+                EVENTS_PAGE_NEWEST
             } else {
-                "SELECT seq, frame FROM events WHERE room = ?1 AND seq > ?2 AND seq < ?3 \
-                 ORDER BY seq LIMIT ?4"
+                EVENTS_PAGE
             },
             params![room, sql_seq(after), sql_seq(before), take as i64],
         )?);
@@ -1071,7 +1099,7 @@ fn same_content(frame: &str, content: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::indexer::{expire, insert, CHECKPOINT_EVERY, NEWLY_EXPIRED};
+    use crate::store::indexer::{expire, insert, CHECKPOINT_EVERY, FIRST_YOUNG, NEWLY_EXPIRED};
 
     fn message(room: &str, content: &str) -> Draft {
         Draft::Message {
@@ -1441,7 +1469,7 @@ mod tests {
         let ttls = policies.ttls();
         assert_eq!(ttls, [10, 100]);
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        create_schema(&conn).unwrap();
         conn.execute_batch(EXPIRY_INDEX).unwrap();
         let add = |room: &str, seq: u64, ts_s: u64| {
             insert(&conn, room, seq, ts_s * 1000, None, None, "{}").unwrap();
@@ -1779,5 +1807,83 @@ mod tests {
             .unwrap();
         assert!(plan.contains("events_ts"), "{plan}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `events` as logs made before `events_room_seq` have it.
+    const OLD_EVENTS: &str = "CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, \
+         ts_ms INTEGER NOT NULL, user TEXT, client_id TEXT, frame TEXT NOT NULL, \
+         PRIMARY KEY (room, seq)) WITHOUT ROWID";
+
+    /// SQLite's plan for `sql`, every step's detail on one line.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        let args = (0..n).map(|i| {
+            if i == 0 {
+                "r".to_owned()
+            } else {
+                "1".to_owned()
+            }
+        });
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    }
+
+    /// A new log appends its events (a rowid table) and indexes them by `(room, seq)`; a log
+    /// of the old layout keeps its `(room, seq)` primary key and gets no second index. Either
+    /// way every read of one room's events searches it by room, never scans the table, and
+    /// both serve the same pages, across a reopening too.
+    #[test]
+    fn both_layouts_read_a_room_s_events_by_room_and_seq() {
+        for old in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("l.db");
+            if old {
+                write_conn(&path).execute_batch(OLD_EVENTS).unwrap();
+            }
+            let (mut writer, reader) = open_default(&path);
+            assert_eq!(events_keyed_by_room(&writer.conn).unwrap(), old);
+            let indexed = writer
+                .conn
+                .prepare("SELECT 1 FROM sqlite_master WHERE name = 'events_room_seq'")
+                .unwrap()
+                .exists([])
+                .unwrap();
+            assert_eq!(indexed, !old, "old layout: {old}");
+            let by_room = if old {
+                "PRIMARY KEY (room=?"
+            } else {
+                "INDEX events_room_seq (room=?"
+            };
+            let head = format!("SELECT {ROOM_HEAD} FROM rooms AS r WHERE r.room = ?1");
+            for sql in [EVENTS_PAGE, EVENTS_PAGE_NEWEST, FIRST_YOUNG, &head] {
+                let plan = plan(&writer.conn, sql);
+                let steps: Vec<&str> = plan
+                    .split("; ")
+                    .filter(|step| step.starts_with("SEARCH e") || step.starts_with("SCAN e"))
+                    .collect();
+                assert!(
+                    !steps.is_empty()
+                        && steps
+                            .iter()
+                            .all(|step| step.starts_with("SEARCH") && step.contains(by_room)),
+                    "old layout: {old}: {sql}: {plan}"
+                );
+            }
+            writer
+                .commit(&[message("r", "a"), message("s", "b"), message("r", "c")])
+                .unwrap();
+            wait_settled(&writer);
+            assert_eq!(contents(&reader, "r"), ["1:a", "2:c"]);
+            drop((writer, reader));
+            let (mut writer, reader) = open_default(&path);
+            assert_eq!(events_keyed_by_room(&writer.conn).unwrap(), old);
+            writer.commit(&[message("r", "d")]).unwrap();
+            wait_settled(&writer);
+            assert_eq!(contents(&reader, "r"), ["1:a", "2:c", "3:d"]);
+            assert_eq!(contents(&reader, "s"), ["1:b"]);
+        }
     }
 }
