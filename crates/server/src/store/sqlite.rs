@@ -207,8 +207,10 @@ const NEWEST_CHECKED: &str = "UPDATE newest SET
     WHERE lsn != (SELECT lsn FROM settled)";
 
 /// The index [`expire`] reads, kept only while some room has an age limit: without one it
-/// would be one more b-tree insert per event that nothing reads.
-const EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms)";
+/// would be one more b-tree insert per event that nothing reads. With the room beside the time
+/// it answers [`NEWLY_EXPIRED`] alone (an index of the time only did so for the old layout,
+/// whose every index holds the primary key; a log that has one keeps it).
+const EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ms, room)";
 
 /// A room's head seq, in a query over `rooms AS r`. Commits do not rewrite `rooms.seq` (unless
 /// webhooks read it, [`LogWriter::keep_heads_written`]): in rooms of two that was one more page
@@ -1468,11 +1470,21 @@ mod tests {
         let policies = Policies::from_config(&config).unwrap();
         let ttls = policies.ttls();
         assert_eq!(ttls, [10, 100]);
-        let conn = Connection::open_in_memory().unwrap();
-        create_schema(&conn).unwrap();
-        conn.execute_batch(EXPIRY_INDEX).unwrap();
+        for old in [false, true] {
+            let conn = Connection::open_in_memory().unwrap();
+            if old {
+                conn.execute_batch(OLD_EVENTS).unwrap();
+            }
+            create_schema(&conn).unwrap();
+            conn.execute_batch(EXPIRY_INDEX).unwrap();
+            expiry_by_age_limit(&conn, &policies, &ttls);
+        }
+    }
+
+    /// [`expire`] on `conn` (either layout), with `fast-*` at 10 s and `slow-*` at 100 s.
+    fn expiry_by_age_limit(conn: &Connection, policies: &Policies, ttls: &[u64]) {
         let add = |room: &str, seq: u64, ts_s: u64| {
-            insert(&conn, room, seq, ts_s * 1000, None, None, "{}").unwrap();
+            insert(conn, room, seq, ts_s * 1000, None, None, "{}").unwrap();
         };
         let kept = |room: &str| -> Vec<u64> {
             let mut stmt = conn
@@ -1490,7 +1502,7 @@ mod tests {
         // A clock that stepped back: seq 4 is older than seq 3.
         add("fast-1", 3, 1095);
         add("fast-1", 4, 1060);
-        expire(&conn, &policies, &ttls, 0, 1_070_000).unwrap();
+        expire(conn, policies, ttls, 0, 1_070_000).unwrap();
         assert_eq!(
             kept("fast-1"),
             [3, 4],
@@ -1499,12 +1511,12 @@ mod tests {
         assert_eq!(kept("slow-1"), [1, 2]);
         assert_eq!(kept("other"), [1, 2], "no age limit");
         // The next pass reads what expired since: seq 3 now, and seq 4 above it with it.
-        expire(&conn, &policies, &ttls, 1_070_000, 1_106_000).unwrap();
+        expire(conn, policies, ttls, 1_070_000, 1_106_000).unwrap();
         assert_eq!(kept("fast-1"), Vec::<u64>::new());
         assert_eq!(kept("slow-1"), [2], "seq 1 is older than 100 s");
-        expire(&conn, &policies, &ttls, 1_106_000, 1_140_000).unwrap();
+        expire(conn, policies, ttls, 1_106_000, 1_140_000).unwrap();
         assert_eq!(kept("slow-1"), [2], "seq 2 is not");
-        expire(&conn, &policies, &ttls, 1_140_000, 1_151_000).unwrap();
+        expire(conn, policies, ttls, 1_140_000, 1_151_000).unwrap();
         assert_eq!(kept("slow-1"), Vec::<u64>::new());
         assert_eq!(kept("other"), [1, 2]);
     }
@@ -1837,13 +1849,23 @@ mod tests {
     /// both serve the same pages, across a reopening too.
     #[test]
     fn both_layouts_read_a_room_s_events_by_room_and_seq() {
-        for old in [false, true] {
+        for (old, ttl_s) in [(false, 0), (true, 0), (false, 60), (true, 60)] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("l.db");
             if old {
                 write_conn(&path).execute_batch(OLD_EVENTS).unwrap();
             }
-            let (mut writer, reader) = open_default(&path);
+            // With an age limit `events_ts` exists, which the room's reads must not take.
+            let config = if ttl_s > 0 {
+                ttl_config("*", ttl_s)
+            } else {
+                crate::config::Config::default()
+            };
+            let open = || {
+                let policies = Arc::new(Policies::from_config(&config).unwrap());
+                open_log(&path, Synchronous::Full, &config.history, policies).unwrap()
+            };
+            let (mut writer, reader) = open();
             assert_eq!(events_keyed_by_room(&writer.conn).unwrap(), old);
             let indexed = writer
                 .conn
@@ -1877,8 +1899,15 @@ mod tests {
                 .unwrap();
             wait_settled(&writer);
             assert_eq!(contents(&reader, "r"), ["1:a", "2:c"]);
+            if ttl_s > 0 {
+                let plan = plan(&writer.conn, NEWLY_EXPIRED);
+                assert!(
+                    plan.contains("COVERING INDEX events_ts"),
+                    "old layout: {old}: {plan}"
+                );
+            }
             drop((writer, reader));
-            let (mut writer, reader) = open_default(&path);
+            let (mut writer, reader) = open();
             assert_eq!(events_keyed_by_room(&writer.conn).unwrap(), old);
             writer.commit(&[message("r", "d")]).unwrap();
             wait_settled(&writer);
