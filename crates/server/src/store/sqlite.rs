@@ -1159,9 +1159,21 @@ mod tests {
 
     /// The log at `path` with the default settings.
     fn open_default(path: &Path) -> (LogWriter, LogReader) {
-        let config = crate::config::Config::default();
-        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        open_with(path, &crate::config::Config::default())
+    }
+
+    /// The log at `path` with `config`'s history settings and room policies.
+    fn open_with(path: &Path, config: &crate::config::Config) -> (LogWriter, LogReader) {
+        let policies = Arc::new(Policies::from_config(config).unwrap());
         open_log(path, Synchronous::Full, &config.history, policies).unwrap()
+    }
+
+    /// Whether the log has the index `name`.
+    fn has_index(conn: &Connection, name: &str) -> bool {
+        conn.prepare("SELECT 1 FROM sqlite_master WHERE name = ?1")
+            .unwrap()
+            .exists([name])
+            .unwrap()
     }
 
     /// A write connection of the test's own (the log's indexer idle).
@@ -1526,12 +1538,8 @@ mod tests {
     /// webhook deliverer and the settle metric hear of it.
     #[test]
     fn an_idle_log_with_age_limits_settles_its_expiry() {
-        let config = ttl_config("fast-*", 10);
-        let policies = Arc::new(Policies::from_config(&config).unwrap());
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("e.db");
-        let (mut writer, _reader) =
-            open_log(&path, Synchronous::Full, &config.history, policies).unwrap();
+        let (mut writer, _reader) = open_with(&dir.path().join("e.db"), &ttl_config("fast-*", 10));
         let settles = Arc::new(AtomicU64::new(0));
         let seen = settles.clone();
         writer.on_settle(move |_| {
@@ -1727,21 +1735,16 @@ mod tests {
         use crate::config::Config;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.db");
-        let has_index = |writer: &LogWriter| -> bool {
-            writer
-                .conn
-                .prepare("SELECT 1 FROM sqlite_master WHERE name = 'events_ts'")
-                .unwrap()
-                .exists([])
-                .unwrap()
-        };
         let open = |config: &Config| {
             let policies = Arc::new(Policies::from_config(config).unwrap());
             open_log(&path, Synchronous::Normal, &config.history, policies).unwrap()
         };
         let plain = Config::default();
         let (mut writer, _) = open(&plain);
-        assert!(!has_index(&writer), "no age limit: no index");
+        assert!(
+            !has_index(&writer.conn, "events_ts"),
+            "no age limit: no index"
+        );
         let draft = Draft::Message {
             room: "old-1".into(),
             user: "u".into(),
@@ -1754,7 +1757,7 @@ mod tests {
         let limited = ttl_config("old-*", 60);
         let (writer, reader) = open(&limited);
         assert!(
-            has_index(&writer),
+            has_index(&writer.conn, "events_ts"),
             "a room has an age limit: the index is built"
         );
         let later = now_ms() + 3_600_000;
@@ -1784,7 +1787,10 @@ mod tests {
         );
         drop(writer);
         let (writer, _) = open(&plain);
-        assert!(!has_index(&writer), "the limit is gone: so is the index");
+        assert!(
+            !has_index(&writer.conn, "events_ts"),
+            "the limit is gone: so is the index"
+        );
     }
 
     #[test]
@@ -1800,23 +1806,10 @@ mod tests {
             Arc::new(Policies::from_config(&config).unwrap()),
         )
         .unwrap();
-        let plan: String = writer
-            .conn
-            .query_row(
-                &format!("EXPLAIN QUERY PLAN {DEDUP_LOOKUP}"),
-                params!["r", "u", "c", 0],
-                |r| r.get(3),
-            )
-            .unwrap();
+        let plan_of = |sql| plan(&writer.conn, sql);
+        let plan = plan_of(DEDUP_LOOKUP);
         assert!(plan.contains("events_client_id"), "{plan}");
-        let plan: String = writer
-            .conn
-            .query_row(
-                &format!("EXPLAIN QUERY PLAN {NEWLY_EXPIRED}"),
-                params![0, 1],
-                |r| r.get(3),
-            )
-            .unwrap();
+        let plan = plan_of(NEWLY_EXPIRED);
         assert!(plan.contains("events_ts"), "{plan}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1861,19 +1854,13 @@ mod tests {
             } else {
                 crate::config::Config::default()
             };
-            let open = || {
-                let policies = Arc::new(Policies::from_config(&config).unwrap());
-                open_log(&path, Synchronous::Full, &config.history, policies).unwrap()
-            };
-            let (mut writer, reader) = open();
+            let (mut writer, reader) = open_with(&path, &config);
             assert_eq!(events_keyed_by_room(&writer.conn).unwrap(), old);
-            let indexed = writer
-                .conn
-                .prepare("SELECT 1 FROM sqlite_master WHERE name = 'events_room_seq'")
-                .unwrap()
-                .exists([])
-                .unwrap();
-            assert_eq!(indexed, !old, "old layout: {old}");
+            assert_eq!(
+                has_index(&writer.conn, "events_room_seq"),
+                !old,
+                "old layout: {old}"
+            );
             let by_room = if old {
                 "PRIMARY KEY (room=?"
             } else {
@@ -1907,7 +1894,7 @@ mod tests {
                 );
             }
             drop((writer, reader));
-            let (mut writer, reader) = open();
+            let (mut writer, reader) = open_with(&path, &config);
             assert_eq!(events_keyed_by_room(&writer.conn).unwrap(), old);
             writer.commit(&[message("r", "d")]).unwrap();
             wait_settled(&writer);
