@@ -256,9 +256,12 @@ pub async fn run(ctl: Arc<ClientCtl>, shared: Arc<Shared>) {
         }
         let node = c.rng.gen_range(0..c.shared.nodes);
         let user = c.ctl.spec.user.clone();
+        // The dialer's slot picks the URL (slot mod nodes) and then the source address (the
+        // client's own, with `--source-ips`).
+        let slot = c.ctl.spec.index * c.shared.nodes + node;
         let attempt = timeout(
             Duration::from_secs(3),
-            c.shared.dialer.connect(node, &user, None, None),
+            c.shared.dialer.connect(slot, &user, None, None),
         )
         .await;
         let ws = match attempt {
@@ -519,6 +522,8 @@ impl Client {
             };
             // Often send right before the leave, to check the ack comes before `left`.
             if self.rng.gen_bool(0.7) && !self.send(ws, &room).await {
+                // Still joined: the stream ends with the connection (`ends_all`), not open.
+                self.rooms.insert(room, RoomState::Joined { seg });
                 return Some(false);
             }
             self.next += 1;

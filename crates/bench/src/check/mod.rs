@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 
-use crate::net::Dialer;
+use crate::net::{parse_source_ips, Dialer};
 use crate::Common;
 use client::{ClientCtl, ClientSpec, Phase, Record, Shared};
 use verify::{FinalLog, Verdicts};
@@ -112,6 +112,11 @@ pub struct Options {
     /// Rooms.
     #[arg(long, default_value_t = 3)]
     pub rooms: usize,
+    /// Rooms each client joins: client i takes rooms i·N … i·N + N − 1 (mod `--rooms`), so
+    /// `--rooms-per-client 1` with half as many rooms as clients makes rooms of two, like
+    /// direct messages. Default: each room with probability 0.6 (few, crowded rooms).
+    #[arg(long, value_name = "N")]
+    pub rooms_per_client: Option<usize>,
     /// `presence.ttl_ms` given to the nodes.
     #[arg(long, default_value_t = 2000)]
     pub ttl_ms: u64,
@@ -253,6 +258,36 @@ impl World {
     }
 }
 
+/// The source addresses of the clients' sockets (`--source-ips`; empty: the OS picks). The
+/// nodes keep the default cap of 100 connections per client address, so more clients than
+/// about 90 per address (the checker's own HTTP reads need some room) are refused here, with
+/// what to do, rather than failing in the middle of the run.
+fn client_sources(o: &Options) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let sources = match &o.common.source_ips {
+        Some(spec) => parse_source_ips(spec)?,
+        None => Vec::new(),
+    };
+    let cap_raised = o
+        .node_set
+        .iter()
+        .any(|s| s.starts_with("limits.max_connections_per_ip="));
+    let per_address = o.clients.div_ceil(sources.len().max(1));
+    if per_address > CLIENTS_PER_ADDRESS && !cap_raised {
+        bail!(
+            "{} clients from {} source address(es) is {per_address} per address, over the \
+             nodes' cap of 100 per address: spread them with --source-ips (e.g. \
+             127.0.0.1-127.0.0.200) or raise the cap with \
+             --node-set limits.max_connections_per_ip=N",
+            o.clients,
+            sources.len().max(1)
+        );
+    }
+    Ok(sources)
+}
+
+/// Most clients per source address under the nodes' default per-address cap (100).
+const CLIENTS_PER_ADDRESS: usize = 90;
+
 /// Runs `check`.
 pub async fn run(o: &Options) -> anyhow::Result<Report> {
     let origin = Instant::now();
@@ -276,6 +311,15 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
             faults.iter().map(|f| f.name()).collect::<Vec<_>>()
         ),
     );
+    let sources = client_sources(o)?;
+    if let Some(n) = o.rooms_per_client {
+        if n == 0 || n > o.rooms.max(1) {
+            bail!(
+                "--rooms-per-client {n}: give 1 to --rooms ({})",
+                o.rooms.max(1)
+            );
+        }
+    }
     let exe = match &o.parley_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -373,7 +417,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
         .iter()
         .map(|n| format!("ws://127.0.0.1:{}/ws", n.port))
         .collect();
-    let dialer = Dialer::new(&urls, Vec::new(), Some(&secret), 64).await?;
+    let dialer = Dialer::new(&urls, sources, Some(&secret), 64).await?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
     let shared = Arc::new(Shared {
         dialer,
@@ -395,6 +439,10 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
             ctls.first()
                 .map(|c: &Arc<ClientCtl>| c.spec.rooms.clone())
                 .unwrap_or_default()
+        } else if let Some(n) = o.rooms_per_client {
+            (0..n)
+                .map(|k| rooms[(i * n + k) % rooms.len()].clone())
+                .collect()
         } else {
             let mut r: Vec<String> = rooms
                 .iter()
