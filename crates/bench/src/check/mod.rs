@@ -83,7 +83,8 @@ impl Fault {
 /// Options of `check`.
 #[derive(Args, Debug, Clone)]
 pub struct Options {
-    /// Shared options (`--json`, `--quiet`, `--secret`; the URLs are the checker's own nodes).
+    /// Shared options (`--json`, `--quiet`, `--secret`, `--source-ips`; the URLs are the
+    /// checker's own nodes).
     #[command(flatten)]
     pub common: Common,
     /// One node on SQLite, or a cluster on redis-server.
@@ -915,5 +916,45 @@ async fn read_log(port: u16, key: &str, room: &str) -> anyhow::Result<Vec<Event>
                 sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{Cli, Command};
+
+    fn options(args: &str) -> Options {
+        let argv = std::iter::once("parley-bench").chain(args.split_whitespace());
+        match Cli::try_parse_from(argv).expect("arguments").command {
+            Command::Check(o) => o,
+            _ => unreachable!("a check command"),
+        }
+    }
+
+    /// More clients than one address may hold are refused before any node starts, unless they
+    /// are spread over source addresses or the cap is raised; the addresses are the ones given.
+    #[test]
+    fn clients_beyond_the_per_address_cap_need_source_addresses() {
+        let err = client_sources(&options("check --clients 200")).unwrap_err();
+        assert!(err.to_string().contains("--source-ips"), "{err}");
+        let sources = client_sources(&options(
+            "check --clients 200 --source-ips 127.0.0.1-127.0.0.3",
+        ))
+        .expect("67 per address");
+        assert_eq!(sources.len(), 3);
+        assert!(client_sources(&options(
+            "check --clients 300 --source-ips 127.0.0.1-127.0.0.3"
+        ))
+        .is_err());
+        let raised = "check --clients 200 --node-set limits.max_connections_per_ip=1000";
+        assert!(client_sources(&options(raised))
+            .expect("cap raised")
+            .is_empty());
+        assert!(client_sources(&options("check"))
+            .expect("8 clients")
+            .is_empty());
     }
 }
