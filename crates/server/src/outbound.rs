@@ -121,6 +121,8 @@ struct State {
     blocked: bool,
     /// Queued in a [`Batch`] that has not written yet.
     in_batch: bool,
+    /// [`Outbound::flush`] waits for that batch: its write wakes the connection's task.
+    flush_waits: bool,
 }
 
 impl State {
@@ -174,6 +176,9 @@ impl Batch {
             let mut state = outbound.lock();
             state.in_batch = false;
             outbound.write_and_signal(&mut state);
+            if std::mem::take(&mut state.flush_waits) {
+                outbound.ready.notify_one();
+            }
         }
     }
 }
@@ -344,20 +349,34 @@ impl Outbound {
     /// Writes what is queued, including a close frame after a close, waiting for the socket
     /// as needed. Used to finish a connection ([`close_with`](Self::close_with)) and by
     /// `/echo`.
+    /// While a batch holds the writes, it waits for the batch to write them: the socket is
+    /// writable then, and waiting for that would come back at once without yielding, again
+    /// and again, keeping the batch's own task from running on that worker.
     pub async fn flush(&self) -> io::Result<()> {
         loop {
-            {
+            let held = {
                 let mut state = self.lock();
-                state.blocked = false;
-                self.write_locked(&mut state);
-                if state.failed {
-                    return Err(io::ErrorKind::BrokenPipe.into());
+                if state.in_batch {
+                    state.flush_waits = true;
+                    true
+                } else {
+                    state.blocked = false;
+                    self.write_locked(&mut state);
+                    if state.failed {
+                        return Err(io::ErrorKind::BrokenPipe.into());
+                    }
+                    if state.frames.is_empty() {
+                        return Ok(());
+                    }
+                    false
                 }
-                if state.frames.is_empty() {
-                    return Ok(());
-                }
+            };
+            if held {
+                // `Batch::write` wakes it (a permit if it comes first, so no wake-up is lost).
+                self.ready.notified().await;
+            } else {
+                self.writable().await?;
             }
-            self.writable().await?;
         }
     }
 
@@ -588,6 +607,61 @@ mod tests {
         let mut buf = [0u8; 3];
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, &[0x81, 1, b'a']);
+    }
+
+    /// A close while a batch holds the connection's writes (a cluster room actor awaiting
+    /// Redis holds one): the flush waits for the batch to write the frames, then writes the
+    /// close. It spun before: the socket was writable, the batch's frames were not its to
+    /// write, and its wait for a writable socket never yielded, so the task that holds the
+    /// batch could not run on that worker. Two such closes stopped a node for good (every
+    /// worker spinning; `parley-bench check --mode cluster --clients 2000 --rooms 1000
+    /// --rooms-per-client 1 --seed 10 --faults redis-restart,rollback,kill`). Run on a thread
+    /// of its own, so that spinning fails the test instead of hanging it.
+    #[test]
+    fn a_flush_waits_for_the_batch_that_holds_the_writes() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (out, mut client) = pair(QueueBounds {
+                    frames: 10,
+                    bytes: 100,
+                })
+                .await;
+                let mut batch = Batch::default();
+                assert!(out.push_in(Utf8Bytes::from("a"), &mut batch));
+                out.close_with(1000, "", true);
+                let flushing = tokio::spawn({
+                    let out = out.clone();
+                    async move { out.flush().await }
+                });
+                // One thread: the flush runs until it waits, and the batch still holds "a".
+                tokio::task::yield_now().await;
+                assert!(!flushing.is_finished(), "nothing can be written yet");
+                batch.write();
+                flushing.await.unwrap().unwrap();
+                let mut buf = [0u8; 7];
+                client.read_exact(&mut buf).await.unwrap();
+                assert_eq!(
+                    &buf,
+                    &[0x81, 1, b'a', 0x88, 2, 0x03, 0xe8],
+                    "the frame, then the close"
+                );
+            });
+            done_tx.send(()).unwrap();
+        });
+        match done_rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the flush never gave its thread back (it spins)")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the test's thread failed (its panic is above)")
+            }
+        }
     }
 
     #[tokio::test]
