@@ -236,6 +236,21 @@ async fn every_op_through_its_typed_structs() {
         max_len: 1000,
         ttl_s: 0,
     };
+    // A join refreshes the node's heartbeat key but never makes it: an expired key is the
+    // heartbeat's to find (it then repairs the node's presence).
+    let alive: u64 = cmd(conn, &["EXISTS", &keys::node_alive(NODE)]).await;
+    assert_eq!(alive, 0, "no heartbeat ran, so no key");
+    // Not while the node's heartbeat key is there: a node that came back during a long reap
+    // keeps its users.
+    let _: () = cmd(conn, &["SET", &keys::node_alive(NODE), "1", "PX", "10000"]).await;
+    assert_eq!(
+        run(shard, &reap).await,
+        Announced { seq: None },
+        "the node is alive"
+    );
+    let users: u64 = cmd(conn, &["HLEN", &keys::users("r")]).await;
+    assert_eq!(users, 1, "alice stays");
+    let _: u64 = cmd(conn, &["DEL", &keys::node_alive(NODE)]).await;
     assert_eq!(run(shard, &reap).await, Announced { seq: Some(8) });
     assert_eq!(
         run(shard, &reap).await,

@@ -7,8 +7,12 @@ local a = args{'room', 'user', 'node', 'since', 'since_epoch', 'on_join', 'max_r
   'presence_ttl_ms'}
 local e = epoch_of(a.epoch_candidate, a.room)
 local c, people = add(a.room, a.user, a.node, 1)
--- The node is alive as of now, even if its heartbeat has not run since Redis came back.
-redis.call('SET', K.alive, 1, 'PX', a.presence_ttl_ms)
+-- The node is alive as of now: its heartbeat key is refreshed, but not made again. A key that
+-- expired is the heartbeat's to find (`SET ... GET` answers nil): the node may have been reaped
+-- meanwhile, and only then does it put its presence back. Made here, it hid that (a node
+-- resuming from SIGSTOP joined its reconnecting clients before its heartbeat ran, and the
+-- users reaped during the pause stayed absent).
+redis.call('SET', K.alive, 1, 'PX', a.presence_ttl_ms, 'XX')
 local announced = 0
 if announce(c == 1, true, people, a.announce_max) then
   -- Retention after the history is read, as one node does it (at the end of the commit).
