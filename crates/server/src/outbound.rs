@@ -590,17 +590,23 @@ mod tests {
         assert_eq!(&buf, &[0x81, 2, b'h', b'i']);
     }
 
-    /// While a batch holds a connection's writes, its own task has nothing to do: `Done`, not
-    /// `Blocked` (which sent it to wait for a writable socket, in a loop that never waited).
-    #[tokio::test]
-    async fn frames_held_by_a_batch_are_the_batchs_to_write() {
-        let (out, mut client) = pair(QueueBounds {
+    /// A connection (10 frames, 100 bytes) whose frame "a" a batch holds.
+    async fn held_in_a_batch() -> (Arc<Outbound>, TcpStream, Batch) {
+        let (out, client) = pair(QueueBounds {
             frames: 10,
             bytes: 100,
         })
         .await;
         let mut batch = Batch::default();
         assert!(out.push_in(Utf8Bytes::from("a"), &mut batch));
+        (out, client, batch)
+    }
+
+    /// While a batch holds a connection's writes, its own task has nothing to do: `Done`, not
+    /// `Blocked` (which sent it to wait for a writable socket, in a loop that never waited).
+    #[tokio::test]
+    async fn frames_held_by_a_batch_are_the_batchs_to_write() {
+        let (out, mut client, batch) = held_in_a_batch().await;
         assert_eq!(out.write_pending(), Progress::Done, "the batch writes it");
         batch.write();
         assert_eq!(out.write_pending(), Progress::Done);
@@ -626,13 +632,7 @@ mod tests {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let (out, mut client) = pair(QueueBounds {
-                    frames: 10,
-                    bytes: 100,
-                })
-                .await;
-                let mut batch = Batch::default();
-                assert!(out.push_in(Utf8Bytes::from("a"), &mut batch));
+                let (out, mut client, batch) = held_in_a_batch().await;
                 out.close_with(1000, "", true);
                 let flushing = tokio::spawn({
                     let out = out.clone();
