@@ -276,8 +276,8 @@ fn client_sources(o: &Options) -> anyhow::Result<Vec<std::net::IpAddr>> {
     if per_address > CLIENTS_PER_ADDRESS && !cap_raised {
         bail!(
             "{} clients from {} source address(es) is {per_address} per address, over the \
-             nodes' cap of 100 per address: spread them with --source-ips (e.g. \
-             127.0.0.1-127.0.0.200) or raise the cap with \
+             nodes' cap of {NODES_CAP_PER_ADDRESS} per address: spread them with --source-ips \
+             (e.g. 127.0.0.1-127.0.0.200) or raise the cap with \
              --node-set limits.max_connections_per_ip=N",
             o.clients,
             sources.len().max(1)
@@ -286,8 +286,11 @@ fn client_sources(o: &Options) -> anyhow::Result<Vec<std::net::IpAddr>> {
     Ok(sources)
 }
 
-/// Most clients per source address under the nodes' default per-address cap (100).
-const CLIENTS_PER_ADDRESS: usize = 90;
+/// The nodes' default `limits.max_connections_per_ip` (a unit test holds it to the server's).
+const NODES_CAP_PER_ADDRESS: usize = 100;
+
+/// Most clients per source address under that cap, leaving room for the checker's HTTP reads.
+const CLIENTS_PER_ADDRESS: usize = NODES_CAP_PER_ADDRESS - 10;
 
 /// Runs `check`.
 pub async fn run(o: &Options) -> anyhow::Result<Report> {
@@ -956,5 +959,12 @@ mod tests {
         assert!(client_sources(&options("check"))
             .expect("8 clients")
             .is_empty());
+    }
+
+    /// The cap the checker plans for is the nodes' default.
+    #[test]
+    fn the_planned_cap_is_the_servers_default() {
+        let limits = parley::config::LimitsConfig::default();
+        assert_eq!(NODES_CAP_PER_ADDRESS, limits.max_connections_per_ip);
     }
 }
