@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,18 @@ pub struct Start {
     pub auto_join: Option<AutoJoin>,
     /// The peer, for the log.
     pub peer: SocketAddr,
+}
+
+/// What a turn of the serving loop leaves to do once its `select!` is over.
+enum Turn {
+    /// Nothing more.
+    Done,
+    /// The write side asked for attention.
+    Write,
+    /// A text frame to handle.
+    Text(tungstenite::Utf8Bytes),
+    /// The client closed with this code: answer and end.
+    Closed(u16),
 }
 
 /// Why a session ended: a close frame to send, or a peer already gone.
@@ -116,11 +129,23 @@ pub fn run(
     let mut auto_join = auto_join.map(Box::new);
     let mut ws = ws;
     async move {
-        // Counted in `parley_connections` until this future ends (or is dropped unpolled).
-        let _open = open;
-        if session.identity.is_some() {
-            if let Some((room, since)) = auto_join.take().map(|b| *b) {
-                let joining = Box::pin(session.join(room, since, None));
+        // Counted in `parley_connections` until this future ends (or is dropped unpolled):
+        // mentioned here so that the future owns it.
+        let _ = &open;
+        // Unboxed only into the join's own box: the room and resume point are not kept in
+        // this future across the join.
+        {
+            let joining = match auto_join.take() {
+                Some(join) if session.identity.is_some() => {
+                    let (room, since) = *join;
+                    Some(Box::pin(session.join(room, since, None)))
+                }
+                kept => {
+                    auto_join = kept;
+                    None
+                }
+            };
+            if let Some(joining) = joining {
                 // An auto-join is the connection's first: no rate limit can refuse it.
                 let _ = joining.await;
             }
@@ -131,35 +156,8 @@ pub fn run(
         // awaited in the next: a temporary in the statement that awaits would keep its space
         // in this future for the connection's whole life, even after it was moved into the box.
         let end = session.serve(&mut ws, &mut auto_join).await;
-        let reason = match &end {
-            End::Close(code) => code.reason(),
-            End::Gone(why) => why,
-        };
-        if let End::Close(code) = end {
-            // After what is queued, unless the peer is the reason it is full.
-            let grace = Duration::from_millis(session.app.config.limits.close_grace_ms);
-            let keep_queued = code != CloseCode::SlowConsumer;
-            if keep_queued {
-                // A close a request caused (4008) comes after the answers to every earlier
-                // request, such as the ack of a send still being stored.
-                let settling = Box::pin(tokio::time::timeout(grace, session.outbound.settled()));
-                let _ = settling.await;
-            }
-            let closing = Box::pin(ws.close(code.code(), code.reason(), keep_queued, grace));
-            closing.await;
-        } else {
-            drop(ws);
-        }
-        let leaving = Box::pin(session.leave_all());
-        leaving.await;
-        info!(
-            conn = session.conn,
-            %peer,
-            user = session.identity.as_ref().map(|i| &*i.user),
-            reason,
-            secs = opened.elapsed().as_secs_f32(),
-            "connection closed"
-        );
+        let ending = Box::pin(session.end(ws, end, peer, opened));
+        ending.await;
     }
 }
 
@@ -195,58 +193,42 @@ impl Session {
         let ready = outbound.ready();
         tokio::pin!(ready);
         loop {
-            tokio::select! {
+            // The branches only look; what takes time (writing a backlog, handling a request,
+            // answering a close) happens after the `select!`. A value alive across an await
+            // inside a branch (the branch's output, the frame) would be kept in this future in
+            // every state, idle included: 168 bytes per connection.
+            let turn = tokio::select! {
                 biased;
                 _ = &mut cancelled => return End::Close(CloseCode::GoingAway),
                 _ = &mut ready => {
                     ready.set(outbound.ready());
-                    let writing = Box::pin(self.write_pending());
-                    if let Err(end) = writing.await {
-                        return end;
-                    }
+                    Turn::Write
                 }
                 msg = ws.recv() => {
                     last_heard = Instant::now();
-                    let frame = match msg {
+                    match msg {
                         None => return End::Gone("peer disconnected"),
                         Some(Err(err)) => return classify(err),
-                        Some(Ok(frame)) => frame,
-                    };
-                    match frame {
-                        Message::Text(text) => {
-                            // Boxed, frame and all: request handling is the biggest state of
-                            // this future, and an idle connection should not carry it.
-                            let handling = Box::pin(self.on_text(text, auto_join));
-                            if let Some(end) = handling.await {
-                                return end;
-                            }
-                        }
-                        Message::Binary(_) => {
+                        Some(Ok(Message::Text(text))) => Turn::Text(text),
+                        Some(Ok(Message::Binary(_))) => {
                             if self.identity.is_none() {
                                 self.app.metrics.auth_failure(AuthFailure::NotAuthFrame, self.outbound.stream().peer_addr().ok());
                                 self.reply_error(ErrorCode::Unauthorized, "authenticate first", Req::none());
                                 return End::Close(CloseCode::Unauthorized);
                             }
                             self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", Req::none());
+                            Turn::Done
                         }
-                        Message::Ping(data) => {
+                        Some(Ok(Message::Ping(data))) => {
                             outbound.push_frame(Opcode::Pong, data);
+                            Turn::Done
                         }
-                        Message::Pong(_) | Message::Frame(_) => {}
+                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => Turn::Done,
                         // Answer the closing handshake with the client's own code (RFC 6455 5.5.1).
-                        Message::Close(frame) => {
+                        Some(Ok(Message::Close(frame))) => {
                             let code = frame.map_or(CloseCode::Normal.code(), |f| u16::from(f.code));
-                            let code = if code == 1005 { CloseCode::Normal.code() } else { code };
-                            outbound.close_with(code, "", true);
-                            let flushing = Box::pin(tokio::time::timeout(self.heartbeat().1, outbound.flush()));
-                            let _ = flushing.await;
-                            return End::Gone("client closed");
+                            Turn::Closed(if code == 1005 { CloseCode::Normal.code() } else { code })
                         }
-                    }
-                    // Authenticated or refreshed: the deadline moved.
-                    if self.deadline != armed_deadline {
-                        armed_deadline = self.deadline;
-                        timer.as_mut().reset(due(self.heartbeat().1, next_ping, last_heard, self.deadline));
                     }
                 }
                 _ = &mut timer => {
@@ -269,8 +251,46 @@ impl Session {
                         next_ping = now + interval;
                     }
                     timer.as_mut().reset(due(timeout, next_ping, last_heard, self.deadline));
+                    Turn::Done
+                }
+            };
+            // `turn` is moved whole into `work`: a `match` that moved only its frame out
+            // would keep its 40 bytes in this future across the await, in every state.
+            if let Some(work) = self.work(turn, auto_join) {
+                if let Some(end) = work.await {
+                    return end;
                 }
             }
+            // Authenticated or refreshed: the deadline moved.
+            if self.deadline != armed_deadline {
+                armed_deadline = self.deadline;
+                timer.as_mut().reset(due(
+                    self.heartbeat().1,
+                    next_ping,
+                    last_heard,
+                    self.deadline,
+                ));
+            }
+        }
+    }
+
+    /// What a turn leaves to do, boxed: an idle connection does not reserve the space of
+    /// writing a backlog, handling a request or answering a close. `Some(end)` ends the
+    /// session.
+    fn work<'a>(
+        &'a mut self,
+        turn: Turn,
+        auto_join: &'a mut Option<Box<AutoJoin>>,
+    ) -> Option<Pin<Box<dyn Future<Output = Option<End>> + Send + 'a>>> {
+        match turn {
+            Turn::Done => None,
+            Turn::Write => Some(Box::pin(async move { self.write_pending().await.err() })),
+            Turn::Text(text) => Some(Box::pin(self.on_text(text, auto_join))),
+            Turn::Closed(code) => Some(Box::pin(async move {
+                self.outbound.close_with(code, "", true);
+                let _ = tokio::time::timeout(self.heartbeat().1, self.outbound.flush()).await;
+                Some(End::Gone("client closed"))
+            })),
         }
     }
 
@@ -794,6 +814,38 @@ impl Session {
         self.reply_error(err.code(), &err.to_string(), req);
     }
 
+    /// The way out, boxed by the caller (an idle connection does not reserve its space):
+    /// the close frame (after what is queued, unless the peer is the reason it is full) and
+    /// the polite close, then a leave of every room, then the log line.
+    async fn end(mut self, ws: Socket, end: End, peer: SocketAddr, opened: Instant) {
+        let reason = match &end {
+            End::Close(code) => code.reason(),
+            End::Gone(why) => why,
+        };
+        if let End::Close(code) = end {
+            let grace = Duration::from_millis(self.app.config.limits.close_grace_ms);
+            let keep_queued = code != CloseCode::SlowConsumer;
+            if keep_queued {
+                // A close a request caused (4008) comes after the answers to every earlier
+                // request, such as the ack of a send still being stored.
+                let _ = tokio::time::timeout(grace, self.outbound.settled()).await;
+            }
+            ws.close(code.code(), code.reason(), keep_queued, grace)
+                .await;
+        } else {
+            drop(ws);
+        }
+        self.leave_all().await;
+        info!(
+            conn = self.conn,
+            %peer,
+            user = self.identity.as_ref().map(|i| &*i.user),
+            reason,
+            secs = opened.elapsed().as_secs_f32(),
+            "connection closed"
+        );
+    }
+
     async fn leave_all(&mut self) {
         let Some(identity) = self.identity.clone() else {
             return;
@@ -850,5 +902,30 @@ fn classify(err: tungstenite::Error) -> End {
     match validate::read_error(err) {
         Ok(code) => End::Close(code),
         Err(why) => End::Gone(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<F, A, B, C, D, R>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// tokio allocates a task as one cell, aligned to 128 bytes: a 32-byte header, the future
+    /// with 32 bytes of its own (the task tracker's token, the scheduler, the id), a 48-byte
+    /// trailer. A future of at most 1,168 bytes makes a 1,280-byte cell, one of jemalloc's
+    /// size classes; a byte more makes a 1,408-byte cell, allocated as 1,536. Every idle
+    /// connection holds one (docs/ARCHITECTURE.md, "Memory per connection").
+    #[test]
+    fn a_connection_task_fits_the_1280_byte_size_class() {
+        let size = returned_size(super::run);
+        assert!(
+            size <= 1168,
+            "the connection's future is {size} bytes: its task no longer fits 1,280 bytes"
+        );
     }
 }
