@@ -164,6 +164,8 @@ pub enum Progress {
 }
 
 /// Pushes whose writes wait until [`Batch::write`]: each connection touched is written once.
+/// A batch dropped without `write` (an early return, a panic) writes too: a connection it held
+/// would otherwise keep its frames, and its flush would wait, for good.
 #[derive(Default)]
 pub struct Batch {
     touched: Vec<Arc<Outbound>>,
@@ -172,7 +174,13 @@ pub struct Batch {
 impl Batch {
     /// Writes every connection touched since the batch began, once each.
     pub fn write(self) {
-        for outbound in self.touched {
+        // `Drop` writes.
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for outbound in self.touched.drain(..) {
             let mut state = outbound.lock();
             state.in_batch = false;
             outbound.write_and_signal(&mut state);
@@ -612,6 +620,25 @@ mod tests {
         assert_eq!(out.write_pending(), Progress::Done);
         let mut buf = [0u8; 3];
         client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, &[0x81, 1, b'a']);
+    }
+
+    /// A batch dropped without `write` (a holder that returned early or panicked) still
+    /// writes what it held; before, the frames stayed queued and the connection's writes
+    /// stayed the batch's.
+    #[tokio::test]
+    async fn a_dropped_batch_writes_what_it_held() {
+        let (out, mut client, batch) = held_in_a_batch().await;
+        drop(batch);
+        assert_eq!(out.write_pending(), Progress::Done);
+        let mut buf = [0u8; 3];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut buf),
+        )
+        .await
+        .expect("the dropped batch wrote its frame")
+        .unwrap();
         assert_eq!(&buf, &[0x81, 1, b'a']);
     }
 
