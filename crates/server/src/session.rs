@@ -129,8 +129,9 @@ pub fn run(
     let mut auto_join = auto_join.map(Box::new);
     let mut ws = ws;
     async move {
-        // Counted in `parley_connections` until this future ends (or is dropped unpolled):
-        // mentioned here so that the future owns it.
+        // Counted in `parley_connections` until this future ends (or is dropped unpolled).
+        // This line is what makes the future own the guard: without it the block would not
+        // capture `open`, and the count would drop as soon as `run` returned.
         let _ = &open;
         // Unboxed only into the join's own box: the room and resume point are not kept in
         // this future across the join.
@@ -916,10 +917,12 @@ mod tests {
     }
 
     /// tokio allocates a task as one cell, aligned to 128 bytes: a 32-byte header, the future
-    /// with 32 bytes of its own (the task tracker's token, the scheduler, the id), a 48-byte
-    /// trailer. A future of at most 1,168 bytes makes a 1,280-byte cell, one of jemalloc's
-    /// size classes; a byte more makes a 1,408-byte cell, allocated as 1,536. Every idle
-    /// connection holds one (docs/ARCHITECTURE.md, "Memory per connection").
+    /// with 32 bytes of its own (the task tracker's token, the scheduler, the id, the stage's
+    /// tag), a 48-byte trailer. A future of at most 1,168 bytes makes a 1,280-byte cell, one
+    /// of jemalloc's size classes; a byte more makes a 1,408-byte cell, allocated as 1,536.
+    /// Every idle connection holds one (docs/ARCHITECTURE.md, "Memory per connection"). The debug
+    /// build this runs in lays the future out as the release build does (1,128 bytes in both,
+    /// `-Zprint-type-sizes`); should they ever differ, measure the release build.
     #[test]
     fn a_connection_task_fits_the_1280_byte_size_class() {
         let size = returned_size(super::run);
