@@ -223,8 +223,20 @@ impl Outbound {
         &self.stream
     }
 
+    /// The queue's state. A lock poisoned by a panic while it was held (a bug) fails the
+    /// connection instead of panicking again: the queue may hold half a frame, so nothing
+    /// more is written and the socket is shut; the connection's task hears `Failed`. A panic
+    /// here instead would reach every holder, and one in a [`Batch`] dropped while unwinding
+    /// would abort the node.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("outbound lock")
+        self.state.lock().unwrap_or_else(|poisoned| {
+            self.state.clear_poison();
+            let mut state = poisoned.into_inner();
+            state.fail();
+            let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
+            self.ready.notify_one();
+            state
+        })
     }
 
     /// Queues a text frame and writes what the socket takes now. Past either bound the queue
@@ -640,6 +652,42 @@ mod tests {
         .expect("the dropped batch wrote its frame")
         .unwrap();
         assert_eq!(&buf, &[0x81, 1, b'a']);
+    }
+
+    /// A panic while a connection's queue was locked (a bug) poisons its lock. The connection
+    /// then fails: the batch that held it drops without a panic (a panic there, during the
+    /// unwinding of the panic that dropped it, would abort the whole node), its task hears
+    /// `Failed`, and the peer sees the stream end rather than half a frame. Before, every
+    /// later lock panicked.
+    #[tokio::test]
+    async fn a_poisoned_queue_fails_its_connection_instead_of_panicking() {
+        let (out, mut client, batch) = held_in_a_batch().await;
+        let poisoner = out.clone();
+        let poisoned = std::thread::spawn(move || {
+            let _state = poisoner.state.lock().unwrap();
+            panic!("a bug while the queue is locked");
+        })
+        .join();
+        assert!(poisoned.is_err() && out.state.is_poisoned());
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(batch)));
+        assert!(dropped.is_ok(), "dropping the batch panicked");
+        assert_eq!(out.write_pending(), Progress::Failed);
+        assert!(
+            !out.push(Utf8Bytes::from("b")),
+            "a failed queue takes nothing"
+        );
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the peer sees the stream end")
+        .unwrap();
+        assert!(
+            rest.is_empty(),
+            "nothing was written after the panic: {rest:?}"
+        );
     }
 
     /// A close while a batch holds the connection's writes (a cluster room actor awaiting
