@@ -13,9 +13,9 @@
 //!    once.
 //!
 //! The stages overlap: while the writer commits batch N, the sequencer gathers and plans batch
-//! N+1 (which grows with the load: a busier node commits bigger batches, not more of them, and
-//! a busy one gathers at most one batch every [`BATCH_SPACING`]) and the deliverer writes batch
-//! N-1 to the sockets. Each stage handles batches one at a time and
+//! N+1 (which grows with the load: a busier node commits bigger batches, not more of them; after
+//! a busy batch that was not full the next is gathered no sooner than [`BATCH_SPACING`] after it)
+//! and the deliverer writes batch N-1 to the sockets. Each stage handles batches one at a time and
 //! in the order the sequencer planned them, so the hub still sees each room's events in seq
 //! order and only after their commit, a joiner's membership starts exactly after its
 //! `joined.seq`, an ack always follows the commit, and one connection's requests are answered
@@ -50,13 +50,15 @@ const QUEUE_DEPTH: usize = 65_536;
 /// [`BATCH_SPACING`] after it, not as soon as a request arrives. Every batch costs the same
 /// whatever it carries (a journal write and its `fdatasync`, a wake-up of the writer thread and
 /// of the deliverer, a settle of the indexer), so under load fewer, bigger batches cost less
-/// CPU per message: 17% less at 13,300 messages a second for 2 ms more to the ack
-/// (docs/BENCHMARKS.md, round 10). A node under lighter load, whose batches are smaller,
-/// commits each as soon as it arrives, and so does one whose last batch was full
-/// (`store.max_batch`: more requests are waiting).
+/// CPU per message: in rooms of two, a third less at 6,600 messages a second and a seventh less
+/// at 13,300, for 2 ms more to the ack (`compare.sh dm`, docs/BENCHMARKS.md round 10). A node
+/// under lighter load, whose batches are smaller, commits each as soon as it arrives (but the
+/// one batch after a busy one), and so does one whose last batch was full (`store.max_batch`:
+/// more requests are waiting) and a close.
 const BUSY_BATCH: usize = 8;
 
-/// How long after a busy batch the next is gathered; see [`BUSY_BATCH`].
+/// How long after a busy batch the next is gathered; see [`BUSY_BATCH`]. tokio's timer rounds
+/// up to its millisecond ticks, so the wait ends 2-3 ms after the busy batch was gathered.
 const BATCH_SPACING: Duration = Duration::from_millis(2);
 
 /// Committed batches waiting for the deliverer; past this, the writer waits.
@@ -280,8 +282,10 @@ async fn sequencer(
             }
         };
         let Some(first) = first else { break };
+        // A close does not wait for the spacing: it takes what is queued and stops.
+        let wait = !matches!(first, Op::Close(_));
         ops.push(first);
-        if let Some(at) = gather_at.filter(|at| *at > tokio::time::Instant::now()) {
+        if let Some(at) = gather_at.filter(|at| wait && *at > tokio::time::Instant::now()) {
             tokio::time::sleep_until(at).await;
         }
         let gathered = tokio::time::Instant::now();
@@ -669,15 +673,15 @@ mod tests {
         )
     }
 
-    /// The sequencer alone, on tokio's paused clock: its requests in, its planned batches out.
-    fn sequencer_alone() -> (mpsc::Sender<Op>, mpsc::Receiver<Job>) {
+    /// The sequencer alone, on tokio's paused clock: its requests in, its planned batches out,
+    /// and the deliverer's "finished" (held, never sent: no batch is delivered).
+    fn sequencer_alone() -> (mpsc::Sender<Op>, mpsc::Receiver<Job>, oneshot::Sender<()>) {
         let (ops, ops_rx) = mpsc::channel(QUEUE_DEPTH);
         let (jobs, jobs_rx) = mpsc::channel(1);
         let (finished, finished_rx) = oneshot::channel();
-        std::mem::forget(finished);
         let sweep_every = Duration::from_secs(3600);
         tokio::spawn(sequencer(ops_rx, jobs, parts(), sweep_every, finished_rx));
-        (ops, jobs_rx)
+        (ops, jobs_rx, finished)
     }
 
     async fn batch_len(jobs: &mut mpsc::Receiver<Job>) -> usize {
@@ -692,7 +696,7 @@ mod tests {
     /// requests that arrive meanwhile go in one batch (one commit) instead of the first alone.
     #[tokio::test(start_paused = true)]
     async fn after_a_busy_batch_the_next_is_gathered_a_spacing_later() {
-        let (ops, mut jobs) = sequencer_alone();
+        let (ops, mut jobs, _finished) = sequencer_alone();
         for _ in 0..BUSY_BATCH {
             ops.send(publish()).await.unwrap();
         }
@@ -705,13 +709,17 @@ mod tests {
             ops.send(publish()).await.unwrap();
         }
         assert_eq!(batch_len(&mut jobs).await, 4, "one batch of the four");
-        assert!(started.elapsed() >= BATCH_SPACING, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= BATCH_SPACING,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A full batch (`store.max_batch`) left requests waiting: the next goes at once.
     #[tokio::test(start_paused = true)]
     async fn after_a_full_batch_the_next_is_gathered_at_once() {
-        let (ops, mut jobs) = sequencer_alone();
+        let (ops, mut jobs, _finished) = sequencer_alone();
         for _ in 0..MAX_BATCH + 1 {
             ops.send(publish()).await.unwrap();
         }
@@ -721,10 +729,29 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
+    /// A close after a busy batch does not wait for the spacing: the sequencer stops at once
+    /// (it hands the writer nothing more).
+    #[tokio::test(start_paused = true)]
+    async fn a_close_after_a_busy_batch_goes_at_once() {
+        let (ops, mut jobs, _finished) = sequencer_alone();
+        for _ in 0..BUSY_BATCH {
+            ops.send(publish()).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(batch_len(&mut jobs).await, BUSY_BATCH);
+        let (done, _) = oneshot::channel();
+        ops.send(Op::Close(done)).await.unwrap();
+        assert!(
+            jobs.recv().await.is_none(),
+            "the sequencer let the writer go"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
     /// A node under light load commits each batch as soon as it arrives.
     #[tokio::test(start_paused = true)]
     async fn after_a_small_batch_the_next_is_gathered_at_once() {
-        let (ops, mut jobs) = sequencer_alone();
+        let (ops, mut jobs, _finished) = sequencer_alone();
         for _ in 0..BUSY_BATCH - 1 {
             ops.send(publish()).await.unwrap();
         }
@@ -733,7 +760,11 @@ mod tests {
         ops.send(publish()).await.unwrap();
         tokio::task::yield_now().await;
         ops.send(publish()).await.unwrap();
-        assert_eq!(batch_len(&mut jobs).await, 1, "the first request went alone");
+        assert_eq!(
+            batch_len(&mut jobs).await,
+            1,
+            "the first request went alone"
+        );
         assert_eq!(batch_len(&mut jobs).await, 1);
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
