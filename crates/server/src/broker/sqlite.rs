@@ -692,16 +692,25 @@ mod tests {
         }
     }
 
+    /// Sends `BUSY_BATCH` requests at once and takes their batch; returns when they were sent.
+    async fn busy_batch(
+        ops: &mpsc::Sender<Op>,
+        jobs: &mut mpsc::Receiver<Job>,
+    ) -> tokio::time::Instant {
+        for _ in 0..BUSY_BATCH {
+            ops.send(publish()).await.unwrap();
+        }
+        let sent = tokio::time::Instant::now();
+        assert_eq!(batch_len(jobs).await, BUSY_BATCH);
+        sent
+    }
+
     /// After a busy batch the sequencer gathers the next one `BATCH_SPACING` later, so the
     /// requests that arrive meanwhile go in one batch (one commit) instead of the first alone.
     #[tokio::test(start_paused = true)]
     async fn after_a_busy_batch_the_next_is_gathered_a_spacing_later() {
         let (ops, mut jobs, _finished) = sequencer_alone();
-        for _ in 0..BUSY_BATCH {
-            ops.send(publish()).await.unwrap();
-        }
-        let started = tokio::time::Instant::now();
-        assert_eq!(batch_len(&mut jobs).await, BUSY_BATCH);
+        let started = busy_batch(&ops, &mut jobs).await;
         ops.send(publish()).await.unwrap();
         // The sequencer takes that request and waits; three more arrive while it waits.
         tokio::task::yield_now().await;
@@ -734,11 +743,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_close_after_a_busy_batch_goes_at_once() {
         let (ops, mut jobs, _finished) = sequencer_alone();
-        for _ in 0..BUSY_BATCH {
-            ops.send(publish()).await.unwrap();
-        }
-        let started = tokio::time::Instant::now();
-        assert_eq!(batch_len(&mut jobs).await, BUSY_BATCH);
+        let started = busy_batch(&ops, &mut jobs).await;
         let (done, _) = oneshot::channel();
         ops.send(Op::Close(done)).await.unwrap();
         assert!(
