@@ -49,7 +49,7 @@ const QUEUE_DEPTH: usize = 65_536;
 /// A batch of at least this many requests means a busy node: the next batch is gathered
 /// [`BATCH_SPACING`] after it, not as soon as a request arrives. Every batch costs the same
 /// whatever it carries (a journal write and its `fdatasync`, a wake-up of the writer thread and
-/// of the deliverer, a settle of the indexer), so under load fewer, bigger batches cost less
+/// of the deliverer and of the indexer), so under load fewer, bigger batches cost less
 /// CPU per message: in rooms of two, a third less at 6,600 messages a second and a seventh less
 /// at 13,300, for 2 ms more to the ack (`compare.sh dm`, docs/BENCHMARKS.md round 10). A node
 /// under lighter load, whose batches are smaller, commits each as soon as it arrives (but the
