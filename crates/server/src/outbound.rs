@@ -232,11 +232,16 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|poisoned| {
             self.state.clear_poison();
             let mut state = poisoned.into_inner();
-            state.fail();
-            let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
+            self.end(&mut state);
             self.ready.notify_one();
             state
         })
+    }
+
+    /// Ends the connection in both directions and fails its queue: nothing more is written.
+    fn end(&self, state: &mut State) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
+        state.fail();
     }
 
     /// Queues a text frame and writes what the socket takes now. Past either bound the queue
@@ -407,8 +412,7 @@ impl Outbound {
 
     /// Ends the connection in both directions; later writes fail.
     pub fn shutdown(&self) {
-        let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
-        self.lock().fail();
+        self.end(&mut self.lock());
     }
 
     /// Appends a frame, enforcing the bounds; `false` when the queue is closed or just
@@ -611,6 +615,15 @@ mod tests {
     }
 
     /// A connection (10 frames, 100 bytes) whose frame "a" a batch holds.
+    /// A read of the client socket that must finish: 10 s is far past any real wait, so the
+    /// test fails with `what` instead of hanging.
+    async fn in_time<T>(read: impl std::future::Future<Output = io::Result<T>>, what: &str) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect(what)
+            .unwrap()
+    }
+
     async fn held_in_a_batch() -> (Arc<Outbound>, TcpStream, Batch) {
         let (out, client) = pair(QueueBounds {
             frames: 10,
@@ -644,13 +657,11 @@ mod tests {
         drop(batch);
         assert_eq!(out.write_pending(), Progress::Done);
         let mut buf = [0u8; 3];
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
+        in_time(
             client.read_exact(&mut buf),
+            "the dropped batch wrote its frame",
         )
-        .await
-        .expect("the dropped batch wrote its frame")
-        .unwrap();
+        .await;
         assert_eq!(&buf, &[0x81, 1, b'a']);
     }
 
@@ -677,13 +688,11 @@ mod tests {
             "a failed queue takes nothing"
         );
         let mut rest = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
+        in_time(
             client.read_to_end(&mut rest),
+            "the peer sees the stream end",
         )
-        .await
-        .expect("the peer sees the stream end")
-        .unwrap();
+        .await;
         assert!(
             rest.is_empty(),
             "nothing was written after the panic: {rest:?}"
